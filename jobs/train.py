@@ -1,0 +1,8 @@
+"""spark-submit entry point: `spark-submit jobs/train.py --config conf/cluster.yaml [--set key=value ...]`."""
+
+import sys
+
+from sparkrec.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,0 +1,337 @@
+"""Cleaning: normalise raw rows, reject with a reason, deduplicate, account for every row.
+
+The stage is a chain of pure transforms:
+
+    raw.transform(normalize, src=...)         canonical columns, nothing dropped
+       .transform(with_reject_reason, ...)   first failing rule, or null
+       .transform(with_duplicate_flag)       exact duplicates and replays of an event id
+       .transform(with_bot_reason, ...)      users with absurd activity
+       .transform(with_outcome)              kept | quarantined | duplicate
+
+Every input row ends in exactly one outcome, so the ledger
+rows in = kept + quarantined + duplicates holds by construction, and the
+stage checks it on the real counts anyway.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+from pyspark.sql.types import DoubleType, NumericType, StringType, TimestampType
+
+from sparkrec import columns as C
+from sparkrec.config import CleanConfig, SourceConfig
+from sparkrec.ingest import LINEAGE_COLUMNS
+
+OUTCOME = "_outcome"
+DUPLICATE = "_duplicate"
+KEPT, QUARANTINED, DUPLICATED = "kept", "quarantined", "duplicate"
+
+# Reason codes, in the order the rules are applied (the first that fails wins).
+MALFORMED = "malformed_line"
+MISSING_USER = "missing_user_id"
+MISSING_ITEM = "missing_item_id"
+CANCELLATION = "cancellation"
+UNKNOWN_EVENT_TYPE = "unknown_event_type"
+BAD_TIMESTAMP = "unparsable_timestamp"
+TIMESTAMP_OUT_OF_RANGE = "timestamp_out_of_range"
+BAD_QUANTITY = "invalid_quantity"
+NON_POSITIVE_QUANTITY = "non_positive_quantity"
+BAD_PRICE = "invalid_price"
+NON_POSITIVE_PRICE = "non_positive_price"
+BAD_RATING = "invalid_rating"
+NON_PRODUCT = "non_product_item"
+BOT_USER = "bot_user"
+
+INTERACTION_COLUMNS = [
+    C.USER_ID,
+    C.ITEM_ID,
+    C.EVENT_TYPE,
+    C.EVENT_TS,
+    C.EVENT_ID,
+    C.QUANTITY,
+    C.PRICE,
+    C.RATING,
+    C.SOURCE_FILE,
+    C.RAW_KEY,
+]
+
+# Raw text kept beside the parsed value, so a rule can tell "absent" from "unparsable".
+_RAW_TS, _RAW_TYPE, _RAW_QTY, _RAW_PRICE, _RAW_RATING = "_ts_raw", "_type_raw", "_qty_raw", "_price_raw", "_rating_raw"
+
+
+# --------------------------------------------------------------------------- column helpers
+
+
+def as_utc(dt: datetime) -> datetime:
+    """Naive datetimes in config mean UTC; PySpark would read them in the machine's zone."""
+    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt
+
+
+def clean_id(col: Column, is_numeric: bool) -> Column:
+    """Trimmed string id; blank becomes null; 13085.0 read from a float column becomes '13085'."""
+    if is_numeric:
+        as_text = F.when(col == F.floor(col), col.cast("long").cast("string")).otherwise(col.cast("string"))
+    else:
+        as_text = F.trim(col.cast("string"))
+    return F.when(as_text == "", None).otherwise(as_text)
+
+
+def _to_double(df: DataFrame, name: str | None) -> tuple[Column, Column]:
+    """(parsed double, raw text) for an optional source column."""
+    if not name:
+        return F.lit(None).cast(DoubleType()), F.lit(None).cast(StringType())
+    field = df.schema[name]
+    col = F.col(f"`{name}`")
+    if isinstance(field.dataType, NumericType):
+        return col.cast(DoubleType()), col.cast(StringType())
+    text = F.trim(col.cast(StringType()))
+    return F.expr(f"try_cast(trim(`{name}`) AS DOUBLE)"), F.when(text == "", None).otherwise(text)
+
+
+def _to_timestamp(df: DataFrame, src: SourceConfig) -> tuple[Column, Column]:
+    name = src.columns.timestamp
+    field = df.schema[name]
+    col = F.col(f"`{name}`")
+    if isinstance(field.dataType, TimestampType):
+        ts = col
+    elif isinstance(field.dataType, NumericType):
+        ts = F.timestamp_seconds(col)
+    elif src.timestamp_format:
+        ts = F.try_to_timestamp(F.trim(col.cast("string")), F.lit(src.timestamp_format))
+    else:
+        ts = F.try_to_timestamp(F.trim(col.cast("string")))
+    if src.timezone != "UTC":
+        ts = F.to_utc_timestamp(ts, src.timezone)
+    return ts, col.cast(StringType())
+
+
+def _event_type(df: DataFrame, src: SourceConfig) -> tuple[Column, Column]:
+    if src.kind == "transactions":
+        invoice = F.trim(F.col(f"`{src.columns.invoice}`").cast("string"))
+        is_cancel = F.coalesce(invoice.startswith(src.cancellation_prefix), F.lit(False))
+        return F.when(is_cancel, F.lit(C.CANCELLATION)).otherwise(F.lit(C.PURCHASE)), invoice
+    raw = F.col(f"`{src.columns.event_type}`").cast("string")
+    pairs: list[Column] = []
+    for canonical, synonyms in sorted(src.event_types.items()):
+        for s in sorted({x.strip().lower() for x in synonyms}):
+            pairs += [F.lit(s), F.lit(canonical)]
+    lookup = F.create_map(*pairs) if pairs else F.create_map().cast("map<string,string>")
+    return F.try_element_at(lookup, F.lower(F.trim(raw))), raw
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def normalize(raw: DataFrame, src: SourceConfig) -> DataFrame:
+    """Map a raw table (as ingested) to canonical columns, keeping the original row.
+
+    Nothing is filtered here; unparsable values become nulls beside their raw
+    text so that the rules can name what was wrong.
+    """
+    data_cols = [c for c in raw.columns if c not in LINEAGE_COLUMNS]
+    cols = src.columns
+
+    def is_num(name: str) -> bool:
+        return isinstance(raw.schema[name].dataType, NumericType)
+
+    ts, ts_raw = _to_timestamp(raw, src)
+    etype, etype_raw = _event_type(raw, src)
+    qty, qty_raw = _to_double(raw, cols.quantity)
+    price, price_raw = _to_double(raw, cols.price)
+    rating, rating_raw = _to_double(raw, cols.rating)
+    event_id = clean_id(F.col(f"`{cols.event_id}`"), is_num(cols.event_id)) if cols.event_id else F.lit(None).cast("string")
+    corrupt = F.col(C.CORRUPT_RECORD) if C.CORRUPT_RECORD in raw.columns else F.lit(None).cast("string")
+    return raw.select(
+        clean_id(F.col(f"`{cols.user_id}`"), is_num(cols.user_id)).alias(C.USER_ID),
+        clean_id(F.col(f"`{cols.item_id}`"), is_num(cols.item_id)).alias(C.ITEM_ID),
+        etype.alias(C.EVENT_TYPE),
+        ts.alias(C.EVENT_TS),
+        event_id.alias(C.EVENT_ID),
+        qty.alias(C.QUANTITY),
+        price.alias(C.PRICE),
+        rating.alias(C.RATING),
+        ts_raw.alias(_RAW_TS),
+        etype_raw.alias(_RAW_TYPE),
+        qty_raw.alias(_RAW_QTY),
+        price_raw.alias(_RAW_PRICE),
+        rating_raw.alias(_RAW_RATING),
+        corrupt.alias(C.CORRUPT_RECORD),
+        F.to_json(
+            F.struct(*[F.col(f"`{c}`") for c in data_cols if c != C.CORRUPT_RECORD]), {"ignoreNullFields": "false"}
+        ).alias(C.RAW_RECORD),
+        F.col(C.ROW_HASH),
+        F.col(C.RAW_KEY),
+        F.col(C.SOURCE_FILE),
+    )
+
+
+def reject_rules(
+    src: SourceConfig, clean: CleanConfig, now: datetime
+) -> list[tuple[str, Column]]:
+    """(reason, failing condition) pairs, in the order they are applied."""
+    ts = F.col(C.EVENT_TS)
+    latest = as_utc(now) + timedelta(hours=clean.max_future_hours)
+    qty, price, rating = F.col(C.QUANTITY), F.col(C.PRICE), F.col(C.RATING)
+    rules: list[tuple[str, Column]] = [
+        (MALFORMED, F.col(C.CORRUPT_RECORD).isNotNull()),
+        (MISSING_USER, F.col(C.USER_ID).isNull()),
+        (MISSING_ITEM, F.col(C.ITEM_ID).isNull()),
+    ]
+    if src.kind == "transactions":
+        rules.append((CANCELLATION, F.col(C.EVENT_TYPE) == C.CANCELLATION))
+    rules += [
+        (UNKNOWN_EVENT_TYPE, F.col(C.EVENT_TYPE).isNull()),
+        (BAD_TIMESTAMP, ts.isNull()),
+        (
+            TIMESTAMP_OUT_OF_RANGE,
+            (ts < F.lit(as_utc(clean.min_event_time)).cast(TimestampType())) | (ts > F.lit(latest).cast(TimestampType())),
+        ),
+        (BAD_QUANTITY, qty.isNull() & F.col(_RAW_QTY).isNotNull()),
+        (BAD_PRICE, price.isNull() & F.col(_RAW_PRICE).isNotNull()),
+    ]
+    if clean.reject_non_positive_quantity:
+        rules.append((NON_POSITIVE_QUANTITY, qty <= 0))
+    if clean.reject_non_positive_price:
+        rules.append((NON_POSITIVE_PRICE, price <= 0))
+    is_rating = F.col(C.EVENT_TYPE) == C.RATING_EVENT
+    rules.append(
+        (BAD_RATING, is_rating & (rating.isNull() | (rating < clean.rating_min) | (rating > clean.rating_max)))
+    )
+    if clean.non_product_items:
+        pattern = "^(?:" + "|".join(f"(?:{p})" for p in clean.non_product_items) + ")$"
+        rules.append((NON_PRODUCT, F.col(C.ITEM_ID).rlike(pattern)))
+    return rules
+
+
+def with_reject_reason(df: DataFrame, rules: list[tuple[str, Column]]) -> DataFrame:
+    """Add `reason`: the first rule the row fails, or null when it passes all."""
+    return df.withColumn(C.REASON, F.coalesce(*[F.when(cond, F.lit(code)) for code, cond in rules], F.lit(None).cast("string")))
+
+
+def with_duplicate_flag(df: DataFrame) -> DataFrame:
+    """Flag exact duplicates and replays among rows that passed the rules.
+
+    The row kept is fixed by a full tie-break on the unique raw key, so the
+    result does not depend on partitioning or on the order files were read.
+    Exact duplicates are rows with equal input values; replays share a
+    non-null event id (the earliest event time wins).
+    """
+    ok = F.col(C.REASON).isNull()
+    exact_w = Window.partitionBy(ok, C.ROW_HASH).orderBy(C.RAW_KEY)
+    marked = df.withColumn(
+        DUPLICATE, F.when(ok & (F.row_number().over(exact_w) > 1), F.lit("exact"))
+    )
+    replay_candidate = ok & F.col(DUPLICATE).isNull() & F.col(C.EVENT_ID).isNotNull()
+    replay_w = Window.partitionBy(replay_candidate, C.EVENT_ID).orderBy(C.EVENT_TS, C.RAW_KEY)
+    return marked.withColumn(
+        DUPLICATE,
+        F.when(replay_candidate & (F.row_number().over(replay_w) > 1), F.lit("replay")).otherwise(F.col(DUPLICATE)),
+    )
+
+
+def with_bot_reason(df: DataFrame, clean: CleanConfig) -> DataFrame:
+    """Quarantine every event of users whose activity is beyond human.
+
+    Counted over the rows that survived the rules and deduplication, so a
+    replay storm does not turn a person into a bot.
+    """
+    limits = clean.bots
+    if limits.max_events_per_user is None and limits.max_events_per_user_day is None:
+        return df
+    alive = F.col(C.REASON).isNull() & F.col(DUPLICATE).isNull()
+    is_bot = F.lit(False)
+    if limits.max_events_per_user is not None:
+        per_user = F.sum(alive.cast("int")).over(Window.partitionBy(C.USER_ID))
+        is_bot = is_bot | (per_user > limits.max_events_per_user)
+    if limits.max_events_per_user_day is not None:
+        day_w = Window.partitionBy(C.USER_ID, F.to_date(C.EVENT_TS))
+        per_day = F.sum(alive.cast("int")).over(day_w)
+        marked = df.withColumn("_bot_day", alive & (per_day > limits.max_events_per_user_day))
+        any_day = F.max(F.col("_bot_day").cast("int")).over(Window.partitionBy(C.USER_ID)) == 1
+        is_bot = is_bot | any_day
+        df = marked
+    return df.withColumn(
+        C.REASON, F.when(alive & F.col(C.USER_ID).isNotNull() & is_bot, F.lit(BOT_USER)).otherwise(F.col(C.REASON))
+    ).drop("_bot_day")
+
+
+def with_outcome(df: DataFrame) -> DataFrame:
+    """Every row gets exactly one outcome: the basis of the ledger."""
+    return df.withColumn(
+        OUTCOME,
+        F.when(F.col(C.REASON).isNotNull(), F.lit(QUARANTINED))
+        .when(F.col(DUPLICATE).isNotNull(), F.lit(DUPLICATED))
+        .otherwise(F.lit(KEPT)),
+    )
+
+
+def classify(raw: DataFrame, src: SourceConfig, clean: CleanConfig, now: datetime) -> DataFrame:
+    """The whole cleaning chain: raw rows in, every row with its outcome out."""
+    return (
+        raw.transform(normalize, src=src)
+        .transform(with_reject_reason, rules=reject_rules(src, clean, now))
+        .transform(with_duplicate_flag)
+        .transform(with_bot_reason, clean=clean)
+        .transform(with_outcome)
+    )
+
+
+def interactions_of(classified: DataFrame) -> DataFrame:
+    return classified.where(F.col(OUTCOME) == KEPT).select(*INTERACTION_COLUMNS)
+
+
+def quarantine_of(classified: DataFrame, run_id: str) -> DataFrame:
+    return classified.where(F.col(OUTCOME) == QUARANTINED).select(
+        F.col(C.RAW_RECORD),
+        F.col(C.CORRUPT_RECORD),
+        F.col(C.REASON),
+        F.col(C.SOURCE_FILE),
+        F.col(C.RAW_KEY),
+        F.lit(run_id).alias(C.RUN_ID),
+    )
+
+
+def ledger(classified: DataFrame) -> DataFrame:
+    """Counts per outcome, reason and duplicate kind; a small table for the driver."""
+    return classified.groupBy(OUTCOME, C.REASON, DUPLICATE).count()
+
+
+def items_from_interactions(interactions: DataFrame) -> DataFrame:
+    """An item table when the shop gave none: every item seen, its latest price, available."""
+    w = Window.partitionBy(C.ITEM_ID).orderBy(F.col(C.EVENT_TS).desc(), F.col(C.RAW_KEY))
+    return (
+        interactions.where(F.col(C.PRICE).isNotNull())
+        .withColumn("_rn", F.row_number().over(w))
+        .where("_rn = 1")
+        .select(C.ITEM_ID, C.PRICE)
+        .join(interactions.select(C.ITEM_ID).distinct(), C.ITEM_ID, "right")
+        .select(
+            C.ITEM_ID,
+            F.lit(None).cast("string").alias(C.CATEGORY),
+            F.col(C.PRICE),
+            F.lit(True).alias(C.AVAILABLE),
+        )
+    )
+
+
+def normalize_items(items: DataFrame) -> DataFrame:
+    """Canonical item table from a shop's item file: one row per item id."""
+    cols = items.columns
+    price = F.expr(f"try_cast(`{C.PRICE}` AS DOUBLE)") if C.PRICE in cols else F.lit(None).cast("double")
+    if C.AVAILABLE in cols:
+        text = F.lower(F.trim(F.col(C.AVAILABLE).cast("string")))
+        available = F.when(text.isin("false", "0", "no", "n", "f"), F.lit(False)).otherwise(F.lit(True))
+    else:
+        available = F.lit(True)
+    category = F.trim(F.col(C.CATEGORY).cast("string")) if C.CATEGORY in cols else F.lit(None).cast("string")
+    out = items.select(
+        clean_id(F.col(C.ITEM_ID), isinstance(items.schema[C.ITEM_ID].dataType, NumericType)).alias(C.ITEM_ID),
+        category.alias(C.CATEGORY),
+        price.alias(C.PRICE),
+        available.alias(C.AVAILABLE),
+    ).where(F.col(C.ITEM_ID).isNotNull())
+    w = Window.partitionBy(C.ITEM_ID).orderBy(F.col(C.CATEGORY).asc_nulls_last(), F.col(C.PRICE).asc_nulls_last())
+    return out.withColumn("_rn", F.row_number().over(w)).where("_rn = 1").drop("_rn")

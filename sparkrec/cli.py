@@ -1,0 +1,152 @@
+"""The `sparkrec` command: one subcommand per stage, plus `run` and `generate`.
+
+Config is loaded and validated before a SparkSession exists, so a bad key
+fails in a second. Expected failures (`SparkrecError`) print one line and
+exit 2; anything else prints one line, the traceback goes to the log, and
+the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from datetime import date
+
+from pyspark.sql import SparkSession
+
+from sparkrec import __version__
+from sparkrec import columns as C
+from sparkrec.config import Config, SparkConfig, check_input_paths, load_config
+from sparkrec.errors import ConfigError, SparkrecError
+
+log = logging.getLogger("sparkrec")
+
+STAGE_COMMANDS = ("ingest", "clean", "ids", "train", "recommend")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparkrec", description="Recommendation pipeline on Spark and Delta Lake.")
+    parser.add_argument("--version", action="version", version=f"sparkrec {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser, required: bool = True) -> None:
+        p.add_argument("--config", required=required, help="YAML config file (e.g. conf/local.yaml)")
+        p.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            help="override a config key, e.g. --set recommend.n=10 (repeatable)",
+        )
+        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    gen = sub.add_parser("generate", help="write a synthetic shop (events + items) with known dirt")
+    gen.add_argument("--events", type=int, required=True, help="number of event lines (10 thousand to 50 million)")
+    gen.add_argument("--seed", type=int, default=42)
+    gen.add_argument("--out", required=True, help="output directory")
+    gen.add_argument("--start", type=date.fromisoformat, default=date(2025, 6, 1), help="first day (YYYY-MM-DD)")
+    gen.add_argument("--days", type=int, default=120, help="days of activity")
+    with_config(gen, required=False)
+
+    for name, text in (
+        ("ingest", "raw input -> events_raw (and items)"),
+        ("clean", "events_raw -> interactions + quarantine"),
+        ("ids", "interactions -> user_ids, item_ids"),
+        ("train", "ids + ALS -> user_factors, item_factors (runs ids first)"),
+        ("recommend", "factors -> recommendations"),
+        ("run", "all stages in order, then a summary"),
+    ):
+        with_config(sub.add_parser(name, help=text))
+    return parser
+
+
+def _spark(cfg_spark: SparkConfig, spark: SparkSession | None) -> SparkSession:
+    if spark is not None:
+        return spark
+    from sparkrec.session import build_session
+
+    return build_session(cfg_spark)
+
+
+def summary(spark: SparkSession, cfg: Config, run_id: str) -> str:
+    """A few lines a person reads after `sparkrec run`: the ledger and the outputs."""
+    from pyspark.sql import functions as F
+
+    from sparkrec import io
+
+    runs = io.read_table(spark, cfg, C.RUNS)
+    assert runs is not None
+    rows = runs.df.where(F.col(C.RUN_ID) == run_id).orderBy("started_at").collect()
+    lines = [f"run {run_id}"]
+    for r in rows:
+        parts = [f"{r['stage']:<10} {r['status']:<9} {r['duration_s']:7.1f}s"]
+        for label, key in (("in", "rows_in"), ("out", "rows_out"), ("quarantined", "rows_quarantined"), ("duplicates", "rows_duplicate")):
+            if r[key] is not None:
+                parts.append(f"{label} {r[key]:,}")
+        lines.append("  " + ", ".join(parts))
+    recs = io.read_table(spark, cfg, C.RECOMMENDATIONS, required=False)
+    if recs is not None:
+        agg = recs.df.groupBy(C.SOURCE).agg(F.countDistinct(C.USER_ID).alias("users")).collect()
+        by_source = ", ".join(f"{r['users']:,} users from {r[C.SOURCE]}" for r in sorted(agg, key=lambda r: r[C.SOURCE]))
+        lines.append(f"recommendations: {cfg.table_path(C.RECOMMENDATIONS)} (version {recs.version}): {by_source}")
+    return "\n".join(lines)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("py4j").setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> int:
+    """Entry point of the console script and of `jobs/*.py`; `spark` lets tests inject a session."""
+    args = _parser().parse_args(argv)
+    _setup_logging(getattr(args, "verbose", False))
+    started = time.monotonic()
+    try:
+        if args.command == "generate":
+            from sparkrec.generate import GenerateParams, generate
+
+            spark_cfg = load_config(args.config, args.overrides).spark if args.config else SparkConfig()
+            params = GenerateParams(events=args.events, seed=args.seed, start=args.start, days=args.days)
+            if params.events < 1 or params.days < 1:
+                raise ConfigError("--events and --days must be at least 1")
+            manifest = generate(_spark(spark_cfg, spark), params, args.out)
+            print(
+                f"generated {params.events:,} events ({manifest['users']:,} users, {manifest['items']:,} items) "
+                f"in {args.out} in {time.monotonic() - started:.1f}s"
+            )
+            return 0
+
+        cfg = load_config(args.config, args.overrides)
+        if args.command in ("ingest", "run"):
+            check_input_paths(cfg)
+        from sparkrec import pipeline
+        from sparkrec.runs import RunContext
+
+        session = _spark(cfg.spark, spark)
+        ctx = RunContext(session, cfg)
+        log.info("run %s: %s with config %s (hash %s)", ctx.run_id, args.command, args.config, cfg.digest())
+        if args.command == "run":
+            pipeline.run_all(ctx)
+            print(summary(session, cfg, ctx.run_id))
+        elif args.command == "train":
+            pipeline.run_all(ctx, ("ids", "train"))
+        else:
+            pipeline.run_all(ctx, (args.command,))
+        log.info("run %s: %s done in %.1fs", ctx.run_id, args.command, time.monotonic() - started)
+        return 0
+    except SparkrecError as exc:
+        print(f"sparkrec: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:  # an unexpected failure: one line for the person, the trace for the log
+        log.debug("unexpected failure", exc_info=True)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"sparkrec: failed: {type(exc).__name__}: {first} (rerun with -v for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

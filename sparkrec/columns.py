@@ -1,0 +1,82 @@
+"""Column and table names shared by every stage.
+
+One module owns them so a rename is one edit, and so MLlib's own defaults
+("user", "item", "rating") never leak into our tables.
+"""
+
+from __future__ import annotations
+
+# Canonical interaction columns (table `interactions`).
+USER_ID = "user_id"
+ITEM_ID = "item_id"
+EVENT_TYPE = "event_type"
+EVENT_TS = "event_ts"
+EVENT_ID = "event_id"
+QUANTITY = "quantity"
+PRICE = "price"
+RATING = "rating"
+
+# Integer ids for ALS (tables `user_ids`, `item_ids`, factors).
+USER_IDX = "user_idx"
+ITEM_IDX = "item_idx"
+FEATURES = "features"
+WEIGHT = "weight"
+
+# Lineage columns.
+SOURCE_FILE = "_source_file"
+INGEST_RUN_ID = "_ingest_run_id"
+RAW_KEY = "_raw_key"
+ROW_HASH = "_row_hash"
+CORRUPT_RECORD = "_corrupt_record"
+RUN_ID = "run_id"
+
+# Quarantine.
+RAW_RECORD = "raw_record"
+REASON = "reason"
+
+# Items.
+CATEGORY = "category"
+AVAILABLE = "available"
+DESCRIPTION = "description"
+
+# Recommendations.
+RANK = "rank"
+SCORE = "score"
+SOURCE = "source"
+MODEL_VERSION = "model_version"
+GENERATED_AT = "generated_at"
+
+SOURCE_ALS = "als"
+SOURCE_POPULAR = "popular"
+
+# Canonical event types.
+VIEW = "view"
+CART = "cart"
+PURCHASE = "purchase"
+RATING_EVENT = "rating"
+CANCELLATION = "cancellation"
+EVENT_TYPES = (VIEW, CART, PURCHASE, RATING_EVENT)
+
+# Table keys, as used in config `tables:` and in the `runs` table.
+EVENTS_RAW = "events_raw"
+INTERACTIONS = "interactions"
+QUARANTINE = "quarantine"
+USER_IDS = "user_ids"
+ITEM_IDS = "item_ids"
+ITEMS = "items"
+USER_FACTORS = "user_factors"
+ITEM_FACTORS = "item_factors"
+RECOMMENDATIONS = "recommendations"
+RUNS = "runs"
+TABLES = (
+    EVENTS_RAW,
+    INTERACTIONS,
+    QUARANTINE,
+    USER_IDS,
+    ITEM_IDS,
+    ITEMS,
+    USER_FACTORS,
+    ITEM_FACTORS,
+    RECOMMENDATIONS,
+    RUNS,
+)

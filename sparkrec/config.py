@@ -1,0 +1,370 @@
+"""Typed, layered configuration, validated before any Spark work starts.
+
+A config file is YAML. It may name the files it builds on with `extends:`
+(a path or a list, relative to the file), so an environment file holds only
+what differs from `base.yaml`. `--set dotted.key=value` overrides come last;
+their values are parsed as YAML scalars (`--set train.als.rank=64`).
+
+Every mistake is reported as a `ConfigError` that names the dotted key, so a
+typo in `train.als.rnak` fails in a second with that name, not after ten
+minutes of Spark work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sparkrec import columns as C
+from sparkrec.errors import ConfigError
+
+TABLE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_REMOTE_SCHEMES = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a misspelt key must never be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SparkConfig(_Strict):
+    master: str | None = Field(
+        default="local[2]",
+        description="Spark master; null under spark-submit, where the submitter sets it.",
+    )
+    app_name: str = "sparkrec"
+    shuffle_partitions: int = Field(default=8, ge=1)
+    driver_memory: str | None = None
+    delta_packages: bool = Field(
+        default=True,
+        description="Resolve Delta's jars from Maven Central at session start (local mode). "
+        "Set false when the submitter passes --packages or jars are configured.",
+    )
+    jars: list[str] = Field(default_factory=list, description="Pre-downloaded jars (offline use).")
+    conf: dict[str, str] = Field(default_factory=dict, description="Extra Spark settings.")
+    log_level: Literal["ERROR", "WARN", "INFO", "DEBUG"] = "WARN"
+
+
+class SourceColumns(_Strict):
+    user_id: str
+    item_id: str
+    timestamp: str
+    event_type: str | None = None
+    event_id: str | None = None
+    quantity: str | None = None
+    price: str | None = None
+    rating: str | None = None
+    invoice: str | None = None
+
+
+class SourceConfig(_Strict):
+    path: str
+    format: Literal["parquet", "csv", "json"]
+    kind: Literal["events", "transactions"] = "events"
+    options: dict[str, str] = Field(default_factory=dict)
+    columns: SourceColumns
+    timestamp_format: str | None = Field(
+        default=None, description="Spark datetime pattern; null means ISO-8601."
+    )
+    timezone: str = "UTC"
+    event_types: dict[str, list[str]] = Field(
+        default_factory=lambda: {
+            C.VIEW: ["view"],
+            C.CART: ["cart"],
+            C.PURCHASE: ["purchase"],
+            C.RATING_EVENT: ["rating"],
+        }
+    )
+    cancellation_prefix: str = "C"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {v!r} (expected an IANA name such as 'Europe/London')") from exc
+        return v
+
+    @field_validator("event_types")
+    @classmethod
+    def _canonical_types(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        unknown = sorted(set(v) - set(C.EVENT_TYPES))
+        if unknown:
+            raise ValueError(f"unknown event type(s) {unknown}; allowed: {list(C.EVENT_TYPES)}")
+        seen: dict[str, str] = {}
+        for canonical, synonyms in v.items():
+            for s in synonyms:
+                key = s.strip().lower()
+                if key in seen and seen[key] != canonical:
+                    raise ValueError(f"synonym {s!r} maps to both {seen[key]!r} and {canonical!r}")
+                seen[key] = canonical
+        return v
+
+    @model_validator(mode="after")
+    def _kind_columns(self) -> SourceConfig:
+        if self.kind == "events" and not self.columns.event_type:
+            raise ValueError("columns.event_type is required when kind is 'events'")
+        if self.kind == "transactions" and not self.columns.invoice:
+            raise ValueError("columns.invoice is required when kind is 'transactions'")
+        return self
+
+
+class ItemColumns(_Strict):
+    item_id: str
+    category: str | None = None
+    price: str | None = None
+    available: str | None = None
+    description: str | None = None
+
+
+class ItemsConfig(_Strict):
+    path: str | None = Field(default=None, description="Optional item table; null derives items from events.")
+    format: Literal["parquet", "csv", "json"] = "csv"
+    options: dict[str, str] = Field(default_factory=dict)
+    columns: ItemColumns = ItemColumns(item_id="item_id")
+
+
+class BotsConfig(_Strict):
+    max_events_per_user: int | None = Field(default=None, ge=1)
+    max_events_per_user_day: int | None = Field(default=None, ge=1)
+
+
+class CleanConfig(_Strict):
+    min_event_time: datetime = datetime(2000, 1, 1)
+    max_future_hours: float = Field(default=24.0, ge=0)
+    non_product_items: list[str] = Field(
+        default_factory=list, description="Regular expressions (full match) of item ids that are not products."
+    )
+    reject_non_positive_quantity: bool = True
+    reject_non_positive_price: bool = False
+    rating_min: float = 1.0
+    rating_max: float = 5.0
+    bots: BotsConfig = BotsConfig()
+
+    @field_validator("non_product_items")
+    @classmethod
+    def _valid_patterns(cls, v: list[str]) -> list[str]:
+        for p in v:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {p!r}: {exc}") from exc
+        return v
+
+    @model_validator(mode="after")
+    def _rating_range(self) -> CleanConfig:
+        if self.rating_min > self.rating_max:
+            raise ValueError(f"rating_min ({self.rating_min}) is above rating_max ({self.rating_max})")
+        return self
+
+
+class AlsConfig(_Strict):
+    rank: int = Field(default=32, ge=1)
+    max_iter: int = Field(default=15, ge=1)
+    reg_param: float = Field(default=0.1, ge=0)
+    alpha: float = Field(default=1.0, ge=0)
+    seed: int = 42
+    checkpoint_interval: int = Field(default=5, ge=1)
+    nonnegative: bool = False
+    num_blocks: int | None = Field(default=None, ge=1)
+
+
+class TrainConfig(_Strict):
+    event_weights: dict[str, float] = Field(
+        default_factory=lambda: {C.VIEW: 1.0, C.CART: 3.0, C.PURCHASE: 5.0, C.RATING_EVENT: 1.0},
+        description="Weight per event type; a rating event contributes weight x rating.",
+    )
+    recency_half_life_days: float | None = Field(default=None, gt=0)
+    als: AlsConfig = AlsConfig()
+
+    @field_validator("event_weights")
+    @classmethod
+    def _known_types(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(v) - set(C.EVENT_TYPES))
+        if unknown:
+            raise ValueError(f"unknown event type(s) {unknown}; allowed: {list(C.EVENT_TYPES)}")
+        if any(w < 0 for w in v.values()):
+            raise ValueError("weights must be >= 0")
+        if not any(w > 0 for w in v.values()):
+            raise ValueError("at least one event type needs a positive weight")
+        return v
+
+
+class RecommendConfig(_Strict):
+    n: int = Field(default=20, ge=1, le=1000)
+    exclude_event_types: list[str] = Field(default_factory=lambda: [C.PURCHASE])
+    min_history: int = Field(default=1, ge=1, description="Distinct items a user needs for ALS recommendations.")
+    max_broadcast_items: int = Field(default=500_000, ge=1)
+
+    @field_validator("exclude_event_types")
+    @classmethod
+    def _known_types(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - set(C.EVENT_TYPES))
+        if unknown:
+            raise ValueError(f"unknown event type(s) {unknown}; allowed: {list(C.EVENT_TYPES)}")
+        return v
+
+
+class Config(_Strict):
+    warehouse: str
+    checkpoint_dir: str | None = Field(default=None, description="Defaults to <warehouse>/_checkpoints.")
+    tables: dict[str, str] = Field(default_factory=dict, description="Override a table's name.")
+    spark: SparkConfig = SparkConfig()
+    source: SourceConfig
+    items: ItemsConfig = ItemsConfig()
+    clean: CleanConfig = CleanConfig()
+    train: TrainConfig = TrainConfig()
+    recommend: RecommendConfig = RecommendConfig()
+
+    @field_validator("tables")
+    @classmethod
+    def _valid_tables(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, name in v.items():
+            if key not in C.TABLES:
+                raise ValueError(f"unknown table {key!r}; allowed: {list(C.TABLES)}")
+            if not TABLE_NAME_RE.match(name):
+                raise ValueError(
+                    f"invalid table name {name!r} for {key!r}: expected letters, digits and '_', "
+                    "starting with a letter or '_'"
+                )
+        if len(set(v.values())) != len(v):
+            raise ValueError("two tables share one name")
+        return v
+
+    def table_name(self, key: str) -> str:
+        return self.tables.get(key, key)
+
+    def table_path(self, key: str) -> str:
+        return f"{self.warehouse.rstrip('/')}/{self.table_name(key)}"
+
+    @property
+    def checkpoint_root(self) -> str:
+        return self.checkpoint_dir or f"{self.warehouse.rstrip('/')}/_checkpoints"
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def digest(self) -> str:
+        """A short hash of the effective config, recorded with every run."""
+        blob = json.dumps(self.as_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config file {path} extends itself (cycle: {' -> '.join(map(str, seen + (path,)))})")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top, not {type(data).__name__}")
+    parents = data.pop("extends", None) or []
+    if isinstance(parents, str):
+        parents = [parents]
+    merged: dict[str, Any] = {}
+    for parent in parents:
+        merged = _deep_merge(merged, _load_yaml(path.parent / parent, seen + (path,)))
+    return _deep_merge(merged, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse `a.b.c=value` into (['a','b','c'], value), the value as a YAML scalar."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like dotted.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def _apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = data
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {'.'.join(parts)}: {p!r} is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top)"
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            if "input" in err and not isinstance(err["input"], dict):
+                msg += f" (got {err['input']!r})"
+        lines.append(f"config key '{key}': {msg}")
+    return "; ".join(lines)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a layered config file, apply `--set` overrides and validate it.
+
+    Example:
+        cfg = load_config("conf/local.yaml", ["recommend.n=10"])
+    """
+    data = _load_yaml(Path(path))
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        _apply_override(data, parts, value)
+    return from_dict(data)
+
+
+def is_local_path(path: str) -> bool:
+    return not _REMOTE_SCHEMES.match(path) or path.startswith("file://")
+
+
+def check_input_paths(cfg: Config) -> None:
+    """Fail early when a local input path does not exist (remote paths are left to Spark)."""
+    for key, path in (("source.path", cfg.source.path), ("items.path", cfg.items.path)):
+        if path and is_local_path(path):
+            local = Path(path.removeprefix("file://"))
+            if not local.exists():
+                raise ConfigError(f"config key '{key}': input path does not exist: {path}")

@@ -1,0 +1,42 @@
+"""Stable integer ids for ALS: a key keeps its id forever, new keys get new ids.
+
+Ids are assigned densely from the current maximum in key order, so two runs
+on the same data assign the same ids and no two keys can collide (unlike
+hashing). The new rows are written with an insert-only MERGE on the key,
+which makes a re-run add nothing.
+"""
+
+from __future__ import annotations
+
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+from sparkrec.errors import StageError
+
+MAX_ALS_ID = 2**31 - 1  # MLlib ALS ids are Java ints
+
+
+def new_ids(keys: DataFrame, existing: DataFrame | None, key_col: str, idx_col: str) -> DataFrame:
+    """Ids for the keys in `keys` that `existing` does not have yet.
+
+    Args:
+        keys: any DataFrame with `key_col` (duplicates and nulls are ignored).
+        existing: the current id table (`key_col`, `idx_col`), or None.
+    Returns:
+        (`key_col`, `idx_col`) rows for the new keys only.
+    """
+    distinct = keys.select(key_col).where(F.col(key_col).isNotNull()).distinct()
+    offset = 0
+    if existing is not None:
+        distinct = distinct.join(existing.select(key_col), key_col, "left_anti")
+        top = existing.agg(F.max(idx_col)).first()[0]
+        offset = 0 if top is None else int(top) + 1
+    # One ordered window over the new keys only: bounded by the day's new users/items.
+    numbered = distinct.withColumn(idx_col, (F.lit(offset) + F.row_number().over(Window.orderBy(key_col)) - 1).cast("int"))
+    return numbered
+
+
+def check_id_space(existing_max: int | None, new_count: int, what: str) -> None:
+    top = (existing_max or 0) + new_count
+    if top > MAX_ALS_ID:
+        raise StageError(f"{what}: {top:,} ids exceed the {MAX_ALS_ID:,} that MLlib ALS accepts")

@@ -1,0 +1,208 @@
+"""All reading and writing of data: raw inputs and Delta tables.
+
+Stages never call `spark.read` or `.write` themselves; they ask this module,
+which knows where each table lives, how to make a write atomic (Delta
+overwrite or MERGE), and which table version was read or written so the run
+can record it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from delta.tables import DeltaTable
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.types import StringType
+
+from sparkrec import columns as C
+from sparkrec.config import Config, ItemsConfig, SourceConfig
+from sparkrec.errors import InputError, MissingColumnError, StageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TableRead:
+    """A DataFrame pinned to the Delta version it was read at."""
+
+    df: DataFrame
+    version: int
+
+
+def require_columns(df: DataFrame, table: str, needed: list[str]) -> None:
+    """Raise a `MissingColumnError` naming `table` when `df` lacks any of `needed`."""
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise MissingColumnError(table, missing, df.columns)
+
+
+# --------------------------------------------------------------------------- raw inputs
+
+
+def _reader(spark: SparkSession, fmt: str, options: dict[str, str]):
+    reader = spark.read.format(fmt)
+    if fmt == "csv":
+        # Everything as strings: a bad value becomes a quarantined row, never a failed read.
+        reader = reader.option("header", "true").option("inferSchema", "false")
+    if fmt == "json":
+        reader = reader.option("primitivesAsString", "true")
+    if fmt in ("csv", "json"):
+        reader = reader.option("mode", "PERMISSIVE").option("columnNameOfCorruptRecord", C.CORRUPT_RECORD)
+    for k, v in options.items():
+        reader = reader.option(k, v)
+    return reader
+
+
+def read_source(spark: SparkSession, src: SourceConfig) -> DataFrame:
+    """Read the raw interaction input as it is, plus the file each row came from.
+
+    Rows that could not be parsed keep their text in `_corrupt_record`, which is
+    always present (null when the line was fine) so that the clean stage can
+    quarantine them.
+    """
+    try:
+        df = _reader(spark, src.format, src.options).load(src.path)
+    except Exception as exc:  # Spark raises AnalysisException subclasses with long texts
+        raise InputError(f"cannot read source.path {src.path!r} as {src.format}: {str(exc).splitlines()[0]}") from exc
+    if C.CORRUPT_RECORD not in df.columns:
+        df = df.withColumn(C.CORRUPT_RECORD, F.lit(None).cast(StringType()))
+    needed = [c for c in src.columns.model_dump().values() if c]
+    data_cols = [c for c in df.columns if c != C.CORRUPT_RECORD]
+    missing = [c for c in needed if c not in data_cols]
+    if missing:
+        raise MissingColumnError(f"source {src.path}", missing, data_cols)
+    return df.withColumn(C.SOURCE_FILE, F.col("_metadata.file_path"))
+
+
+def read_items_source(spark: SparkSession, items: ItemsConfig) -> DataFrame | None:
+    """Read the optional item table and map it to canonical item columns."""
+    if not items.path:
+        return None
+    try:
+        df = _reader(spark, items.format, items.options).load(items.path)
+    except Exception as exc:
+        raise InputError(f"cannot read items.path {items.path!r} as {items.format}: {str(exc).splitlines()[0]}") from exc
+    mapping = {k: v for k, v in items.columns.model_dump().items() if v}
+    require_columns(df, f"items {items.path}", list(mapping.values()))
+    return df.select(*[F.col(src).alias(dst) for dst, src in mapping.items()])
+
+
+# --------------------------------------------------------------------------- Delta tables
+
+
+def table_exists(spark: SparkSession, path: str) -> bool:
+    return DeltaTable.isDeltaTable(spark, path)
+
+
+def current_version(spark: SparkSession, path: str) -> int | None:
+    if not table_exists(spark, path):
+        return None
+    row = DeltaTable.forPath(spark, path).history(1).select("version").first()
+    return int(row["version"]) if row else None
+
+
+def read_table(spark: SparkSession, cfg: Config, key: str, *, required: bool = True) -> TableRead | None:
+    """Read a table at a pinned version, so the version recorded is the one used.
+
+    Raises:
+        StageError: the table does not exist and `required` is set.
+    """
+    path = cfg.table_path(key)
+    version = current_version(spark, path)
+    if version is None:
+        if required:
+            raise StageError(
+                f"table '{cfg.table_name(key)}' does not exist at {path}; run the stage that writes it first"
+            )
+        return None
+    df = spark.read.format("delta").option("versionAsOf", version).load(path)
+    return TableRead(df, version)
+
+
+def overwrite_table(df: DataFrame, cfg: Config, key: str, *, properties: dict[str, str] | None = None) -> int:
+    """Replace a table's content in one Delta commit; readers see old or new, never half.
+
+    Example:
+        version = overwrite_table(recs_df, cfg, C.RECOMMENDATIONS)
+    """
+    path = cfg.table_path(key)
+    writer = df.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
+    for k, v in (properties or {}).items():
+        writer = writer.option(k, v)
+    writer.save(path)
+    return _version_after_write(df.sparkSession, path)
+
+
+def merge_new_rows(df: DataFrame, cfg: Config, key: str, on: list[str], *, properties: dict[str, str] | None = None) -> int:
+    """Insert the rows of `df` whose `on` key is not in the table yet (insert-only MERGE).
+
+    Running it again with the same `df` inserts nothing, which is what makes
+    ingest and id assignment safe to re-run.
+    """
+    spark = df.sparkSession
+    path = cfg.table_path(key)
+    if not table_exists(spark, path):
+        writer = df.write.format("delta").mode("errorifexists")
+        for k, v in (properties or {}).items():
+            writer = writer.option(k, v)
+        try:
+            writer.save(path)
+            return _version_after_write(spark, path)
+        except Exception as exc:  # another writer created it first: fall through to MERGE
+            if not table_exists(spark, path):
+                raise
+            log.info("table %s appeared while creating it (%s); merging instead", path, type(exc).__name__)
+    target = DeltaTable.forPath(spark, path)
+    cond: Column | None = None
+    for c in on:
+        term = F.col(f"t.`{c}`") == F.col(f"s.`{c}`")
+        cond = term if cond is None else cond & term
+    assert cond is not None
+    target.alias("t").merge(df.alias("s"), cond).whenNotMatchedInsertAll().execute()
+    return _version_after_write(spark, path)
+
+
+def append_rows(df: DataFrame, cfg: Config, key: str) -> int:
+    path = cfg.table_path(key)
+    df.write.format("delta").mode("append").option("mergeSchema", "true").save(path)
+    return _version_after_write(df.sparkSession, path)
+
+
+def _version_after_write(spark: SparkSession, path: str) -> int:
+    version = current_version(spark, path)
+    if version is None:  # pragma: no cover - a successful write always leaves a version
+        raise StageError(f"no Delta version found at {path} after writing it")
+    return version
+
+
+def last_operation_metrics(spark: SparkSession, path: str) -> dict[str, int]:
+    """Delta's own row counts for the latest commit (rows written, inserted, ...)."""
+    row = DeltaTable.forPath(spark, path).history(1).select("operationMetrics").first()
+    metrics = (row["operationMetrics"] if row else None) or {}
+    out = {}
+    for k, v in metrics.items():
+        try:
+            out[k] = int(v)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def remove_dir(spark: SparkSession, path: str) -> None:
+    """Delete a directory through Hadoop's file system, so remote paths work too."""
+    jvm = spark.sparkContext._jvm
+    hpath = jvm.org.apache.hadoop.fs.Path(path)
+    fs = hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+    if fs.exists(hpath):
+        fs.delete(hpath, True)
+
+
+def checkpoint_dir(cfg: Config, run_id: str) -> str:
+    return f"{cfg.checkpoint_root.rstrip('/')}/{run_id}"
+
+
+def model_path(cfg: Config, model_version: str) -> str:
+    return f"{cfg.warehouse.rstrip('/')}/_models/{model_version}"
+

@@ -1,0 +1,198 @@
+"""The stages: read through `io`, transform with the pure modules, write through `io`.
+
+Each stage runs inside `RunContext.stage`, which records it in `runs` with
+the Delta versions it read and wrote, whether it succeeded or failed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pyspark import StorageLevel
+from pyspark.sql import functions as F
+
+from sparkrec import clean, ids, ingest, io, recommend, train
+from sparkrec import columns as C
+from sparkrec.errors import StageError
+from sparkrec.runs import RunContext
+
+log = logging.getLogger(__name__)
+
+STAGES = ("ingest", "clean", "ids", "train", "recommend")
+
+
+def run_ingest(ctx: RunContext) -> None:
+    """Raw input -> `events_raw` (insert-only by row key), item file -> `items`."""
+    spark, cfg = ctx.spark, ctx.cfg
+    with ctx.stage("ingest") as rec:
+        raw = io.read_source(spark, cfg.source)
+        rows = ingest.with_lineage(raw, ctx.run_id)
+        version = io.merge_new_rows(
+            rows, cfg, C.EVENTS_RAW, on=[C.RAW_KEY], properties=ingest.RAW_TABLE_PROPERTIES
+        )
+        metrics = io.last_operation_metrics(spark, cfg.table_path(C.EVENTS_RAW))
+        rec.rows_in = metrics.get("numSourceRows", metrics.get("numOutputRows"))
+        rec.rows_out = metrics.get("numTargetRowsInserted", metrics.get("numOutputRows"))
+        rec.outputs[cfg.table_name(C.EVENTS_RAW)] = version
+        rec.details["already_ingested"] = (rec.rows_in or 0) - (rec.rows_out or 0)
+        rec.details["source"] = cfg.source.path
+        items = io.read_items_source(spark, cfg.items)
+        if items is not None:
+            rec.outputs[cfg.table_name(C.ITEMS)] = io.overwrite_table(clean.normalize_items(items), cfg, C.ITEMS)
+
+
+def run_clean(ctx: RunContext) -> dict[str, int]:
+    """`events_raw` -> `interactions` + `quarantine`, with an exact ledger.
+
+    The whole raw table is reclassified each run and both outputs replaced,
+    so a re-run on the same input gives the same tables.
+    """
+    spark, cfg = ctx.spark, ctx.cfg
+    with ctx.stage("clean") as rec:
+        raw = io.read_table(spark, cfg, C.EVENTS_RAW)
+        assert raw is not None
+        rec.inputs[cfg.table_name(C.EVENTS_RAW)] = raw.version
+        classified = clean.classify(raw.df, cfg.source, cfg.clean, ctx.now).persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            counts = clean.ledger(classified).collect()
+            rec.outputs[cfg.table_name(C.INTERACTIONS)] = io.overwrite_table(clean.interactions_of(classified), cfg, C.INTERACTIONS)
+            written_kept = io.last_operation_metrics(spark, cfg.table_path(C.INTERACTIONS)).get("numOutputRows")
+            rec.outputs[cfg.table_name(C.QUARANTINE)] = io.overwrite_table(
+                clean.quarantine_of(classified, ctx.run_id), cfg, C.QUARANTINE
+            )
+            written_q = io.last_operation_metrics(spark, cfg.table_path(C.QUARANTINE)).get("numOutputRows")
+        finally:
+            classified.unpersist()
+        by_outcome: dict[str, int] = {}
+        reasons: dict[str, int] = {}
+        dup_kinds: dict[str, int] = {}
+        for row in counts:
+            by_outcome[row[clean.OUTCOME]] = by_outcome.get(row[clean.OUTCOME], 0) + row["count"]
+            if row[C.REASON]:
+                reasons[row[C.REASON]] = reasons.get(row[C.REASON], 0) + row["count"]
+            if row[clean.OUTCOME] == clean.DUPLICATED:
+                dup_kinds[row[clean.DUPLICATE]] = dup_kinds.get(row[clean.DUPLICATE], 0) + row["count"]
+        rows_in = raw.df.count()
+        kept = by_outcome.get(clean.KEPT, 0)
+        quarantined = by_outcome.get(clean.QUARANTINED, 0)
+        duplicates = by_outcome.get(clean.DUPLICATED, 0)
+        rec.rows_in, rec.rows_out, rec.rows_quarantined, rec.rows_duplicate = rows_in, kept, quarantined, duplicates
+        rec.details.update(reasons=reasons, duplicates=dup_kinds)
+        if rows_in != kept + quarantined + duplicates or (written_kept, written_q) not in ((kept, quarantined), (None, None)):
+            raise StageError(
+                f"ledger does not balance: {rows_in:,} rows in, {kept:,} kept ({written_kept} written), "
+                f"{quarantined:,} quarantined ({written_q} written), {duplicates:,} duplicates"
+            )
+        if cfg.items.path is None:
+            inter = io.read_table(spark, cfg, C.INTERACTIONS)
+            assert inter is not None
+            rec.outputs[cfg.table_name(C.ITEMS)] = io.overwrite_table(clean.items_from_interactions(inter.df), cfg, C.ITEMS)
+        log.info(
+            "run %s: ledger %s in = %s kept + %s quarantined + %s duplicates; reasons %s",
+            ctx.run_id, f"{rows_in:,}", f"{kept:,}", f"{quarantined:,}", f"{duplicates:,}", reasons,
+        )
+        return {"rows_in": rows_in, "kept": kept, "quarantined": quarantined, "duplicates": duplicates}
+
+
+def run_ids(ctx: RunContext) -> None:
+    """Extend `user_ids` and `item_ids` with the keys seen for the first time."""
+    spark, cfg = ctx.spark, ctx.cfg
+    with ctx.stage("ids") as rec:
+        inter = io.read_table(spark, cfg, C.INTERACTIONS)
+        assert inter is not None
+        rec.inputs[cfg.table_name(C.INTERACTIONS)] = inter.version
+        new_total = 0
+        for key_col, idx_col, table in ((C.USER_ID, C.USER_IDX, C.USER_IDS), (C.ITEM_ID, C.ITEM_IDX, C.ITEM_IDS)):
+            existing = io.read_table(spark, cfg, table, required=False)
+            if existing is not None:
+                rec.inputs[cfg.table_name(table)] = existing.version
+            fresh = ids.new_ids(inter.df, existing.df if existing else None, key_col, idx_col)
+            rec.outputs[cfg.table_name(table)] = io.merge_new_rows(fresh, cfg, table, on=[key_col])
+            m = io.last_operation_metrics(spark, cfg.table_path(table))
+            added = m.get("numTargetRowsInserted", m.get("numOutputRows", 0))
+            total = io.read_table(spark, cfg, table)
+            assert total is not None
+            top = total.df.agg(F.max(idx_col)).first()[0]
+            ids.check_id_space(top, 0, cfg.table_name(table))
+            rec.details[f"new_{table}"] = added
+            new_total += added
+        rec.rows_in = inter.df.count()
+        rec.rows_out = new_total
+
+
+def run_train(ctx: RunContext) -> str:
+    """Interactions -> weighted matrix -> ALS -> `user_factors`, `item_factors`, saved model."""
+    spark, cfg = ctx.spark, ctx.cfg
+    with ctx.stage("train") as rec:
+        inter, uids, iids = (io.read_table(spark, cfg, t) for t in (C.INTERACTIONS, C.USER_IDS, C.ITEM_IDS))
+        assert inter is not None and uids is not None and iids is not None
+        for t, r in ((C.INTERACTIONS, inter), (C.USER_IDS, uids), (C.ITEM_IDS, iids)):
+            rec.inputs[cfg.table_name(t)] = r.version
+        reference = None
+        if cfg.train.recency_half_life_days is not None:
+            reference = inter.df.agg(F.max(C.EVENT_TS)).first()[0]
+        ckpt = io.checkpoint_dir(cfg, ctx.run_id)
+        spark.sparkContext.setCheckpointDir(ckpt)
+        try:
+            # ALS needs deterministic input and a checkpoint dir; without the
+            # latter it silently ignores checkpointInterval.
+            matrix = train.training_matrix(inter.df, uids.df, iids.df, cfg.train, reference).checkpoint(eager=True)
+            pairs = matrix.count()
+            if pairs == 0:
+                raise StageError(
+                    "the training matrix is empty: no interaction has a positive weight "
+                    f"(train.event_weights = {cfg.train.event_weights})"
+                )
+            log.info("run %s: fitting ALS on %s user-item pairs (rank %d, %d iterations)",
+                     ctx.run_id, f"{pairs:,}", cfg.train.als.rank, cfg.train.als.max_iter)
+            model = train.fit_als(matrix, cfg.train.als)
+            model_version = ctx.run_id
+            model.write().overwrite().save(io.model_path(cfg, model_version))
+            users, items = train.factors(model, model_version)
+            rec.outputs[cfg.table_name(C.USER_FACTORS)] = io.overwrite_table(users, cfg, C.USER_FACTORS)
+            rec.outputs[cfg.table_name(C.ITEM_FACTORS)] = io.overwrite_table(items, cfg, C.ITEM_FACTORS)
+        finally:
+            io.remove_dir(spark, ckpt)
+        rec.rows_in = inter.df.count()
+        rec.rows_out = pairs
+        rec.details.update(model_version=model_version, model_path=io.model_path(cfg, model_version),
+                           als=cfg.train.als.model_dump())
+        return model_version
+
+
+def run_recommend(ctx: RunContext) -> None:
+    """Factors + history -> `recommendations`, replaced atomically."""
+    spark, cfg = ctx.spark, ctx.cfg
+    with ctx.stage("recommend") as rec:
+        reads = {t: io.read_table(spark, cfg, t) for t in
+                 (C.INTERACTIONS, C.USER_IDS, C.ITEM_IDS, C.USER_FACTORS, C.ITEM_FACTORS)}
+        for t, r in reads.items():
+            assert r is not None
+            rec.inputs[cfg.table_name(t)] = r.version
+        inter, uids, iids, uf, itf = (reads[t].df for t in reads)  # type: ignore[union-attr]
+        first = uf.select(C.MODEL_VERSION).first()
+        if first is None:
+            raise StageError("user_factors is empty: train a model first")
+        model_version = first[0]
+        r = cfg.recommend
+        history = recommend.indexed_history(inter, uids, iids)
+        recs = recommend.recommend_all(history, uf, itf, r.exclude_event_types, r.n, r.min_history, r.max_broadcast_items)
+        out = recommend.with_keys(recs, uids, iids).select(
+            C.USER_ID,
+            C.ITEM_ID,
+            C.RANK,
+            C.SCORE,
+            C.SOURCE,
+            F.lit(model_version).alias(C.MODEL_VERSION),
+            F.lit(ctx.run_id).alias(C.RUN_ID),
+            F.lit(ctx.now).cast("timestamp").alias(C.GENERATED_AT),
+        )
+        rec.outputs[cfg.table_name(C.RECOMMENDATIONS)] = io.overwrite_table(out, cfg, C.RECOMMENDATIONS)
+        m = io.last_operation_metrics(spark, cfg.table_path(C.RECOMMENDATIONS))
+        rec.rows_out = m.get("numOutputRows")
+        rec.details["model_version"] = model_version
+
+
+def run_all(ctx: RunContext, stages: tuple[str, ...] = STAGES) -> None:
+    for name in stages:
+        {"ingest": run_ingest, "clean": run_clean, "ids": run_ids, "train": run_train, "recommend": run_recommend}[name](ctx)
+
