@@ -70,9 +70,16 @@ def read_source(spark: SparkSession, src: SourceConfig) -> DataFrame:
         df = df.withColumn(C.CORRUPT_RECORD, F.lit(None).cast(StringType()))
     needed = [c for c in src.columns.model_dump().values() if c]
     data_cols = [c for c in df.columns if c != C.CORRUPT_RECORD]
-    missing = [c for c in needed if c not in data_cols]
+    required = [src.columns.user_id, src.columns.item_id, src.columns.timestamp, src.columns.event_type, src.columns.invoice]
+    missing = [c for c in required if c and c not in data_cols]
     if missing:
         raise MissingColumnError(f"source {src.path}", missing, data_cols)
+    for c in needed:
+        if c not in data_cols:
+            # JSON infers columns from the lines present: an optional field no
+            # line carries is absent, which is not an error.
+            log.warning("source %s has no column %r (optional): treating it as empty", src.path, c)
+            df = df.withColumn(c, F.lit(None).cast(StringType()))
     return df.withColumn(C.SOURCE_FILE, F.col("_metadata.file_path"))
 
 
@@ -135,11 +142,31 @@ def overwrite_table(df: DataFrame, cfg: Config, key: str, *, properties: dict[st
     return _version_after_write(df.sparkSession, path)
 
 
-def merge_new_rows(df: DataFrame, cfg: Config, key: str, on: list[str], *, properties: dict[str, str] | None = None) -> int:
+@dataclass(frozen=True)
+class MergeResult:
+    """The table version after an insert-only MERGE and how many rows it inserted."""
+
+    version: int
+    inserted: int
+
+
+def merge_new_rows(
+    df: DataFrame,
+    cfg: Config,
+    key: str,
+    on: list[str],
+    *,
+    properties: dict[str, str] | None = None,
+    evolve_schema: bool = False,
+) -> MergeResult:
     """Insert the rows of `df` whose `on` key is not in the table yet (insert-only MERGE).
 
-    Running it again with the same `df` inserts nothing, which is what makes
-    ingest and id assignment safe to re-run.
+    Running it again with the same `df` inserts nothing (and Delta commits
+    nothing), which is what makes ingest and id assignment safe to re-run.
+    `evolve_schema` lets a new input column extend the table.
+
+    Example:
+        result = merge_new_rows(new_ids_df, cfg, C.USER_IDS, on=[C.USER_ID])
     """
     spark = df.sparkSession
     path = cfg.table_path(key)
@@ -149,7 +176,8 @@ def merge_new_rows(df: DataFrame, cfg: Config, key: str, on: list[str], *, prope
             writer = writer.option(k, v)
         try:
             writer.save(path)
-            return _version_after_write(spark, path)
+            version = _version_after_write(spark, path)
+            return MergeResult(version, last_operation_metrics(spark, path).get("numOutputRows", 0))
         except Exception as exc:  # another writer created it first: fall through to MERGE
             if not table_exists(spark, path):
                 raise
@@ -160,8 +188,12 @@ def merge_new_rows(df: DataFrame, cfg: Config, key: str, on: list[str], *, prope
         term = F.col(f"t.`{c}`") == F.col(f"s.`{c}`")
         cond = term if cond is None else cond & term
     assert cond is not None
-    target.alias("t").merge(df.alias("s"), cond).whenNotMatchedInsertAll().execute()
-    return _version_after_write(spark, path)
+    builder = target.alias("t").merge(df.alias("s"), cond).whenNotMatchedInsertAll()
+    if evolve_schema:
+        builder = builder.withSchemaEvolution()
+    metrics = builder.execute().first()
+    inserted = int(metrics["num_inserted_rows"]) if metrics is not None else 0
+    return MergeResult(_version_after_write(spark, path), inserted)
 
 
 def append_rows(df: DataFrame, cfg: Config, key: str) -> int:

@@ -26,14 +26,13 @@ def run_ingest(ctx: RunContext) -> None:
     with ctx.stage("ingest") as rec:
         raw = io.read_source(spark, cfg.source)
         rows = ingest.with_lineage(raw, ctx.run_id)
-        version = io.merge_new_rows(
-            rows, cfg, C.EVENTS_RAW, on=[C.RAW_KEY], properties=ingest.RAW_TABLE_PROPERTIES
+        result = io.merge_new_rows(
+            rows, cfg, C.EVENTS_RAW, on=[C.RAW_KEY], properties=ingest.RAW_TABLE_PROPERTIES, evolve_schema=True
         )
-        metrics = io.last_operation_metrics(spark, cfg.table_path(C.EVENTS_RAW))
-        rec.rows_in = metrics.get("numSourceRows", metrics.get("numOutputRows"))
-        rec.rows_out = metrics.get("numTargetRowsInserted", metrics.get("numOutputRows"))
-        rec.outputs[cfg.table_name(C.EVENTS_RAW)] = version
-        rec.details["already_ingested"] = (rec.rows_in or 0) - (rec.rows_out or 0)
+        rec.rows_in = raw.count()
+        rec.rows_out = result.inserted
+        rec.outputs[cfg.table_name(C.EVENTS_RAW)] = result.version
+        rec.details["already_ingested"] = rec.rows_in - rec.rows_out
         rec.details["source"] = cfg.source.path
         items = io.read_items_source(spark, cfg.items)
         if items is not None:
@@ -105,14 +104,13 @@ def run_ids(ctx: RunContext) -> None:
             existing = io.read_table(spark, cfg, table, required=False)
             if existing is not None:
                 rec.inputs[cfg.table_name(table)] = existing.version
-            fresh = ids.new_ids(inter.df, existing.df if existing else None, key_col, idx_col)
-            rec.outputs[cfg.table_name(table)] = io.merge_new_rows(fresh, cfg, table, on=[key_col])
-            m = io.last_operation_metrics(spark, cfg.table_path(table))
-            added = m.get("numTargetRowsInserted", m.get("numOutputRows", 0))
-            total = io.read_table(spark, cfg, table)
-            assert total is not None
-            top = total.df.agg(F.max(idx_col)).first()[0]
-            ids.check_id_space(top, 0, cfg.table_name(table))
+            # Materialised once: counted for the id-space check, then merged.
+            fresh = ids.new_ids(inter.df, existing.df if existing else None, key_col, idx_col).localCheckpoint()
+            top = existing.df.agg(F.max(idx_col)).first()[0] if existing else None
+            ids.check_id_space(top, fresh.count(), cfg.table_name(table))
+            result = io.merge_new_rows(fresh, cfg, table, on=[key_col])
+            rec.outputs[cfg.table_name(table)] = result.version
+            added = result.inserted
             rec.details[f"new_{table}"] = added
             new_total += added
         rec.rows_in = inter.df.count()

@@ -1,0 +1,57 @@
+"""One SparkSession for the whole suite: local[2], Delta, few partitions, UI off."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from sparkrec.config import Config, SparkConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_RETAIL = ROOT.parent / "shared" / "data" / "online_retail_ii_2009_2010.parquet"
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory):
+    from sparkrec.session import build_session
+
+    warehouse = tmp_path_factory.mktemp("spark-warehouse")
+    cfg = SparkConfig(
+        master="local[2]",
+        app_name="sparkrec-tests",
+        shuffle_partitions=2,
+        log_level="ERROR",
+        conf={
+            "spark.ui.enabled": "false",
+            "spark.default.parallelism": "2",
+            "spark.sql.warehouse.dir": str(warehouse),
+            "spark.driver.memory": "3g",
+        },
+    )
+    session = build_session(cfg)
+    yield session
+    session.stop()
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    """Config from a conf/ file with the warehouse under tmp_path and extra overrides."""
+
+    def _make(*overrides: str, base: str = "local.yaml", warehouse: Path | None = None) -> Config:
+        wh = warehouse or tmp_path / "warehouse"
+        return load_config(ROOT / "conf" / base, [f"warehouse={wh}", *overrides])
+
+    return _make
+
+
+@pytest.fixture(scope="session")
+def retail_path() -> Path:
+    if not SHARED_RETAIL.exists():
+        pytest.skip(f"shared data set not found at {SHARED_RETAIL} (see ../shared/data/README.md)")
+    return SHARED_RETAIL
+
+
+def pytest_configure(config):
+    os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")

@@ -1,0 +1,116 @@
+"""Config loading and validation: no Spark needed, every error names its key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sparkrec.cli import main
+from sparkrec.config import check_input_paths, load_config
+from sparkrec.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_local_extends_base_and_overrides_apply():
+    cfg = load_config(ROOT / "conf" / "local.yaml", ["recommend.n=7", "train.als.rank=16", "tables.recommendations=recs_v2"])
+    assert cfg.recommend.n == 7
+    assert cfg.train.als.rank == 16
+    assert cfg.source.format == "json"  # from base.yaml
+    assert cfg.spark.driver_memory == "4g"  # from local.yaml
+    assert cfg.table_path("recommendations").endswith("/recs_v2")
+    assert cfg.table_path("interactions").endswith("/interactions")
+
+
+def test_online_retail_preset_is_transactions_without_event_columns():
+    cfg = load_config(ROOT / "conf" / "online_retail.yaml")
+    assert cfg.source.kind == "transactions"
+    assert cfg.source.columns.user_id == "Customer ID"
+    assert cfg.source.columns.event_type is None
+    assert cfg.source.timezone == "Europe/London"
+
+
+def test_cluster_preset_leaves_master_to_the_submitter():
+    cfg = load_config(ROOT / "conf" / "cluster.yaml")
+    assert cfg.spark.master is None and cfg.spark.delta_packages is False
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.als.rnak=3", "config key 'train.als.rnak': unknown key"),
+        ("train.als.rank=abc", "config key 'train.als.rank': Input should be a valid integer"),
+        ("recommend.n=0", "config key 'recommend.n': Input should be greater than or equal to 1"),
+        ("tables.recommendations=bad-name!", "invalid table name 'bad-name!'"),
+        ("tables.recs=ok", "unknown table 'recs'"),
+        ("source.timezone=Mars/Olympus", "config key 'source.timezone': unknown time zone 'Mars/Olympus'"),
+        ("source.format=xlsx", "config key 'source.format'"),
+        ("train.event_weights.click=1", "unknown event type(s) ['click']"),
+        ("clean.non_product_items=['(']", "invalid regular expression '('"),
+        ("recommend.exclude_event_types=[bought]", "config key 'recommend.exclude_event_types'"),
+    ],
+)
+def test_bad_values_name_the_key(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "conf" / "local.yaml", [override])
+    assert expected in str(err.value)
+
+
+def test_events_source_requires_event_type_column():
+    with pytest.raises(ConfigError, match="columns.event_type is required"):
+        load_config(ROOT / "conf" / "local.yaml", ["source.columns.event_type=null"])
+
+
+def test_missing_required_key(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("warehouse: /tmp/x\n")
+    with pytest.raises(ConfigError, match="config key 'source': required key is missing"):
+        load_config(f)
+
+
+def test_extends_cycle_and_bad_yaml(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "bad.yaml").write_text("warehouse: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="must look like dotted.key=value"):
+        load_config(ROOT / "conf" / "local.yaml", ["recommend.n"])
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_config(ROOT / "conf" / "local.yaml", ["warehouse.x=1"])
+
+
+def test_missing_input_path_is_reported(tmp_path):
+    cfg = load_config(ROOT / "conf" / "local.yaml", [f"source.path={tmp_path}/missing"])
+    with pytest.raises(ConfigError, match=r"config key 'source.path': input path does not exist"):
+        check_input_paths(cfg)
+    remote = load_config(ROOT / "conf" / "local.yaml", ["source.path=s3a://bucket/events", "items.path=null"])
+    check_input_paths(remote)  # remote paths are Spark's to check
+
+
+def test_digest_changes_with_config():
+    a = load_config(ROOT / "conf" / "local.yaml")
+    b = load_config(ROOT / "conf" / "local.yaml", ["recommend.n=5"])
+    assert a.digest() == load_config(ROOT / "conf" / "local.yaml").digest()
+    assert a.digest() != b.digest()
+
+
+def test_cli_bad_config_exits_non_zero_with_one_line(capsys, tmp_path):
+    code = main(["run", "--config", str(ROOT / "conf" / "local.yaml"), "--set", "train.als.rnak=3"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip() == "sparkrec: error: config key 'train.als.rnak': unknown key"
+
+
+def test_cli_missing_input_exits_non_zero(capsys, tmp_path):
+    code = main(["ingest", "--config", str(ROOT / "conf" / "local.yaml"), "--set", f"source.path={tmp_path}/none"])
+    assert code == 2
+    assert "source.path" in capsys.readouterr().err

@@ -1,0 +1,169 @@
+"""End to end on generated data: the promises of the batch pipeline, checked on real Delta tables."""
+
+from __future__ import annotations
+
+import pytest
+from chispa import assert_df_equality
+from pyspark.sql import functions as F
+from pyspark.sql import Window
+
+from sparkrec import columns as C
+from sparkrec import io, pipeline
+from sparkrec.cli import main
+from sparkrec.generate import GenerateParams, generate
+from sparkrec.runs import RunContext
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+
+N = 10
+FAST_ALS = ["train.als.rank=8", "train.als.max_iter=4", f"recommend.n={N}"]
+
+
+@pytest.fixture(scope="module")
+def shop(spark, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shop")
+    generate(spark, GenerateParams(events=12_000, seed=11), str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def first_run(spark, shop, tmp_path_factory):
+    """The whole pipeline through the CLI, as a user runs it."""
+    wh = tmp_path_factory.mktemp("wh")
+    args = ["--set", f"warehouse={wh}", "--set", f"source.path={shop}/events", "--set", f"items.path={shop}/items"]
+    args += [a for o in FAST_ALS for a in ("--set", o)]
+    assert main(["run", "--config", str(ROOT / "conf" / "local.yaml"), *args], spark=spark) == 0
+    from sparkrec.config import load_config
+
+    cfg = load_config(ROOT / "conf" / "local.yaml", [f"warehouse={wh}", f"source.path={shop}/events", f"items.path={shop}/items", *FAST_ALS])
+    return cfg
+
+
+def table(spark, cfg, key):
+    return io.read_table(spark, cfg, key).df
+
+
+def test_ledger_balances_exactly(spark, first_run):
+    runs = table(spark, first_run, C.RUNS)
+    clean_run = runs.where("stage = 'clean'").collect()
+    assert len(clean_run) == 1 and clean_run[0]["status"] == "succeeded"
+    r = clean_run[0]
+    raw = table(spark, first_run, C.EVENTS_RAW).count()
+    kept = table(spark, first_run, C.INTERACTIONS).count()
+    quarantined = table(spark, first_run, C.QUARANTINE).count()
+    assert raw == 12_000
+    assert r["rows_in"] == raw and r["rows_out"] == kept and r["rows_quarantined"] == quarantined
+    assert raw == kept + quarantined + r["rows_duplicate"]
+    assert r["rows_duplicate"] > 0 and quarantined > 0
+
+
+def test_every_injected_kind_of_dirt_is_quarantined_with_a_reason(spark, first_run):
+    q = table(spark, first_run, C.QUARANTINE)
+    assert q.where(F.col(C.REASON).isNull()).count() == 0
+    reasons = {r[C.REASON] for r in q.select(C.REASON).distinct().collect()}
+    assert reasons >= {
+        "malformed_line", "missing_user_id", "missing_item_id", "unknown_event_type",
+        "unparsable_timestamp", "timestamp_out_of_range", "non_positive_quantity", "bot_user",
+    }
+    bots = q.where(F.col(C.REASON) == "bot_user").select(F.get_json_object(C.RAW_RECORD, "$.user_id").alias("u")).distinct()
+    assert sorted(r["u"] for r in bots.collect()) == ["bot_0", "bot_1", "bot_2"]
+
+
+def test_no_duplicates_left_in_interactions(spark, first_run):
+    inter = table(spark, first_run, C.INTERACTIONS)
+    assert inter.count() == inter.select(C.RAW_KEY).distinct().count()
+    with_id = inter.where(F.col(C.EVENT_ID).isNotNull())
+    assert with_id.count() == with_id.select(C.EVENT_ID).distinct().count()
+
+
+def test_every_user_gets_exactly_n_valid_ranked_items(spark, first_run):
+    recs = table(spark, first_run, C.RECOMMENDATIONS)
+    inter = table(spark, first_run, C.INTERACTIONS)
+    users = inter.select(C.USER_ID).distinct()
+    assert recs.select(C.USER_ID).distinct().count() == users.count()
+    per_user = recs.groupBy(C.USER_ID).agg(
+        F.count("*").alias("n"), F.countDistinct(C.ITEM_ID).alias("d"), F.min(C.RANK).alias("lo"), F.max(C.RANK).alias("hi")
+    )
+    assert per_user.where(f"n != {N} or d != {N} or lo != 1 or hi != {N}").count() == 0
+    w = Window.partitionBy(C.USER_ID, C.SOURCE).orderBy(C.RANK)
+    rising = recs.withColumn("prev", F.lag(C.SCORE).over(w)).where(F.col(C.SCORE) > F.col("prev"))
+    assert rising.count() == 0
+    bought = inter.where(F.col(C.EVENT_TYPE) == "purchase").select(C.USER_ID, C.ITEM_ID)
+    assert recs.join(bought, [C.USER_ID, C.ITEM_ID]).count() == 0
+    assert {r[C.SOURCE] for r in recs.select(C.SOURCE).distinct().collect()} <= {"als", "popular"}
+    assert recs.where(F.col(C.SOURCE) == "als").count() > 0
+
+
+def test_runs_record_versions_for_every_stage(spark, first_run):
+    rows = {r["stage"]: r for r in table(spark, first_run, C.RUNS).collect()}
+    assert set(rows) == {"ingest", "clean", "ids", "train", "recommend"}
+    assert rows["clean"]["input_versions"] == {"events_raw": 0}
+    assert set(rows["recommend"]["input_versions"]) == {"interactions", "user_ids", "item_ids", "user_factors", "item_factors"}
+    assert rows["recommend"]["output_versions"] == {"recommendations": 0}
+    assert len({r["run_id"] for r in rows.values()}) == 1
+
+
+def test_rerunning_stages_changes_nothing(spark, first_run):
+    cfg = first_run
+    before = {k: table(spark, cfg, k) for k in (C.EVENTS_RAW, C.INTERACTIONS, C.USER_IDS, C.ITEM_IDS)}
+    before = {k: df.localCheckpoint() for k, df in before.items()}
+    ctx = RunContext(spark, cfg)
+    pipeline.run_all(ctx, ("ingest", "clean", "ids"))
+    ingest_run = table(spark, cfg, C.RUNS).where(f"run_id = '{ctx.run_id}' and stage = 'ingest'").first()
+    assert ingest_run["rows_in"] == 12_000 and ingest_run["rows_out"] == 0
+    for k, df in before.items():
+        assert_df_equality(table(spark, cfg, k), df, ignore_row_order=True)
+
+
+def test_result_is_identical_when_shuffle_partitions_change(spark, first_run, tmp_path):
+    cfg = first_run.model_copy(update={"warehouse": str(tmp_path / "wh2")})
+    old = spark.conf.get("spark.sql.shuffle.partitions")
+    spark.conf.set("spark.sql.shuffle.partitions", "7")
+    try:
+        pipeline.run_all(RunContext(spark, cfg))
+    finally:
+        spark.conf.set("spark.sql.shuffle.partitions", old)
+    for key in (C.INTERACTIONS, C.USER_IDS, C.ITEM_IDS):
+        assert_df_equality(table(spark, cfg, key), table(spark, first_run, key), ignore_row_order=True)
+    q_cols = [C.RAW_KEY, C.REASON, C.RAW_RECORD]
+    assert_df_equality(table(spark, cfg, C.QUARANTINE).select(q_cols), table(spark, first_run, C.QUARANTINE).select(q_cols), ignore_row_order=True)
+    r_cols = [C.USER_ID, C.ITEM_ID, C.RANK, C.SOURCE]
+    assert_df_equality(
+        table(spark, cfg, C.RECOMMENDATIONS).select(r_cols), table(spark, first_run, C.RECOMMENDATIONS).select(r_cols), ignore_row_order=True
+    )
+
+
+def test_ids_are_stable_when_new_keys_arrive(spark, first_run, shop, tmp_path):
+    """A second run over more data keeps every old id and appends the new keys."""
+    cfg = first_run.model_copy(update={"warehouse": str(tmp_path / "wh3")})
+    ctx = RunContext(spark, cfg)
+    pipeline.run_all(ctx, ("ingest", "clean", "ids"))
+    old_users = table(spark, cfg, C.USER_IDS).localCheckpoint()
+    extra = tmp_path / "extra.json"
+    extra.write_text('{"event_id":"x1","user_id":"zz_new","item_id":"i000001","event_type":"view","timestamp":"2025-07-01T00:00:00Z"}\n')
+    cfg2 = cfg.model_copy(update={"source": cfg.source.model_copy(update={"path": str(extra)})})
+    pipeline.run_all(RunContext(spark, cfg2), ("ingest", "clean", "ids"))
+    new_users = table(spark, cfg, C.USER_IDS)
+    assert new_users.count() == old_users.count() + 1
+    assert old_users.join(new_users, [C.USER_ID, C.USER_IDX]).count() == old_users.count()
+    top = old_users.agg(F.max(C.USER_IDX)).first()[0]
+    assert new_users.where(F.col(C.USER_ID) == "zz_new").first()[C.USER_IDX] == top + 1
+
+
+def test_missing_column_in_input_fails_with_its_name(spark, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"event_id":"x1","user":"u1","item_id":"i1","event_type":"view","timestamp":"2025-07-01T00:00:00Z"}\n')
+    code = main(
+        ["ingest", "--config", str(ROOT / "conf" / "local.yaml"), "--set", f"warehouse={tmp_path}/wh", "--set", f"source.path={bad}", "--set", "items.path=null"],
+        spark=spark,
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "missing column(s) 'user_id'" in err and str(bad) in err
+
+
+def test_stage_before_its_input_exists_names_the_table(spark, tmp_path, capsys):
+    code = main(["recommend", "--config", str(ROOT / "conf" / "local.yaml"), "--set", f"warehouse={tmp_path}/empty"], spark=spark)
+    assert code == 2
+    assert "table 'interactions' does not exist" in capsys.readouterr().err

@@ -1,0 +1,61 @@
+"""Stable ids, feedback weights and the training matrix."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import pytest
+from chispa import assert_df_equality
+
+from sparkrec import columns as C
+from sparkrec import ids, train
+from sparkrec.config import TrainConfig
+from sparkrec.errors import StageError
+
+
+def test_new_ids_are_dense_ordered_and_skip_known_keys(spark):
+    keys = spark.createDataFrame([("b",), ("a",), (None,), ("a",), ("c",)], "user_id string")
+    first = ids.new_ids(keys, None, C.USER_ID, C.USER_IDX)
+    assert sorted(tuple(r) for r in first.collect()) == [("a", 0), ("b", 1), ("c", 2)]
+    more = spark.createDataFrame([("d",), ("a",), ("0",)], "user_id string")
+    second = ids.new_ids(more, first, C.USER_ID, C.USER_IDX)
+    assert sorted(tuple(r) for r in second.collect()) == [("0", 3), ("d", 4)]
+
+
+def test_id_space_is_checked():
+    ids.check_id_space(10, 5, "user_ids")
+    with pytest.raises(StageError, match="exceed"):
+        ids.check_id_space(2**31 - 3, 5, "user_ids")
+
+
+def test_training_matrix_weights_and_aggregates(spark):
+    inter = spark.createDataFrame(
+        [
+            ("u1", "i1", "view", datetime(2025, 1, 10), None),
+            ("u1", "i1", "purchase", datetime(2025, 1, 10), None),
+            ("u1", "i1", "purchase", datetime(2025, 1, 11), None),
+            ("u1", "i2", "rating", datetime(2025, 1, 11), 4.0),
+            ("u2", "i2", "cart", datetime(2025, 1, 11), None),
+            ("u2", "i3", "view", datetime(2025, 1, 11), None),  # view weight 0 below: dropped
+            ("u3", "i9", "purchase", datetime(2025, 1, 11), None),  # no ids: dropped
+        ],
+        "user_id string, item_id string, event_type string, event_ts timestamp, rating double",
+    )
+    uids = spark.createDataFrame([("u1", 0), ("u2", 1)], "user_id string, user_idx int")
+    iids = spark.createDataFrame([("i1", 0), ("i2", 1), ("i3", 2)], "item_id string, item_idx int")
+    cfg = TrainConfig(event_weights={"view": 0.0, "cart": 2.0, "purchase": 5.0, "rating": 0.5})
+    got = train.training_matrix(inter, uids, iids, cfg)
+    expected = spark.createDataFrame([(0, 0, 10.0), (0, 1, 2.0), (1, 1, 2.0)], "user_idx int, item_idx int, weight float")
+    assert_df_equality(got, expected, ignore_row_order=True, ignore_nullable=True)
+
+
+def test_recency_decay_halves_per_half_life(spark):
+    inter = spark.createDataFrame(
+        [("u1", "i1", "purchase", datetime(2025, 1, 11)), ("u1", "i2", "purchase", datetime(2025, 1, 1))],
+        "user_id string, item_id string, event_type string, event_ts timestamp",
+    ).withColumn(C.RATING, __import__("pyspark.sql.functions", fromlist=["lit"]).lit(None).cast("double"))
+    uids = spark.createDataFrame([("u1", 0)], "user_id string, user_idx int")
+    iids = spark.createDataFrame([("i1", 0), ("i2", 1)], "item_id string, item_idx int")
+    cfg = TrainConfig(event_weights={"purchase": 4.0}, recency_half_life_days=10)
+    got = {r[C.ITEM_IDX]: r[C.WEIGHT] for r in train.training_matrix(inter, uids, iids, cfg, datetime(2025, 1, 11)).collect()}
+    assert got == {0: pytest.approx(4.0), 1: pytest.approx(2.0)}
