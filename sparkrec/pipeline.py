@@ -59,6 +59,9 @@ def run_clean(ctx: RunContext) -> dict[str, int]:
                 clean.quarantine_of(classified, ctx.run_id), cfg, C.QUARANTINE
             )
             written_q = io.last_operation_metrics(spark, cfg.table_path(C.QUARANTINE)).get("numOutputRows")
+            if cfg.items.path is None:  # no item file: derive items from what was kept, still cached
+                items = clean.items_from_interactions(clean.interactions_of(classified))
+                rec.outputs[cfg.table_name(C.ITEMS)] = io.overwrite_table(items, cfg, C.ITEMS)
         finally:
             classified.unpersist()
         by_outcome: dict[str, int] = {}
@@ -81,10 +84,6 @@ def run_clean(ctx: RunContext) -> dict[str, int]:
                 f"ledger does not balance: {rows_in:,} rows in, {kept:,} kept ({written_kept} written), "
                 f"{quarantined:,} quarantined ({written_q} written), {duplicates:,} duplicates"
             )
-        if cfg.items.path is None:
-            inter = io.read_table(spark, cfg, C.INTERACTIONS)
-            assert inter is not None
-            rec.outputs[cfg.table_name(C.ITEMS)] = io.overwrite_table(clean.items_from_interactions(inter.df), cfg, C.ITEMS)
         log.info(
             "run %s: ledger %s in = %s kept + %s quarantined + %s duplicates; reasons %s",
             ctx.run_id, f"{rows_in:,}", f"{kept:,}", f"{quarantined:,}", f"{duplicates:,}", reasons,
@@ -172,7 +171,8 @@ def run_recommend(ctx: RunContext) -> None:
             raise StageError("user_factors is empty: train a model first")
         model_version = first[0]
         r = cfg.recommend
-        history = recommend.indexed_history(inter, uids, iids)
+        # Read by exclusions, history sizes and popularity: joined once, kept.
+        history = recommend.indexed_history(inter, uids, iids).persist(StorageLevel.MEMORY_AND_DISK)
         recs = recommend.recommend_all(history, uf, itf, r.exclude_event_types, r.n, r.min_history, r.max_broadcast_items)
         out = recommend.with_keys(recs, uids, iids).select(
             C.USER_ID,
@@ -184,8 +184,12 @@ def run_recommend(ctx: RunContext) -> None:
             F.lit(ctx.run_id).alias(C.RUN_ID),
             F.lit(ctx.now).cast("timestamp").alias(C.GENERATED_AT),
         )
-        rec.outputs[cfg.table_name(C.RECOMMENDATIONS)] = io.overwrite_table(out, cfg, C.RECOMMENDATIONS)
+        try:
+            rec.outputs[cfg.table_name(C.RECOMMENDATIONS)] = io.overwrite_table(out, cfg, C.RECOMMENDATIONS)
+        finally:
+            history.unpersist()
         m = io.last_operation_metrics(spark, cfg.table_path(C.RECOMMENDATIONS))
+        rec.rows_in = inter.count()
         rec.rows_out = m.get("numOutputRows")
         rec.details["model_version"] = model_version
 

@@ -85,3 +85,17 @@ def test_unreadable_source_is_an_input_error(spark, make_config, tmp_path):
     cfg = make_config("source.format=parquet", f"source.path={bad}", "items.path=null")
     with pytest.raises(InputError, match="cannot read source.path"):
         io.read_source(spark, cfg.source)
+
+
+def test_generate_command_writes_events_items_and_manifest(spark, tmp_path, capsys):
+    from sparkrec.cli import main
+
+    out = tmp_path / "shop"
+    assert main(["generate", "--events", "2000", "--seed", "3", "--out", str(out)], spark=spark) == 0
+    assert "generated 2,000 events" in capsys.readouterr().out
+    assert spark.read.text(str(out / "events")).count() == 2_000
+    items = spark.read.option("header", "true").csv(str(out / "items"))
+    assert items.columns == ["item_id", "category", "price", "available"] and items.count() == 40
+    manifest = "\n".join(r[0] for r in spark.read.text(str(out / "manifest")).collect())
+    assert '"seed": 3' in manifest and '"users": 50' in manifest
+    assert main(["generate", "--events", "0", "--out", str(out)], spark=spark) == 2
