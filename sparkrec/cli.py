@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> in
     args = _parser().parse_args(argv)
     _setup_logging(getattr(args, "verbose", False))
     started = time.monotonic()
+    ctx = None
     try:
         if args.command == "generate":
             from sparkrec.generate import GenerateParams, generate
@@ -143,9 +144,24 @@ def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> in
         return exc.exit_code
     except Exception as exc:  # an unexpected failure: one line for the person, the trace for the log
         log.debug("unexpected failure", exc_info=True)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"sparkrec: failed: {type(exc).__name__}: {first} (rerun with -v for the traceback)", file=sys.stderr)
+        where = f" in stage {ctx.failed_stage}" if ctx is not None and ctx.failed_stage else ""
+        print(f"sparkrec: failed{where}: {describe(exc)} (rerun with -v for the traceback)", file=sys.stderr)
         return 1
+
+
+def describe(exc: BaseException) -> str:
+    """The root cause in one line: for a JVM error, the innermost Java exception, not Py4J's wrapper."""
+    java = getattr(exc, "java_exception", None)
+    if java is not None:
+        try:
+            cause = java
+            while cause.getCause() is not None:
+                cause = cause.getCause()
+            return str(cause.toString()).splitlines()[0]
+        except Exception:  # the JVM may be gone (e.g. after an OutOfMemoryError)
+            pass
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -89,6 +89,7 @@ class RunContext:
         # so every stage of a run agrees on what "now" is.
         self.now = now or datetime.now(timezone.utc)
         self.records: list[StageRecord] = []
+        self.failed_stage: str | None = None
 
     @contextmanager
     def stage(self, name: str) -> Iterator[StageRecord]:
@@ -101,6 +102,7 @@ class RunContext:
             yield rec
         except BaseException as exc:
             status, error = "failed", f"{type(exc).__name__}: {exc}"
+            self.failed_stage = name
             log.error("run %s: stage %s failed after %.1fs: %s", self.run_id, name, time.monotonic() - t0, error)
             raise
         finally:

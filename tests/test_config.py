@@ -18,7 +18,7 @@ def test_local_extends_base_and_overrides_apply():
     assert cfg.recommend.n == 7
     assert cfg.train.als.rank == 16
     assert cfg.source.format == "json"  # from base.yaml
-    assert cfg.spark.driver_memory == "4g"  # from local.yaml
+    assert cfg.spark.driver_memory == "6g"  # from local.yaml
     assert cfg.table_path("recommendations").endswith("/recs_v2")
     assert cfg.table_path("interactions").endswith("/interactions")
 
@@ -114,3 +114,23 @@ def test_cli_missing_input_exits_non_zero(capsys, tmp_path):
     code = main(["ingest", "--config", str(ROOT / "conf" / "local.yaml"), "--set", f"source.path={tmp_path}/none"])
     assert code == 2
     assert "source.path" in capsys.readouterr().err
+
+
+def test_jvm_failures_are_described_by_their_root_cause():
+    from sparkrec.cli import describe
+
+    class JavaExc:
+        def __init__(self, text, cause=None):
+            self.text, self.cause = text, cause
+
+        def getCause(self):
+            return self.cause
+
+        def toString(self):
+            return self.text
+
+    class Py4JLike(Exception):
+        java_exception = JavaExc("org.apache.spark.SparkException: Job aborted", JavaExc("java.lang.OutOfMemoryError: Java heap space"))
+
+    assert describe(Py4JLike("An error occurred while calling o726.collectToPython.")) == "java.lang.OutOfMemoryError: Java heap space"
+    assert describe(ValueError("bad\nsecond line")) == "ValueError: bad"
