@@ -37,7 +37,7 @@ def with_lineage(raw: DataFrame, run_id: str) -> DataFrame:
     order gives the same set of keys: ingesting the same file again produces
     the same keys, and the insert-only MERGE adds nothing.
     """
-    cols = [c for c in data_columns(raw)]
+    cols = data_columns(raw)
     hashed = raw.withColumn(C.ROW_HASH, row_content_hash(cols))
     w = Window.partitionBy(C.SOURCE_FILE, C.ROW_HASH).orderBy(C.ROW_HASH)
     return (
