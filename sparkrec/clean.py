@@ -232,30 +232,42 @@ def with_duplicate_flag(df: DataFrame) -> DataFrame:
     )
 
 
-def with_bot_reason(df: DataFrame, clean: CleanConfig) -> DataFrame:
-    """Quarantine every event of users whose activity is beyond human.
+def bot_users(df: DataFrame, clean: CleanConfig) -> DataFrame:
+    """Users whose activity is beyond human: (user_id) rows, one per bot.
 
     Counted over the rows that survived the rules and deduplication, so a
-    replay storm does not turn a person into a bot.
+    replay storm does not turn a person into a bot. A two-column aggregate,
+    not a window over whole rows: cheap at tens of millions of events.
+    """
+    limits = clean.bots
+    alive = F.col(C.REASON).isNull() & F.col(DUPLICATE).isNull() & F.col(C.USER_ID).isNotNull()
+    per_day = df.where(alive).groupBy(C.USER_ID, F.to_date(C.EVENT_TS).alias("_day")).count()
+    per_user = per_day.groupBy(C.USER_ID).agg(F.sum("count").alias("_total"), F.max("count").alias("_max_day"))
+    cond = F.lit(False)
+    if limits.max_events_per_user is not None:
+        cond = cond | (F.col("_total") > limits.max_events_per_user)
+    if limits.max_events_per_user_day is not None:
+        cond = cond | (F.col("_max_day") > limits.max_events_per_user_day)
+    return per_user.where(cond).select(C.USER_ID)
+
+
+def with_bot_reason(df: DataFrame, clean: CleanConfig) -> DataFrame:
+    """Quarantine every surviving event of a bot user (see `bot_users`).
+
+    `df` is read twice (the aggregate and the join), so callers on large data
+    persist it first, as the clean stage does.
     """
     limits = clean.bots
     if limits.max_events_per_user is None and limits.max_events_per_user_day is None:
         return df
+    # Bots are few by nature; the broadcast keeps the full table from being shuffled.
+    flagged = F.broadcast(bot_users(df, clean).withColumn("_bot", F.lit(True)))
     alive = F.col(C.REASON).isNull() & F.col(DUPLICATE).isNull()
-    is_bot = F.lit(False)
-    if limits.max_events_per_user is not None:
-        per_user = F.sum(alive.cast("int")).over(Window.partitionBy(C.USER_ID))
-        is_bot = is_bot | (per_user > limits.max_events_per_user)
-    if limits.max_events_per_user_day is not None:
-        day_w = Window.partitionBy(C.USER_ID, F.to_date(C.EVENT_TS))
-        per_day = F.sum(alive.cast("int")).over(day_w)
-        marked = df.withColumn("_bot_day", alive & (per_day > limits.max_events_per_user_day))
-        any_day = F.max(F.col("_bot_day").cast("int")).over(Window.partitionBy(C.USER_ID)) == 1
-        is_bot = is_bot | any_day
-        df = marked
-    return df.withColumn(
-        C.REASON, F.when(alive & F.col(C.USER_ID).isNotNull() & is_bot, F.lit(BOT_USER)).otherwise(F.col(C.REASON))
-    ).drop("_bot_day")
+    return (
+        df.join(flagged, C.USER_ID, "left")
+        .withColumn(C.REASON, F.when(alive & F.col("_bot"), F.lit(BOT_USER)).otherwise(F.col(C.REASON)))
+        .drop("_bot")
+    )
 
 
 def with_outcome(df: DataFrame) -> DataFrame:
@@ -268,15 +280,23 @@ def with_outcome(df: DataFrame) -> DataFrame:
     )
 
 
-def classify(raw: DataFrame, src: SourceConfig, clean: CleanConfig, now: datetime) -> DataFrame:
-    """The whole cleaning chain: raw rows in, every row with its outcome out."""
+def deduplicated(raw: DataFrame, src: SourceConfig, clean: CleanConfig, now: datetime) -> DataFrame:
+    """Normalised rows with their rule reason and duplicate flag (the part worth persisting)."""
     return (
         raw.transform(normalize, src=src)
         .transform(with_reject_reason, rules=reject_rules(src, clean, now))
         .transform(with_duplicate_flag)
-        .transform(with_bot_reason, clean=clean)
-        .transform(with_outcome)
     )
+
+
+def finish(deduped: DataFrame, clean: CleanConfig) -> DataFrame:
+    """Bot users and the final outcome, on top of `deduplicated`."""
+    return deduped.transform(with_bot_reason, clean=clean).transform(with_outcome)
+
+
+def classify(raw: DataFrame, src: SourceConfig, clean: CleanConfig, now: datetime) -> DataFrame:
+    """The whole cleaning chain: raw rows in, every row with its outcome out."""
+    return finish(deduplicated(raw, src, clean, now), clean)
 
 
 def interactions_of(classified: DataFrame) -> DataFrame:

@@ -50,7 +50,10 @@ def run_clean(ctx: RunContext) -> dict[str, int]:
         raw = io.read_table(spark, cfg, C.EVENTS_RAW)
         assert raw is not None
         rec.inputs[cfg.table_name(C.EVENTS_RAW)] = raw.version
-        classified = clean.classify(raw.df, cfg.source, cfg.clean, ctx.now).persist(StorageLevel.MEMORY_AND_DISK)
+        # Persisted before bot detection, which reads it twice; the outcome on
+        # top is a cheap broadcast join, recomputed by each write from the cache.
+        deduped = clean.deduplicated(raw.df, cfg.source, cfg.clean, ctx.now).persist(StorageLevel.MEMORY_AND_DISK)
+        classified = clean.finish(deduped, cfg.clean)
         try:
             counts = clean.ledger(classified).collect()
             rec.outputs[cfg.table_name(C.INTERACTIONS)] = io.overwrite_table(clean.interactions_of(classified), cfg, C.INTERACTIONS)
@@ -63,7 +66,7 @@ def run_clean(ctx: RunContext) -> dict[str, int]:
                 items = clean.items_from_interactions(clean.interactions_of(classified))
                 rec.outputs[cfg.table_name(C.ITEMS)] = io.overwrite_table(items, cfg, C.ITEMS)
         finally:
-            classified.unpersist()
+            deduped.unpersist()
         by_outcome: dict[str, int] = {}
         reasons: dict[str, int] = {}
         dup_kinds: dict[str, int] = {}
