@@ -16,27 +16,31 @@ from sparkrec.errors import StageError
 MAX_ALS_ID = 2**31 - 1  # MLlib ALS ids are Java ints
 
 
-def new_ids(keys: DataFrame, existing: DataFrame | None, key_col: str, idx_col: str) -> DataFrame:
-    """Ids for the keys in `keys` that `existing` does not have yet.
+def next_id(existing: DataFrame, idx_col: str) -> int:
+    """The first free id of an id table: its maximum plus one (0 when empty)."""
+    top = existing.agg(F.max(idx_col)).first()[0]
+    return 0 if top is None else int(top) + 1
+
+
+def new_ids(keys: DataFrame, existing: DataFrame | None, key_col: str, idx_col: str, offset: int = 0) -> DataFrame:
+    """Ids from `offset` on for the keys in `keys` that `existing` does not have yet.
 
     Args:
         keys: any DataFrame with `key_col` (duplicates and nulls are ignored).
         existing: the current id table (`key_col`, `idx_col`), or None.
+        offset: the first free id, `next_id(existing, idx_col)`.
     Returns:
         (`key_col`, `idx_col`) rows for the new keys only.
     """
     distinct = keys.select(key_col).where(F.col(key_col).isNotNull()).distinct()
-    offset = 0
     if existing is not None:
         distinct = distinct.join(existing.select(key_col), key_col, "left_anti")
-        top = existing.agg(F.max(idx_col)).first()[0]
-        offset = 0 if top is None else int(top) + 1
     # One ordered window over the new keys only: bounded by the day's new users/items.
-    numbered = distinct.withColumn(idx_col, (F.lit(offset) + F.row_number().over(Window.orderBy(key_col)) - 1).cast("int"))
-    return numbered
+    return distinct.withColumn(idx_col, (F.lit(offset) + F.row_number().over(Window.orderBy(key_col)) - 1).cast("int"))
 
 
-def check_id_space(existing_max: int | None, new_count: int, what: str) -> None:
-    top = (existing_max or 0) + new_count
+def check_id_space(offset: int, new_count: int, what: str) -> None:
+    """Fail before writing when the new ids would pass MLlib's int range."""
+    top = offset + new_count - 1
     if top > MAX_ALS_ID:
-        raise StageError(f"{what}: {top:,} ids exceed the {MAX_ALS_ID:,} that MLlib ALS accepts")
+        raise StageError(f"{what}: new ids up to {top:,} exceed the largest id MLlib ALS accepts ({MAX_ALS_ID:,})")

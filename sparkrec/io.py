@@ -144,10 +144,11 @@ def overwrite_table(df: DataFrame, cfg: Config, key: str, *, properties: dict[st
 
 @dataclass(frozen=True)
 class MergeResult:
-    """The table version after an insert-only MERGE and how many rows it inserted."""
+    """The table version after an insert-only MERGE, rows inserted, and source rows when Delta counted them."""
 
     version: int
     inserted: int
+    source_rows: int | None = None
 
 
 def merge_new_rows(
@@ -177,7 +178,8 @@ def merge_new_rows(
         try:
             writer.save(path)
             version = _version_after_write(spark, path)
-            return MergeResult(version, last_operation_metrics(spark, path).get("numOutputRows", 0))
+            written = last_operation_metrics(spark, path).get("numOutputRows", 0)
+            return MergeResult(version, written, written)
         except Exception as exc:  # another writer created it first: fall through to MERGE
             if not table_exists(spark, path):
                 raise
@@ -191,9 +193,13 @@ def merge_new_rows(
     builder = target.alias("t").merge(df.alias("s"), cond).whenNotMatchedInsertAll()
     if evolve_schema:
         builder = builder.withSchemaEvolution()
+    before = current_version(spark, path)
     metrics = builder.execute().first()
     inserted = int(metrics["num_inserted_rows"]) if metrics is not None else 0
-    return MergeResult(_version_after_write(spark, path), inserted)
+    version = _version_after_write(spark, path)
+    # A MERGE that inserts nothing commits nothing, so only a new commit's metrics describe this source.
+    source_rows = last_operation_metrics(spark, path).get("numSourceRows") if version != before else None
+    return MergeResult(version, inserted, source_rows)
 
 
 def append_rows(df: DataFrame, cfg: Config, key: str) -> int:

@@ -29,7 +29,8 @@ def run_ingest(ctx: RunContext) -> None:
         result = io.merge_new_rows(
             rows, cfg, C.EVENTS_RAW, on=[C.RAW_KEY], properties=ingest.RAW_TABLE_PROPERTIES, evolve_schema=True
         )
-        rec.rows_in = raw.count()
+        # Delta counted the source while writing; count again only when nothing was committed.
+        rec.rows_in = result.source_rows if result.source_rows is not None else raw.count()
         rec.rows_out = result.inserted
         rec.outputs[cfg.table_name(C.EVENTS_RAW)] = result.version
         rec.details["already_ingested"] = rec.rows_in - rec.rows_out
@@ -106,10 +107,10 @@ def run_ids(ctx: RunContext) -> None:
             existing = io.read_table(spark, cfg, table, required=False)
             if existing is not None:
                 rec.inputs[cfg.table_name(table)] = existing.version
+            offset = ids.next_id(existing.df, idx_col) if existing else 0
             # Materialised once: counted for the id-space check, then merged.
-            fresh = ids.new_ids(inter.df, existing.df if existing else None, key_col, idx_col).localCheckpoint()
-            top = existing.df.agg(F.max(idx_col)).first()[0] if existing else None
-            ids.check_id_space(top, fresh.count(), cfg.table_name(table))
+            fresh = ids.new_ids(inter.df, existing.df if existing else None, key_col, idx_col, offset).localCheckpoint()
+            ids.check_id_space(offset, fresh.count(), cfg.table_name(table))
             result = io.merge_new_rows(fresh, cfg, table, on=[key_col])
             rec.outputs[cfg.table_name(table)] = result.version
             added = result.inserted

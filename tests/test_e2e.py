@@ -143,7 +143,10 @@ def test_ids_are_stable_when_new_keys_arrive(spark, first_run, shop, tmp_path):
     extra = tmp_path / "extra.json"
     extra.write_text('{"event_id":"x1","user_id":"zz_new","item_id":"i000001","event_type":"view","timestamp":"2025-07-01T00:00:00Z"}\n')
     cfg2 = cfg.model_copy(update={"source": cfg.source.model_copy(update={"path": str(extra)})})
-    pipeline.run_all(RunContext(spark, cfg2), ("ingest", "clean", "ids"))
+    ctx2 = RunContext(spark, cfg2)
+    pipeline.run_all(ctx2, ("ingest", "clean", "ids"))
+    ingest_run = table(spark, cfg, C.RUNS).where(f"run_id = '{ctx2.run_id}' and stage = 'ingest'").first()
+    assert (ingest_run["rows_in"], ingest_run["rows_out"]) == (1, 1)  # counted by Delta's MERGE
     new_users = table(spark, cfg, C.USER_IDS)
     assert new_users.count() == old_users.count() + 1
     assert old_users.join(new_users, [C.USER_ID, C.USER_IDX]).count() == old_users.count()

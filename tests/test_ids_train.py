@@ -18,14 +18,15 @@ def test_new_ids_are_dense_ordered_and_skip_known_keys(spark):
     first = ids.new_ids(keys, None, C.USER_ID, C.USER_IDX)
     assert sorted(tuple(r) for r in first.collect()) == [("a", 0), ("b", 1), ("c", 2)]
     more = spark.createDataFrame([("d",), ("a",), ("0",)], "user_id string")
-    second = ids.new_ids(more, first, C.USER_ID, C.USER_IDX)
+    assert ids.next_id(first, C.USER_IDX) == 3
+    second = ids.new_ids(more, first, C.USER_ID, C.USER_IDX, ids.next_id(first, C.USER_IDX))
     assert sorted(tuple(r) for r in second.collect()) == [("0", 3), ("d", 4)]
 
 
 def test_id_space_is_checked():
-    ids.check_id_space(10, 5, "user_ids")
+    ids.check_id_space(2**31 - 5, 5, "user_ids")  # the last id is exactly the int maximum
     with pytest.raises(StageError, match="exceed"):
-        ids.check_id_space(2**31 - 3, 5, "user_ids")
+        ids.check_id_space(2**31 - 5, 6, "user_ids")
 
 
 def test_training_matrix_weights_and_aggregates(spark):
