@@ -65,6 +65,9 @@ _RAW_TS, _RAW_TYPE, _RAW_QTY, _RAW_PRICE, _RAW_RATING = "_ts_raw", "_type_raw", 
 # --------------------------------------------------------------------------- column helpers
 
 
+# Statistics only where a reader filters: time splits select on event_ts.
+INTERACTIONS_PROPERTIES = {"delta.dataSkippingStatsColumns": C.EVENT_TS}
+
 def as_utc(dt: datetime) -> datetime:
     """Naive datetimes in config mean UTC; PySpark would read them in the machine's zone."""
     return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt
@@ -218,17 +221,33 @@ def with_duplicate_flag(df: DataFrame) -> DataFrame:
     result does not depend on partitioning or on the order files were read.
     Exact duplicates are rows with equal input values; replays share a
     non-null event id (the earliest event time wins).
+
+    One shuffle does both: rows are grouped by event id when they have one,
+    else by content hash. Exact copies share their event id, so within an
+    event id the survivor is the earliest (event time, raw key) row, which is
+    also the first of its own copies; a dropped row is "exact" when an earlier
+    row has its content, else a "replay". The second window only refines the
+    first one's partitioning, so Spark sorts again but does not shuffle again.
     """
     ok = F.col(C.REASON).isNull()
-    exact_w = Window.partitionBy(ok, C.ROW_HASH).orderBy(C.RAW_KEY)
-    marked = df.withColumn(
-        DUPLICATE, F.when(ok & (F.row_number().over(exact_w) > 1), F.lit("exact"))
+    group = (
+        F.when(ok & F.col(C.EVENT_ID).isNotNull(), F.concat(F.lit("e:"), F.col(C.EVENT_ID)))
+        .when(ok, F.concat(F.lit("h:"), F.col(C.ROW_HASH)))
+        .otherwise(F.concat(F.lit("x:"), F.col(C.RAW_KEY)))
     )
-    replay_candidate = ok & F.col(DUPLICATE).isNull() & F.col(C.EVENT_ID).isNotNull()
-    replay_w = Window.partitionBy(replay_candidate, C.EVENT_ID).orderBy(C.EVENT_TS, C.RAW_KEY)
-    return marked.withColumn(
-        DUPLICATE,
-        F.when(replay_candidate & (F.row_number().over(replay_w) > 1), F.lit("replay")).otherwise(F.col(DUPLICATE)),
+    first_w = Window.partitionBy("_dup_group").orderBy(C.EVENT_TS, C.RAW_KEY)
+    copy_w = Window.partitionBy("_dup_group", C.ROW_HASH).orderBy(C.RAW_KEY)
+    return (
+        df.withColumn("_dup_group", group)
+        .withColumn("_first", F.row_number().over(first_w) == 1)
+        .withColumn("_copy", F.row_number().over(copy_w) > 1)
+        .withColumn(
+            DUPLICATE,
+            F.when(~ok | F.col("_first"), F.lit(None).cast("string"))
+            .when(F.col("_copy"), F.lit("exact"))
+            .otherwise(F.lit("replay")),
+        )
+        .drop("_dup_group", "_first", "_copy")
     )
 
 
