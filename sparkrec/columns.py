@@ -46,8 +46,15 @@ SOURCE = "source"
 MODEL_VERSION = "model_version"
 GENERATED_AT = "generated_at"
 
+EXPLANATION = "explanation"
+BECAUSE_ITEM_ID = "because_item_id"
+SIMILAR_ITEM_ID = "similar_item_id"
+
 SOURCE_ALS = "als"
 SOURCE_POPULAR = "popular"
+SOURCE_TRENDING = "trending"
+SOURCE_CATEGORY_POPULAR = "category_popular"
+SOURCE_EXPLORATION = "exploration"
 
 # Canonical event types.
 VIEW = "view"
@@ -67,6 +74,7 @@ ITEMS = "items"
 USER_FACTORS = "user_factors"
 ITEM_FACTORS = "item_factors"
 RECOMMENDATIONS = "recommendations"
+SIMILAR_ITEMS = "similar_items"
 RUNS = "runs"
 TABLES = (
     EVENTS_RAW,
@@ -78,5 +86,6 @@ TABLES = (
     USER_FACTORS,
     ITEM_FACTORS,
     RECOMMENDATIONS,
+    SIMILAR_ITEMS,
     RUNS,
 )

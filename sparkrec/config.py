@@ -72,6 +72,13 @@ class SourceConfig(_Strict):
     kind: Literal["events", "transactions"] = "events"
     options: dict[str, str] = Field(default_factory=dict)
     columns: SourceColumns
+    infer_schema: bool = Field(
+        default=False,
+        description=(
+            "JSON only. false reads just the mapped columns, as strings, in one pass; "
+            "true infers every field first (a second full pass) and keeps unmapped fields in events_raw."
+        ),
+    )
     timestamp_format: str | None = Field(
         default=None, description="Spark datetime pattern; null means ISO-8601."
     )
@@ -200,11 +207,60 @@ class TrainConfig(_Strict):
         return v
 
 
+class BoostConfig(_Strict):
+    """Raise some items' scores: the score of a boosted item is multiplied by `factor`."""
+
+    factor: float = Field(default=1.0, gt=0)
+    items: list[str] = Field(default_factory=list, description="Promoted item ids.")
+    categories: list[str] = Field(default_factory=list, description="Promoted categories.")
+    new_item_days: float | None = Field(
+        default=None, gt=0, description="Items first seen in the last D days of history count as new and are boosted."
+    )
+
+
+class RulesConfig(_Strict):
+    """Shop rules applied to every list, model and fallback alike."""
+
+    exclude_unavailable: bool = True
+    exclude_items: list[str] = Field(default_factory=list)
+    include_categories: list[str] = Field(default_factory=list, description="Empty means every category.")
+    exclude_categories: list[str] = Field(default_factory=list)
+    max_per_category: int | None = Field(default=None, ge=1, description="Diversity: at most this many items of one category per list.")
+    boost: BoostConfig = BoostConfig()
+
+    @model_validator(mode="after")
+    def _categories_disjoint(self) -> RulesConfig:
+        both = sorted(set(self.include_categories) & set(self.exclude_categories))
+        if both:
+            raise ValueError(f"categories {both} are both included and excluded")
+        return self
+
+
+class SimilarItemsConfig(_Strict):
+    enabled: bool = True
+    k: int = Field(default=20, ge=1, le=1000)
+
+
 class RecommendConfig(_Strict):
     n: int = Field(default=20, ge=1, le=1000)
     exclude_event_types: list[str] = Field(default_factory=lambda: [C.PURCHASE])
     min_history: int = Field(default=1, ge=1, description="Distinct items a user needs for ALS recommendations.")
     max_broadcast_items: int = Field(default=500_000, ge=1)
+    fallback: Literal["popular", "trending", "category_popular"] = Field(
+        default="popular", description="List for users below min_history; always backfilled from popular."
+    )
+    trending_days: float = Field(default=7.0, gt=0, description="Window of 'trending', counted back from the latest event.")
+    exploration_slots: int = Field(default=0, ge=0, description="Last slots of each list given to items without factors.")
+    max_exploration_items: int = Field(default=10_000, ge=1, description="Bound on the exploration pool (broadcast).")
+    explain: bool = True
+    rules: RulesConfig = RulesConfig()
+    similar_items: SimilarItemsConfig = SimilarItemsConfig()
+
+    @model_validator(mode="after")
+    def _slots_fit(self) -> RecommendConfig:
+        if self.exploration_slots >= self.n:
+            raise ValueError(f"exploration_slots ({self.exploration_slots}) must be smaller than n ({self.n})")
+        return self
 
     @field_validator("exclude_event_types")
     @classmethod

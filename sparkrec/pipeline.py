@@ -57,7 +57,9 @@ def run_clean(ctx: RunContext) -> dict[str, int]:
         classified = clean.finish(deduped, cfg.clean)
         try:
             counts = clean.ledger(classified).collect()
-            rec.outputs[cfg.table_name(C.INTERACTIONS)] = io.overwrite_table(clean.interactions_of(classified), cfg, C.INTERACTIONS)
+            rec.outputs[cfg.table_name(C.INTERACTIONS)] = io.overwrite_table(
+                clean.interactions_of(classified), cfg, C.INTERACTIONS, properties=clean.INTERACTIONS_PROPERTIES
+            )
             written_kept = io.last_operation_metrics(spark, cfg.table_path(C.INTERACTIONS)).get("numOutputRows")
             rec.outputs[cfg.table_name(C.QUARANTINE)] = io.overwrite_table(
                 clean.quarantine_of(classified, ctx.run_id), cfg, C.QUARANTINE
@@ -161,40 +163,57 @@ def run_train(ctx: RunContext) -> str:
 
 
 def run_recommend(ctx: RunContext) -> None:
-    """Factors + history -> `recommendations`, replaced atomically."""
+    """Factors + history + rules -> `recommendations` and `similar_items`, each replaced atomically."""
     spark, cfg = ctx.spark, ctx.cfg
+    r = cfg.recommend
     with ctx.stage("recommend") as rec:
         reads = {t: io.read_table(spark, cfg, t) for t in
                  (C.INTERACTIONS, C.USER_IDS, C.ITEM_IDS, C.USER_FACTORS, C.ITEM_FACTORS)}
-        for t, r in reads.items():
-            assert r is not None
-            rec.inputs[cfg.table_name(t)] = r.version
+        for t, read in reads.items():
+            assert read is not None
+            rec.inputs[cfg.table_name(t)] = read.version
         inter, uids, iids, uf, itf = (reads[t].df for t in reads)  # type: ignore[union-attr]
+        items_read = io.read_table(spark, cfg, C.ITEMS, required=False)
+        items = items_read.df if items_read is not None else None
+        if items_read is not None:
+            rec.inputs[cfg.table_name(C.ITEMS)] = items_read.version
         first = uf.select(C.MODEL_VERSION).first()
         if first is None:
             raise StageError("user_factors is empty: train a model first")
         model_version = first[0]
-        r = cfg.recommend
-        # Read by exclusions, history sizes and popularity: joined once, kept.
+        # Read by exclusions, sizes, rankings and explanations: joined once, kept.
         history = recommend.indexed_history(inter, uids, iids).persist(StorageLevel.MEMORY_AND_DISK)
-        recs = recommend.recommend_all(history, uf, itf, r.exclude_event_types, r.n, r.min_history, r.max_broadcast_items)
-        out = recommend.with_keys(recs, uids, iids).select(
-            C.USER_ID,
-            C.ITEM_ID,
-            C.RANK,
-            C.SCORE,
-            C.SOURCE,
-            F.lit(model_version).alias(C.MODEL_VERSION),
-            F.lit(ctx.run_id).alias(C.RUN_ID),
-            F.lit(ctx.now).cast("timestamp").alias(C.GENERATED_AT),
-        )
+        meta = recommend.item_meta(iids, items, history, r.rules).persist(StorageLevel.MEMORY_AND_DISK)
+        stamp = [F.lit(model_version).alias(C.MODEL_VERSION), F.lit(ctx.run_id).alias(C.RUN_ID),
+                 F.lit(ctx.now).cast("timestamp").alias(C.GENERATED_AT)]
         try:
+            recs = recommend.recommend_all(history, uf, itf, r, meta)
+            recs = recommend.with_because_type(recs, history) if r.explain else recs.withColumn(recommend.BECAUSE_TYPE, F.lit(None).cast("int"))
+            keyed = recommend.with_keys(recs, uids, meta, r.trending_days).select(
+                C.USER_ID, C.ITEM_ID, C.RANK, C.SCORE, C.SOURCE, C.BECAUSE_ITEM_ID, C.EXPLANATION
+            )
+            if r.exploration_slots and items is not None:
+                pool = recommend.exploration_pool(items, history, iids, r.rules, r.max_exploration_items)
+                rec.details["exploration_pool"] = len(pool)
+                keyed = recommend.with_exploration(keyed, pool, r.n, r.exploration_slots)
+            out = keyed.select(*keyed.columns, *stamp)
             rec.outputs[cfg.table_name(C.RECOMMENDATIONS)] = io.overwrite_table(out, cfg, C.RECOMMENDATIONS)
+            m = io.last_operation_metrics(spark, cfg.table_path(C.RECOMMENDATIONS))
+            rec.rows_out = m.get("numOutputRows")
+            if r.similar_items.enabled:
+                sim = recommend.similar_items(itf, meta, r.similar_items.k, r.max_broadcast_items)
+                ids_ = meta.select(C.ITEM_IDX, C.ITEM_ID)
+                sim_out = (
+                    sim.join(ids_, C.ITEM_IDX)
+                    .join(ids_.select(F.col(C.ITEM_IDX).alias("_similar_idx"), F.col(C.ITEM_ID).alias(C.SIMILAR_ITEM_ID)), "_similar_idx")
+                    .select(C.ITEM_ID, C.SIMILAR_ITEM_ID, C.RANK, C.SCORE, *stamp)
+                )
+                rec.outputs[cfg.table_name(C.SIMILAR_ITEMS)] = io.overwrite_table(sim_out, cfg, C.SIMILAR_ITEMS)
+                rec.details["similar_items_rows"] = io.last_operation_metrics(spark, cfg.table_path(C.SIMILAR_ITEMS)).get("numOutputRows")
         finally:
             history.unpersist()
-        m = io.last_operation_metrics(spark, cfg.table_path(C.RECOMMENDATIONS))
+            meta.unpersist()
         rec.rows_in = inter.count()
-        rec.rows_out = m.get("numOutputRows")
         rec.details["model_version"] = model_version
 
 

@@ -1,38 +1,70 @@
-"""Top-N per user: ALS scores in blocks with exclusions inside the top-k, popular fallback.
+"""Top-N per user and similar items: shop rules, cold start, exactly N, explanations.
 
-Scoring runs in `mapInPandas` over partitions of user factors: each block of
-users is multiplied against the broadcast item-factor matrix with one BLAS
-product, already-bought items are masked to -inf before the top-k, and the
-top-k is taken with `argpartition` plus an ordered tie-break on item id. No
-user factors come to the driver; item factors are broadcast only up to
-`recommend.max_broadcast_items`.
+Model scores come from `topk` (faiss + numpy) inside `mapInPandas` over
+partitions of user factors: each Python worker scores a block of users against
+the broadcast item matrix, with the user's bought items and the per-category
+cap applied inside the top-k, so a list is only short when too few valid
+items exist. No user factors come to the driver; item factors are broadcast
+only up to `recommend.max_broadcast_items` per chunk, and a larger catalogue
+is scored in item chunks whose candidates are merged.
+
+Shop rules are applied once, to the item catalogue (`item_meta`): unavailable,
+excluded or out-of-scope items never enter the candidate matrix or a fallback
+ranking, and a boost scales an item's vector, which scales its score.
+Everything that is not a model score (cold users, short lists) is filled from
+the configured fallback ranking and then from overall popularity, with its
+`source` saying which.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import DataFrame, Window
+from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from sparkrec import columns as C
+from sparkrec import topk
+from sparkrec.config import RecommendConfig, RulesConfig
 from sparkrec.errors import StageError
 
+log = logging.getLogger(__name__)
+
 EXCLUDED = "_excluded"
-SCORED_SCHEMA = f"{C.USER_IDX} int, {C.ITEM_IDX} int, {C.RANK} int, {C.SCORE} float"
-# Scores of one block of users against all items: rows x items floats at most.
-_BLOCK_CELLS = 20_000_000
+HIST = "_hist"
+HIST_TYPE = "_hist_type"
+CAT = "_cat"
+BOOST = "_boost"
+ALLOWED = "_allowed"
+PRIO = "_prio"
+HAVE = "_have"
+BECAUSE_IDX = "_because_idx"
+BECAUSE_TYPE = "_because_type"
+SCORED_SCHEMA = (
+    f"{C.USER_IDX} int, {C.ITEM_IDX} int, {C.RANK} int, {C.SCORE} float, {CAT} int, {BECAUSE_IDX} int"
+)
+# Strength of an event type, to say "bought" rather than "viewed" when a user did both.
+TYPE_STRENGTH = {C.PURCHASE: 3, C.CART: 2, C.RATING_EVENT: 1, C.VIEW: 0}
+VERBS = {3: "bought", 2: "added to your cart", 1: "rated", 0: "viewed"}
+# History items per user considered for an explanation (strongest and latest first).
+EXPLAIN_HISTORY = 50
+# Users scored per pandas batch: bounds the Python worker's memory (batch x items floats).
+_BATCH_CELLS = 50_000_000
+
+
+# --------------------------------------------------------------------------- inputs
 
 
 def indexed_history(interactions: DataFrame, user_ids: DataFrame, item_ids: DataFrame) -> DataFrame:
     """Interactions with their integer user and item ids."""
     return (
-        interactions.select(C.USER_ID, C.ITEM_ID, C.EVENT_TYPE)
+        interactions.select(C.USER_ID, C.ITEM_ID, C.EVENT_TYPE, C.EVENT_TS)
         .join(user_ids, C.USER_ID)
         .join(item_ids, C.ITEM_ID)
-        .select(C.USER_IDX, C.ITEM_IDX, C.EVENT_TYPE)
+        .select(C.USER_IDX, C.ITEM_IDX, C.EVENT_TYPE, C.EVENT_TS)
     )
 
 
@@ -45,151 +77,473 @@ def history_sizes(history: DataFrame) -> DataFrame:
     return history.groupBy(C.USER_IDX).agg(F.countDistinct(C.ITEM_IDX).alias("_n_items"))
 
 
-def popularity(history: DataFrame) -> DataFrame:
-    """Items by distinct users, most popular first; ties broken by item id."""
-    return history.groupBy(C.ITEM_IDX).agg(F.countDistinct(C.USER_IDX).cast("float").alias(C.SCORE))
+def _strength() -> Column:
+    expr = F.lit(0)
+    for t, s in TYPE_STRENGTH.items():
+        expr = F.when(F.col(C.EVENT_TYPE) == t, F.lit(s)).otherwise(expr)
+    return expr
 
 
-def _top_k_block(
-    users: np.ndarray, scores: np.ndarray, excluded: list[np.ndarray], item_idx: np.ndarray, k: int
-) -> pd.DataFrame:
-    """Exact top-k of one block with exclusions masked; ties go to the lower item id."""
-    m = len(item_idx)
-    lens = np.fromiter((len(e) for e in excluded), dtype=np.int64, count=len(excluded))
-    if lens.sum():
-        rows = np.repeat(np.arange(len(excluded)), lens)
-        flat = np.concatenate(excluded).astype(np.int64)
-        pos = np.searchsorted(item_idx, flat)
-        hit = pos < m
-        hit[hit] = item_idx[pos[hit]] == flat[hit]
-        scores[rows[hit], pos[hit]] = -np.inf
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    top_scores = np.take_along_axis(scores, top, axis=1)
-    order = np.lexsort((item_idx[top], -top_scores), axis=1)
-    top = np.take_along_axis(top, order, axis=1)
-    top_scores = np.take_along_axis(top_scores, order, axis=1)
-    valid = np.isfinite(top_scores)
-    ranks = np.tile(np.arange(1, k + 1, dtype=np.int32), (len(users), 1))
-    return pd.DataFrame(
-        {
-            C.USER_IDX: np.repeat(users, k).reshape(len(users), k)[valid].astype(np.int32),
-            C.ITEM_IDX: item_idx[top][valid].astype(np.int32),
-            C.RANK: ranks[valid],
-            C.SCORE: top_scores[valid].astype(np.float32),
-        }
+def history_lists(history: DataFrame, limit: int = EXPLAIN_HISTORY) -> DataFrame:
+    """(user_idx, _hist, _hist_type): each user's items, strongest and latest first, at most `limit`."""
+    per_item = history.groupBy(C.USER_IDX, C.ITEM_IDX).agg(
+        F.max(_strength()).alias("_s"), F.max(C.EVENT_TS).alias("_t")
+    )
+    lists = per_item.groupBy(C.USER_IDX).agg(
+        F.slice(
+            F.sort_array(F.collect_list(F.struct(F.col("_s"), F.col("_t"), (-F.col(C.ITEM_IDX)).alias("_i"))), asc=False),
+            1,
+            limit,
+        ).alias("_l")
+    )
+    return lists.select(
+        C.USER_IDX,
+        F.transform("_l", lambda x: (-x["_i"]).cast("int")).alias(HIST),
+        F.transform("_l", lambda x: x["_s"].cast("int")).alias(HIST_TYPE),
     )
 
 
-def score_top_n(user_factors: DataFrame, item_factors: DataFrame, excluded: DataFrame, n: int, max_items: int) -> DataFrame:
-    """Top-`n` ALS items per user, never an excluded one.
+def allowed_by(rules: RulesConfig) -> Column:
+    """Whether an item (item_id, category, available) passes the shop's rules."""
+    allowed = F.lit(True)
+    if rules.exclude_unavailable:
+        allowed &= F.coalesce(F.col(C.AVAILABLE), F.lit(True))
+    if rules.exclude_items:
+        allowed &= ~F.col(C.ITEM_ID).isin(rules.exclude_items)
+    if rules.include_categories:
+        allowed &= F.coalesce(F.col(C.CATEGORY).isin(rules.include_categories), F.lit(False))
+    if rules.exclude_categories:
+        allowed &= ~F.coalesce(F.col(C.CATEGORY).isin(rules.exclude_categories), F.lit(False))
+    return allowed
+
+
+def item_meta(item_ids: DataFrame, items: DataFrame | None, history: DataFrame, rules: RulesConfig) -> DataFrame:
+    """Per known item: its category (and a code for it), whether rules allow it, its boost.
+
+    Returns:
+        (item_idx, item_id, category, _cat, _allowed, _boost); `_cat` is -1 for no category.
+    """
+    if items is not None:
+        meta = item_ids.join(items.select(C.ITEM_ID, C.CATEGORY, C.AVAILABLE), C.ITEM_ID, "left")
+    else:
+        meta = item_ids.select(C.ITEM_ID, C.ITEM_IDX, F.lit(None).cast("string").alias(C.CATEGORY), F.lit(True).alias(C.AVAILABLE))
+    allowed = allowed_by(rules)
+    b = rules.boost
+    boosted = F.lit(False)
+    if b.items:
+        boosted |= F.col(C.ITEM_ID).isin(b.items)
+    if b.categories:
+        boosted |= F.coalesce(F.col(C.CATEGORY).isin(b.categories), F.lit(False))
+    if b.new_item_days is not None:
+        first_seen = history.groupBy(C.ITEM_IDX).agg(F.min(C.EVENT_TS).alias("_first"))
+        latest = history.agg(F.max(C.EVENT_TS)).first()[0]
+        meta = meta.join(first_seen, C.ITEM_IDX, "left")
+        if latest is not None:
+            boosted |= F.coalesce(
+                F.col("_first") >= F.lit(latest) - F.expr(f"make_dt_interval(0, 0, 0, {b.new_item_days * 86400})"),
+                F.lit(False),
+            )
+    codes = meta.select(C.CATEGORY).where(F.col(C.CATEGORY).isNotNull()).distinct().withColumn(
+        CAT, (F.dense_rank().over(Window.orderBy(C.CATEGORY)) - 1).cast("int")
+    )
+    return meta.join(F.broadcast(codes), C.CATEGORY, "left").select(
+        F.col(C.ITEM_IDX).cast("int"),
+        C.ITEM_ID,
+        C.CATEGORY,
+        F.coalesce(F.col(CAT), F.lit(-1)).alias(CAT),
+        allowed.alias(ALLOWED),
+        F.when(boosted, F.lit(float(b.factor))).otherwise(F.lit(1.0)).alias(BOOST),
+    )
+
+
+def default_meta(item_factors: DataFrame, history: DataFrame) -> DataFrame:
+    """Catalogue with no rules: every item allowed, no category, no boost (for callers without an item table)."""
+    ids = item_factors.select(C.ITEM_IDX).unionByName(history.select(C.ITEM_IDX)).distinct()
+    return ids.select(
+        F.col(C.ITEM_IDX).cast("int"),
+        F.col(C.ITEM_IDX).cast("string").alias(C.ITEM_ID),
+        F.lit(None).cast("string").alias(C.CATEGORY),
+        F.lit(-1).alias(CAT),
+        F.lit(True).alias(ALLOWED),
+        F.lit(1.0).alias(BOOST),
+    )
+
+
+# --------------------------------------------------------------------------- model scores
+
+
+def _collect_items(df: DataFrame, with_category: bool) -> topk.ItemMatrix:
+    """Bring one bounded chunk of item vectors to the driver, sorted by item id."""
+    cols = [C.ITEM_IDX, C.FEATURES] + ([CAT] if with_category else [])
+    pdf = df.select(*cols).orderBy(C.ITEM_IDX).toPandas()
+    vectors = np.stack(pdf[C.FEATURES].to_numpy()).astype(np.float32) if len(pdf) else np.zeros((0, 1), np.float32)
+    return topk.ItemMatrix(pdf[C.ITEM_IDX].to_numpy(), vectors, pdf[CAT].to_numpy() if with_category else None)
+
+
+def score_top_n(
+    queries: DataFrame,
+    candidates: DataFrame,
+    n: int,
+    *,
+    cap: int | None = None,
+    max_items: int = 500_000,
+    explain_items: DataFrame | None = None,
+) -> DataFrame:
+    """Exact top-`n` candidates per query row, never an excluded one, at most `cap` per category.
 
     Args:
-        user_factors: (user_idx, features) for the users to score.
-        item_factors: (item_idx, features); broadcast, so at most `max_items` rows.
-        excluded: (user_idx, item_idx) pairs to leave out.
+        queries: (user_idx, features, _excluded array<int> or null[, _hist array<int>]).
+        candidates: (item_idx, features, _cat): the items allowed, boosts applied.
+        cap: per-category limit (`_cat` -1 is never capped).
+        max_items: items broadcast at once; a larger catalogue is scored in chunks and merged.
+        explain_items: (item_idx, features) of every item with factors; when given (and
+            within `max_items`), each result gets the history item most similar to it.
     Returns:
-        (user_idx, item_idx, rank, score) with ranks 1..min(n, valid items).
+        (user_idx, item_idx, rank, score, _cat, _because_idx) with ranks 1..n.
     """
-    n_items = item_factors.count()
-    if n_items > max_items:
-        raise StageError(
-            f"{n_items:,} item factors exceed recommend.max_broadcast_items={max_items:,}; "
-            "raise the bound if the driver and executors have the memory"
-        )
+    n_items = candidates.count()
     if n_items == 0:
-        raise StageError("item_factors is empty: train a model first")
-    pdf = item_factors.select(C.ITEM_IDX, C.FEATURES).orderBy(C.ITEM_IDX).toPandas()
-    item_idx = pdf[C.ITEM_IDX].to_numpy(dtype=np.int64)
-    matrix = np.ascontiguousarray(np.stack(pdf[C.FEATURES].to_numpy()).astype(np.float32))
-    spark = user_factors.sparkSession
-    bc = spark.sparkContext.broadcast((item_idx, matrix))
-    k = min(n, len(item_idx))
-    block = max(1, _BLOCK_CELLS // len(item_idx))
+        return queries.sparkSession.createDataFrame([], SCORED_SCHEMA)
+    chunks = -(-n_items // max_items)
+    unit = None
+    if explain_items is not None:
+        if explain_items.count() <= max_items and chunks == 1:
+            m = _collect_items(explain_items, False)
+            unit = topk.ItemMatrix(m.item_idx, topk.normalized(m.vectors))
+        else:
+            log.warning("explanations skipped: more than recommend.max_broadcast_items=%d items", max_items)
+    if chunks == 1:
+        return _score_chunk(queries, _collect_items(candidates, True), n, cap, unit)
+    # Each chunk's capped top 2n contains every item of the global capped top n
+    # (a displaced item needs `cap` better items of its category, at most n of
+    # them in all); without a cap, each chunk's top n suffices.
+    depth = 2 * n if cap else n
+    log.info("scoring %d items in %d chunks of at most %d", n_items, chunks, max_items)
+    parts = None
+    for c in range(chunks):
+        chunk = _collect_items(candidates.where(F.pmod(C.ITEM_IDX, F.lit(chunks)) == c), True)
+        part = _score_chunk(queries, chunk, depth, cap, None)
+        parts = part if parts is None else parts.unionByName(part)
+    assert parts is not None
+    order = [F.col(C.SCORE).desc(), F.col(C.ITEM_IDX)]
+    merged = parts
+    if cap:
+        merged = merged.withColumn("_occ", F.row_number().over(Window.partitionBy(C.USER_IDX, CAT).orderBy(*order))).where(
+            (F.col(CAT) < 0) | (F.col("_occ") <= cap)
+        )
+    return (
+        merged.withColumn(C.RANK, F.row_number().over(Window.partitionBy(C.USER_IDX).orderBy(*order)).cast("int"))
+        .where(F.col(C.RANK) <= n)
+        .select(C.USER_IDX, C.ITEM_IDX, C.RANK, C.SCORE, CAT, BECAUSE_IDX)
+    )
+
+
+def _score_chunk(queries: DataFrame, items: topk.ItemMatrix, n: int, cap: int | None, unit: topk.ItemMatrix | None) -> DataFrame:
+    spark = queries.sparkSession
+    bc = spark.sparkContext.broadcast((items, unit))
+    batch_rows = max(1, _BATCH_CELLS // max(1, len(items.item_idx)))
+    explain = unit is not None and HIST in queries.columns
 
     def score(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        idx, mat = bc.value
+        mat, unit_m = bc.value
         for batch in batches:
-            for start in range(0, len(batch), block):
-                part = batch.iloc[start : start + block]
-                u = np.stack(part[C.FEATURES].to_numpy()).astype(np.float32)
+            for start in range(0, len(batch), batch_rows):
+                part = batch.iloc[start : start + batch_rows]
+                q = np.stack(part[C.FEATURES].to_numpy()).astype(np.float32)
                 ex = [np.asarray(e if e is not None else [], dtype=np.int64) for e in part[EXCLUDED]]
-                yield _top_k_block(part[C.USER_IDX].to_numpy(), u @ mat.T, ex, idx, k)
+                sel = topk.top_k(q, ex, mat, n, cap)
+                item_ids = mat.item_idx[sel.pos]
+                because = np.full(len(sel.row), -1, dtype=np.int64)
+                if explain:
+                    hist = [np.asarray(h if h is not None else [], dtype=np.int64) for h in part[HIST]]
+                    because = topk.explain(sel.row, item_ids, hist, unit_m)
+                cats = mat.category[sel.pos] if mat.category is not None else np.full(len(sel.row), -1)
+                yield pd.DataFrame(
+                    {
+                        C.USER_IDX: part[C.USER_IDX].to_numpy()[sel.row].astype(np.int32),
+                        C.ITEM_IDX: item_ids.astype(np.int32),
+                        C.RANK: sel.rank,
+                        C.SCORE: sel.score,
+                        CAT: cats.astype(np.int32),
+                        BECAUSE_IDX: because.astype(np.int32),
+                    }
+                )
 
-    per_user = excluded.groupBy(C.USER_IDX).agg(F.collect_list(C.ITEM_IDX).alias(EXCLUDED))
+    cols = [C.USER_IDX, C.FEATURES, EXCLUDED] + ([HIST] if explain else [])
+    return queries.select(*cols).mapInPandas(score, SCORED_SCHEMA)
+
+
+def candidate_matrix(item_factors: DataFrame, meta: DataFrame) -> DataFrame:
+    """Allowed items with factors, each vector scaled by its boost."""
     return (
-        user_factors.select(C.USER_IDX, C.FEATURES)
-        .join(per_user, C.USER_IDX, "left")
-        .mapInPandas(score, SCORED_SCHEMA)
+        item_factors.select(C.ITEM_IDX, C.FEATURES)
+        .join(meta.where(F.col(ALLOWED)).select(C.ITEM_IDX, CAT, BOOST), C.ITEM_IDX)
+        .select(
+            C.ITEM_IDX,
+            F.transform(C.FEATURES, lambda x: (x * F.col(BOOST)).cast("float")).alias(C.FEATURES),
+            CAT,
+        )
     )
 
 
-def fallback_top_n(
-    users: DataFrame, already: DataFrame, excluded: DataFrame, popular: DataFrame, n: int
+# --------------------------------------------------------------------------- fallbacks
+
+
+def popularity(history: DataFrame, meta: DataFrame, since: Column | None = None) -> DataFrame:
+    """Allowed items by distinct users (since a time, if given), boost applied: (item_idx, score, _cat)."""
+    h = history if since is None else history.where(F.col(C.EVENT_TS) >= since)
+    counts = h.groupBy(C.ITEM_IDX).agg(F.countDistinct(C.USER_IDX).alias("_users"))
+    return counts.join(meta.where(F.col(ALLOWED)).select(C.ITEM_IDX, CAT, BOOST), C.ITEM_IDX).select(
+        C.ITEM_IDX, (F.col("_users") * F.col(BOOST)).cast("float").alias(C.SCORE), CAT
+    )
+
+
+def fallback_rankings(history: DataFrame, meta: DataFrame, strategy: str, trending_days: float) -> DataFrame:
+    """Global rankings a short list is filled from, in priority order: (item_idx, score, _cat, source, _prio)."""
+    popular = popularity(history, meta).withColumn(C.SOURCE, F.lit(C.SOURCE_POPULAR))
+    if strategy != C.SOURCE_TRENDING:
+        return popular.withColumn(PRIO, F.lit(1 if strategy == C.SOURCE_CATEGORY_POPULAR else 0))
+    latest = history.agg(F.max(C.EVENT_TS)).first()[0]
+    if latest is None:
+        return popular.withColumn(PRIO, F.lit(0))
+    since = F.lit(latest) - F.expr(f"make_dt_interval(0, 0, 0, {trending_days * 86400})")
+    trending = popularity(history, meta, since).withColumn(C.SOURCE, F.lit(C.SOURCE_TRENDING))
+    return trending.withColumn(PRIO, F.lit(0)).unionByName(popular.withColumn(PRIO, F.lit(1)))
+
+
+def _top_per_category(ranking: DataFrame, depth: int) -> DataFrame:
+    w = Window.partitionBy(CAT, PRIO).orderBy(F.col(C.SCORE).desc(), F.col(C.ITEM_IDX))
+    return ranking.withColumn("_r", F.row_number().over(w)).where(F.col("_r") <= depth).drop("_r")
+
+
+def fill_lists(
+    short: DataFrame,
+    present: DataFrame,
+    blocked: DataFrame,
+    ranking: DataFrame,
+    n: int,
+    cap: int | None,
+    *,
+    per_user: DataFrame | None = None,
+    depth: int | None = None,
 ) -> DataFrame:
-    """Fill each user's list up to `n` from the popularity ranking.
+    """Fill each short list up to `n` from rankings, in priority, score and item id order.
 
     Args:
-        users: (user_idx, _have) users needing items, `_have` items they already have.
-        already: (user_idx, item_idx) items already in their list (not repeated).
-        excluded: (user_idx, item_idx) pairs never to recommend.
-        popular: (item_idx, score) for all items.
+        short: (user_idx, _have) users whose list has `_have` < n items.
+        present: (user_idx, item_idx, _cat) items already in those lists.
+        blocked: (user_idx, item_idx) never to recommend.
+        ranking: (item_idx, score, _cat, source, _prio) shared by every user.
+        per_user: (user_idx, item_idx, score, _cat, source, _prio) user-specific candidates.
+        depth: candidates taken from `ranking` (None: all of it).
+    Returns:
+        (user_idx, item_idx, rank, score, _cat, source), ranks continuing after `_have`.
     """
-    blocked = already.unionByName(excluded).distinct()
-    # A user can skip at most (blocked items) entries of the ranking, so the
-    # top (n + max blocked) popular items always suffice: a bounded broadcast.
-    max_blocked = (
-        blocked.join(users.select(C.USER_IDX), C.USER_IDX).groupBy(C.USER_IDX).count().agg(F.max("count")).first()[0]
-        or 0
+    top = ranking
+    if depth is not None:
+        top = ranking.withColumn(
+            "_r", F.row_number().over(Window.partitionBy(PRIO).orderBy(F.col(C.SCORE).desc(), F.col(C.ITEM_IDX)))
+        ).where(F.col("_r") <= depth).drop("_r")
+        if cap:
+            top = top.unionByName(_top_per_category(ranking, cap + depth - n)).distinct()
+    cand = short.select(C.USER_IDX).crossJoin(F.broadcast(top))
+    if per_user is not None:
+        cand = cand.unionByName(per_user.join(short.select(C.USER_IDX), C.USER_IDX))
+    gone = blocked.unionByName(present.select(C.USER_IDX, C.ITEM_IDX))
+    cand = cand.join(gone, [C.USER_IDX, C.ITEM_IDX], "left_anti")
+    order = [F.col(PRIO), F.col(C.SCORE).desc(), F.col(C.ITEM_IDX)]
+    cand = cand.withColumn("_d", F.row_number().over(Window.partitionBy(C.USER_IDX, C.ITEM_IDX).orderBy(*order))).where("_d = 1")
+    if cap:
+        used = present.where(F.col(CAT) >= 0).groupBy(C.USER_IDX, CAT).agg(F.count("*").alias("_used"))
+        cand = (
+            cand.join(used, [C.USER_IDX, CAT], "left")
+            .withColumn("_occ", F.row_number().over(Window.partitionBy(C.USER_IDX, CAT).orderBy(*order)) + F.coalesce("_used", F.lit(0)))
+            .where((F.col(CAT) < 0) | (F.col("_occ") <= cap))
+        )
+    ranked = cand.join(short, C.USER_IDX).withColumn(
+        C.RANK, (F.col(HAVE) + F.row_number().over(Window.partitionBy(C.USER_IDX).orderBy(*order))).cast("int")
     )
-    depth = n + int(max_blocked)
-    top = popular.orderBy(F.col(C.SCORE).desc(), F.col(C.ITEM_IDX)).limit(depth)
-    cand = users.crossJoin(F.broadcast(top)).join(blocked, [C.USER_IDX, C.ITEM_IDX], "left_anti")
-    w = Window.partitionBy(C.USER_IDX).orderBy(F.col(C.SCORE).desc(), F.col(C.ITEM_IDX))
-    return (
-        cand.withColumn(C.RANK, (F.col("_have") + F.row_number().over(w)).cast("int"))
-        .where(F.col(C.RANK) <= n)
-        .select(C.USER_IDX, C.ITEM_IDX, C.RANK, C.SCORE)
-    )
+    return ranked.where(F.col(C.RANK) <= n).select(C.USER_IDX, C.ITEM_IDX, C.RANK, C.SCORE, CAT, C.SOURCE)
+
+
+def _category_candidates(history: DataFrame, meta: DataFrame, ranking: DataFrame, depth: int) -> DataFrame:
+    """Popular items of the categories each user touched: (user_idx, item_idx, score, _cat, source, _prio)."""
+    touched = history.select(C.USER_IDX, C.ITEM_IDX).join(meta.select(C.ITEM_IDX, CAT), C.ITEM_IDX).where(F.col(CAT) >= 0)
+    touched = touched.select(C.USER_IDX, CAT).distinct()
+    per_cat = _top_per_category(ranking.drop(PRIO, C.SOURCE).withColumn(PRIO, F.lit(0)), depth)
+    return touched.join(F.broadcast(per_cat), CAT).withColumn(C.SOURCE, F.lit(C.SOURCE_CATEGORY_POPULAR))
+
+
+# --------------------------------------------------------------------------- all together
 
 
 def recommend_all(
     history: DataFrame,
     user_factors: DataFrame,
     item_factors: DataFrame,
-    exclude_types: list[str],
-    n: int,
-    min_history: int,
-    max_items: int,
+    cfg: RecommendConfig,
+    meta: DataFrame | None = None,
 ) -> DataFrame:
-    """Exactly `n` items per user with history (when `n` valid items exist), with their source.
+    """Exactly `n` items per user with history (whenever `n` allowed items exist), with their source.
 
-    Users with at least `min_history` distinct items and factors get ALS
-    scores; everyone else, and any ALS list cut short by exclusions, is
-    filled from the popularity ranking.
+    Users with at least `min_history` distinct items and factors get model
+    scores; everyone else, and any list cut short by exclusions or rules, is
+    filled from the fallback ranking and then from popularity.
+
+    Returns:
+        (user_idx, item_idx, rank, score, _cat, source, _because_idx)
     """
-    excluded = exclusions(history, exclude_types)
+    if meta is None:
+        meta = default_meta(item_factors, history)
+    n, cap = cfg.n, cfg.rules.max_per_category
+    excluded = exclusions(history, cfg.exclude_event_types)
     sizes = history_sizes(history)
-    warm = sizes.where(F.col("_n_items") >= min_history).select(C.USER_IDX)
+    warm = sizes.where(F.col("_n_items") >= cfg.min_history).select(C.USER_IDX)
+    per_user_ex = excluded.groupBy(C.USER_IDX).agg(F.collect_list(C.ITEM_IDX).alias(EXCLUDED))
+    queries = user_factors.select(C.USER_IDX, C.FEATURES).join(warm, C.USER_IDX).join(per_user_ex, C.USER_IDX, "left")
+    if cfg.explain:
+        queries = queries.join(history_lists(history), C.USER_IDX, "left")
     # Scored once and kept: the lists are read three times below, and the
     # scoring is the expensive part.
     als = (
-        score_top_n(user_factors.join(warm, C.USER_IDX), item_factors, excluded, n, max_items)
+        score_top_n(
+            queries,
+            candidate_matrix(item_factors, meta),
+            n,
+            cap=cap,
+            max_items=cfg.max_broadcast_items,
+            explain_items=item_factors if cfg.explain else None,
+        )
         .withColumn(C.SOURCE, F.lit(C.SOURCE_ALS))
         .localCheckpoint(eager=True)
     )
-    have = als.groupBy(C.USER_IDX).agg(F.count("*").alias("_have"))
+    have = als.groupBy(C.USER_IDX).agg(F.count("*").alias(HAVE))
     short = (
         sizes.select(C.USER_IDX)
         .join(have, C.USER_IDX, "left")
-        .select(C.USER_IDX, F.coalesce(F.col("_have"), F.lit(0)).alias("_have"))
-        .where(F.col("_have") < n)
+        .select(C.USER_IDX, F.coalesce(F.col(HAVE), F.lit(0)).alias(HAVE))
+        .where(F.col(HAVE) < n)
+        .localCheckpoint(eager=True)
     )
-    fallback = fallback_top_n(short, als.select(C.USER_IDX, C.ITEM_IDX), excluded, popularity(history), n).withColumn(
-        C.SOURCE, F.lit(C.SOURCE_POPULAR)
-    )
-    return als.unionByName(fallback)
+    present = als.select(C.USER_IDX, C.ITEM_IDX, CAT)
+    ranking = fallback_rankings(history, meta, cfg.fallback, cfg.trending_days)
+    gone = excluded.unionByName(present.select(C.USER_IDX, C.ITEM_IDX)).join(short.select(C.USER_IDX), C.USER_IDX)
+    max_gone = gone.groupBy(C.USER_IDX).count().agg(F.max("count")).first()[0] or 0
+    # A user skips at most `max_gone` entries of a ranking before its n-th
+    # valid one, so the top (n + max_gone) of each ranking is a bounded broadcast.
+    depth = n + int(max_gone)
+    per_user = _category_candidates(history, meta, ranking, depth) if cfg.fallback == C.SOURCE_CATEGORY_POPULAR else None
+    filled = fill_lists(short, present, excluded, ranking, n, cap, per_user=per_user, depth=depth).localCheckpoint(eager=True)
+    if cap:
+        # The cap can skip more than `max_gone` entries; the few lists still
+        # short get the whole ranking.
+        got = filled.groupBy(C.USER_IDX).agg(F.max(C.RANK).alias("_max"))
+        still = short.join(got, C.USER_IDX, "left").where(F.coalesce(F.col("_max"), F.col(HAVE)) < n)
+        if not still.isEmpty():
+            more_present = present.unionByName(filled.select(C.USER_IDX, C.ITEM_IDX, CAT))
+            still = still.select(C.USER_IDX, F.coalesce(F.col("_max"), F.col(HAVE)).alias(HAVE))
+            filled = filled.unionByName(fill_lists(still, more_present, excluded, ranking, n, cap, per_user=per_user))
+    return als.unionByName(filled.withColumn(BECAUSE_IDX, F.lit(-1)))
 
 
-def with_keys(recs: DataFrame, user_ids: DataFrame, item_ids: DataFrame) -> DataFrame:
-    """Swap integer ids back for the shop's own keys."""
-    return recs.join(user_ids, C.USER_IDX).join(item_ids, C.ITEM_IDX)
+def with_keys(recs: DataFrame, user_ids: DataFrame, meta: DataFrame, trending_days: float) -> DataFrame:
+    """Swap integer ids back for the shop's keys and say why each item is there."""
+    because = meta.select(F.col(C.ITEM_IDX).alias(BECAUSE_IDX), F.col(C.ITEM_ID).alias(C.BECAUSE_ITEM_ID))
+    out = (
+        recs.join(user_ids, C.USER_IDX)
+        .join(meta.select(C.ITEM_IDX, C.ITEM_ID, C.CATEGORY), C.ITEM_IDX)
+        .join(because, BECAUSE_IDX, "left")
+    )
+    return out.withColumn(C.EXPLANATION, explanation(trending_days))
+
+
+def explanation(trending_days: float) -> Column:
+    src = F.col(C.SOURCE)
+    verb = F.lit(None).cast("string")
+    for strength, text in VERBS.items():
+        verb = F.when(F.col(BECAUSE_TYPE) == strength, F.lit(text)).otherwise(verb)
+    days = f"{trending_days:g}"
+    return (
+        F.when((src == C.SOURCE_ALS) & F.col(C.BECAUSE_ITEM_ID).isNotNull(), F.concat(F.lit("because you "), verb, F.lit(" "), F.col(C.BECAUSE_ITEM_ID)))
+        .when(src == C.SOURCE_ALS, F.lit("matches your tastes"))
+        .when(src == C.SOURCE_TRENDING, F.lit(f"trending in the last {days} days"))
+        .when((src == C.SOURCE_CATEGORY_POPULAR) & F.col(C.CATEGORY).isNotNull(), F.concat(F.lit("popular in "), F.col(C.CATEGORY)))
+        .when(src == C.SOURCE_EXPLORATION, F.lit("new in the shop"))
+        .otherwise(F.lit("popular with other shoppers"))
+    )
+
+
+def with_because_type(recs: DataFrame, history: DataFrame) -> DataFrame:
+    """The strongest event type of the user on the explaining item ("bought" vs "viewed")."""
+    strength = (
+        history.select(C.USER_IDX, F.col(C.ITEM_IDX).alias(BECAUSE_IDX), _strength().alias("_s"))
+        .groupBy(C.USER_IDX, BECAUSE_IDX)
+        .agg(F.max("_s").alias(BECAUSE_TYPE))
+    )
+    return recs.join(strength, [C.USER_IDX, BECAUSE_IDX], "left")
+
+
+def exploration_pool(items: DataFrame, history: DataFrame, item_ids: DataFrame, rules: RulesConfig, limit: int) -> list[str]:
+    """Allowed items nobody has interacted with (so no list can hold them), up to `limit`, by a stable hash."""
+    seen = history.select(C.ITEM_IDX).distinct().join(item_ids, C.ITEM_IDX).select(C.ITEM_ID)
+    pool = items.join(seen, C.ITEM_ID, "left_anti")
+    rows = pool.where(allowed_by(rules)).orderBy(F.xxhash64(C.ITEM_ID), C.ITEM_ID).limit(limit).select(C.ITEM_ID).collect()
+    return [r[0] for r in rows]
+
+
+def with_exploration(recs: DataFrame, pool: list[str], n: int, slots: int) -> DataFrame:
+    """Give each list's last `slots` places to items without factors, spread over users by hash.
+
+    Args:
+        recs: keyed recommendations (user_id, item_id, rank, ...).
+    """
+    slots = min(slots, len(pool))
+    if slots == 0:
+        return recs
+    keep = recs.where(F.col(C.RANK) <= n - slots)
+    users = recs.select(C.USER_ID).distinct()
+    arr = F.array(*[F.lit(x) for x in pool])
+    start = F.pmod(F.xxhash64(C.USER_ID), F.lit(len(pool)))
+    explore = users.select(C.USER_ID, F.explode(F.sequence(F.lit(0), F.lit(slots - 1))).alias("_j")).select(
+        C.USER_ID,
+        F.element_at(arr, (F.pmod(start + F.col("_j"), F.lit(len(pool))) + 1).cast("int")).alias(C.ITEM_ID),
+        (F.lit(n - slots + 1) + F.col("_j")).cast("int").alias(C.RANK),
+        F.lit(None).cast("float").alias(C.SCORE),
+        F.lit(C.SOURCE_EXPLORATION).alias(C.SOURCE),
+        F.lit(None).cast("string").alias(C.BECAUSE_ITEM_ID),
+        F.lit("new in the shop").alias(C.EXPLANATION),
+    )
+    cols = explore.columns
+    merged = keep.select(*cols).unionByName(explore)
+    # A list shorter than n - slots would leave a gap: ranks are renumbered 1..len.
+    w = Window.partitionBy(C.USER_ID).orderBy(C.RANK, C.ITEM_ID)
+    return merged.withColumn(C.RANK, F.row_number().over(w).cast("int"))
+
+
+# --------------------------------------------------------------------------- similar items
+
+
+def similar_items(item_factors: DataFrame, meta: DataFrame, k: int, max_items: int) -> DataFrame:
+    """Each item's `k` most similar allowed items by cosine over item factors, never itself.
+
+    Returns:
+        (item_idx, similar_idx, rank, score)
+    """
+    unit = F.transform(
+        C.FEATURES,
+        lambda x: (x / F.greatest(F.sqrt(F.aggregate(C.FEATURES, F.lit(0.0), lambda acc, y: acc + y * y)), F.lit(1e-12))).cast("float"),
+    )
+    normed = item_factors.select(C.ITEM_IDX, unit.alias(C.FEATURES))
+    candidates = normed.join(meta.where(F.col(ALLOWED)).select(C.ITEM_IDX, CAT), C.ITEM_IDX)
+    queries = normed.select(
+        F.col(C.ITEM_IDX).alias(C.USER_IDX), C.FEATURES, F.array(F.col(C.ITEM_IDX)).alias(EXCLUDED)
+    )
+    out = score_top_n(queries, candidates, k, max_items=max_items)
+    return out.select(
+        F.col(C.USER_IDX).alias(C.ITEM_IDX), F.col(C.ITEM_IDX).alias("_similar_idx"), C.RANK, C.SCORE
+    )
+
+
+def require_factors(df: DataFrame, table: str) -> None:
+    if df.isEmpty():
+        raise StageError(f"{table} is empty: train a model first")

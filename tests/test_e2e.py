@@ -95,12 +95,37 @@ def test_every_user_gets_exactly_n_valid_ranked_items(spark, first_run):
     assert recs.where(F.col(C.SOURCE) == "als").count() > 0
 
 
+def test_no_unavailable_item_is_recommended_and_every_item_is_explained(spark, first_run):
+    recs = table(spark, first_run, C.RECOMMENDATIONS)
+    gone = table(spark, first_run, C.ITEMS).where(~F.col(C.AVAILABLE)).select(C.ITEM_ID)
+    assert gone.count() > 0  # the generator marks some items out of stock
+    assert recs.join(gone, C.ITEM_ID).count() == 0
+    assert recs.where(F.col(C.EXPLANATION).isNull()).count() == 0
+    because = recs.where(F.col(C.SOURCE) == "als").where(F.col(C.BECAUSE_ITEM_ID).isNotNull())
+    assert because.count() > 0.9 * recs.where(F.col(C.SOURCE) == "als").count()
+    # The explaining item is one the user really interacted with.
+    inter = table(spark, first_run, C.INTERACTIONS).select(C.USER_ID, F.col(C.ITEM_ID).alias(C.BECAUSE_ITEM_ID)).distinct()
+    assert because.join(inter, [C.USER_ID, C.BECAUSE_ITEM_ID], "left_anti").count() == 0
+
+
+def test_similar_items_k_per_item_never_itself_nor_unavailable(spark, first_run):
+    sim = table(spark, first_run, C.SIMILAR_ITEMS)
+    k = first_run.recommend.similar_items.k
+    per_item = sim.groupBy(C.ITEM_ID).agg(F.count("*").alias("n"), F.countDistinct(C.SIMILAR_ITEM_ID).alias("d"))
+    assert per_item.where(f"n != {k} or d != {k}").count() == 0
+    assert per_item.count() == table(spark, first_run, C.ITEM_FACTORS).count()
+    assert sim.where(F.col(C.ITEM_ID) == F.col(C.SIMILAR_ITEM_ID)).count() == 0
+    gone = table(spark, first_run, C.ITEMS).where(~F.col(C.AVAILABLE)).select(F.col(C.ITEM_ID).alias(C.SIMILAR_ITEM_ID))
+    assert sim.join(gone, C.SIMILAR_ITEM_ID).count() == 0
+    assert sim.where((F.col(C.SCORE) > 1.0001) | (F.col(C.SCORE) < -1.0001)).count() == 0  # cosine
+
+
 def test_runs_record_versions_for_every_stage(spark, first_run):
     rows = {r["stage"]: r for r in table(spark, first_run, C.RUNS).collect()}
     assert set(rows) == {"ingest", "clean", "ids", "train", "recommend"}
     assert rows["clean"]["input_versions"] == {"events_raw": 0}
-    assert set(rows["recommend"]["input_versions"]) == {"interactions", "user_ids", "item_ids", "user_factors", "item_factors"}
-    assert rows["recommend"]["output_versions"] == {"recommendations": 0}
+    assert set(rows["recommend"]["input_versions"]) == {"interactions", "user_ids", "item_ids", "user_factors", "item_factors", "items"}
+    assert rows["recommend"]["output_versions"] == {"recommendations": 0, "similar_items": 0}
     assert len({r["run_id"] for r in rows.values()}) == 1
 
 
