@@ -69,6 +69,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--events", type=int, nargs="*", default=[1_000_000])
     p.add_argument("--no-retail", action="store_true")
+    p.add_argument("--reuse", action="store_true", help="keep generated data already in bench/out (same seed and size)")
     p.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"))
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -81,7 +82,10 @@ def main() -> None:
             print(f"skipping Online Retail II: {RETAIL} not found")
     for n in args.events:
         data = OUT / f"gen_{n}"
-        gen_s = run([*SPARKREC, "generate", "--events", str(n), "--seed", "42", "--out", str(data)], OUT / f"gen_{n}.log")
+        if args.reuse and (data / "manifest").exists():
+            gen_s = None  # the generator is deterministic: the same seed and size give the same files
+        else:
+            gen_s = run([*SPARKREC, "generate", "--events", str(n), "--seed", "42", "--out", str(data)], OUT / f"gen_{n}.log")
         r = case(f"generated_{n}", "conf/local.yaml", [f"source.path={data}/events", f"items.path={data}/items"], n)
         r["generate_s"] = gen_s
         results.append(r)
@@ -110,7 +114,7 @@ def write_results(results: list[dict], path: Path) -> None:
             rate = f"{rin / dur:,.0f}" if rin and dur else "-"
             head = (r["case"], f"{r['rows']:,}", f"{r['total_s']:.1f}") if k == 0 else ("", "", "")
             lines.append(f"| {' | '.join(head)} | {s['stage']} | {dur:.1f} | {fmt(rin)} | {fmt(s.get('rows_out'))} | {rate} |")
-        if "generate_s" in r:
+        if r.get("generate_s") is not None:
             lines.append(f"| | | | (generate) | {r['generate_s']:.1f} | | {r['rows']:,} | |")
     path.write_text("\n".join(lines) + "\n")
     print(f"wrote {path}")

@@ -48,7 +48,7 @@ log = logging.getLogger("bench")
 
 def _uniform(seed: int, *cols) -> F.Column:
     """Deterministic uniform [0, 1) from a hash: the same whatever the partitioning."""
-    return (F.xxhash64(F.lit(seed), *cols) & F.lit((1 << 24) - 1)) / float(1 << 24)
+    return F.pmod(F.xxhash64(F.lit(seed), *cols), F.lit(1 << 24)) / float(1 << 24)
 
 
 def _factors(spark: SparkSession, n: int, rank: int, seed: int, clusters: int = 20) -> F.DataFrame:

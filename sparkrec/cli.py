@@ -9,6 +9,7 @@ the exit code is 1.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -52,10 +53,22 @@ def _parser() -> argparse.ArgumentParser:
         ("clean", "events_raw -> interactions + quarantine"),
         ("ids", "interactions -> user_ids, item_ids"),
         ("train", "ids + ALS -> user_factors, item_factors (runs ids first)"),
-        ("recommend", "factors -> recommendations"),
-        ("run", "all stages in order, then a summary"),
+        ("recommend", "factors -> recommendations, similar_items"),
+        ("evaluate", "fit on the training period; model vs baselines on the test period; quality gate"),
+        ("tune", "search ALS and feedback settings on a validation split; prints the winner"),
+        ("run", "all stages in order (tune and evaluate when enabled), then a summary"),
     ):
         with_config(sub.add_parser(name, help=text))
+    runs = sub.add_parser("runs", help="list recent runs")
+    with_config(runs)
+    runs.add_argument("--limit", type=int, default=10)
+    rb = sub.add_parser("rollback", help="restore recommendations, similar_items and factors to what a run wrote")
+    with_config(rb)
+    rb.add_argument("--to", required=True, metavar="RUN_ID")
+    rep = sub.add_parser("report", help="write a self-contained HTML report of a run")
+    with_config(rep)
+    rep.add_argument("run_id", metavar="RUN_ID")
+    rep.add_argument("--out", default=None, help="output file (default report-<RUN_ID>.html)")
     return parser
 
 
@@ -83,12 +96,25 @@ def summary(spark: SparkSession, cfg: Config, run_id: str) -> str:
             if r[key] is not None:
                 parts.append(f"{label} {r[key]:,}")
         lines.append("  " + ", ".join(parts))
+        if r["stage"] == "evaluate" and r["metrics"]:
+            lines.append("    " + evaluation_line(r["metrics"], json.loads(r["details"] or "{}")))
     recs = io.read_table(spark, cfg, C.RECOMMENDATIONS, required=False)
     if recs is not None:
         agg = recs.df.groupBy(C.SOURCE).agg(F.countDistinct(C.USER_ID).alias("users")).collect()
         by_source = ", ".join(f"{r['users']:,} users from {r[C.SOURCE]}" for r in sorted(agg, key=lambda r: r[C.SOURCE]))
         lines.append(f"recommendations: {cfg.table_path(C.RECOMMENDATIONS)} (version {recs.version}): {by_source}")
     return "\n".join(lines)
+
+
+def evaluation_line(metrics: dict[str, float], details: dict) -> str:
+    key, best = details.get("metric"), details.get("best_baseline")
+    if not key or not best:
+        return ""
+    model, base = metrics.get(f"model.{key}", 0.0), metrics.get(f"{best}.{key}", 0.0)
+    ratio = f"x{model / base:.2f}" if base else "baseline 0"
+    gate = details.get("gate", {})
+    verdict = "passed" if gate.get("passed") else "FAILED"
+    return f"model {key} {model:.4f} vs best baseline {best} {base:.4f} ({ratio}); gate {verdict}" + ("" if gate.get("enabled") else " (gate off)")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -131,8 +157,37 @@ def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> in
         ctx = RunContext(session, cfg)
         log.info("run %s: %s with config %s (hash %s)", ctx.run_id, args.command, args.config, cfg.digest())
         if args.command == "run":
-            pipeline.run_all(ctx)
-            print(summary(session, cfg, ctx.run_id))
+            try:
+                pipeline.run_all(ctx, pipeline.RUN_STAGES)
+            finally:
+                try:
+                    print(summary(session, cfg, ctx.run_id))
+                except Exception:  # the run's own error matters more than its summary
+                    log.debug("no summary", exc_info=True)
+        elif args.command == "runs":
+            from sparkrec import registry
+
+            print(registry.list_runs(session, cfg, args.limit))
+        elif args.command == "rollback":
+            from sparkrec import registry
+
+            print(registry.rollback(ctx, args.to))
+        elif args.command == "report":
+            from sparkrec import report
+
+            out = args.out or f"report-{args.run_id}.html"
+            report.write_report(session, cfg, args.run_id, out)
+            print(f"report written to {out}")
+        elif args.command == "tune":
+            pipeline.run_all(ctx, ("ids", "tune"))
+            best = ctx.cfg.train
+            a = best.als
+            print("best settings (use as overrides):")
+            print(f"  --set train.als.rank={a.rank} --set train.als.reg_param={a.reg_param:.5g} --set train.als.alpha={a.alpha:.5g} "
+                  f"--set train.als.max_iter={a.max_iter} --set train.recency_half_life_days={best.recency_half_life_days if best.recency_half_life_days is not None else 'null'} "
+                  f"--set 'train.event_weights={json.dumps(best.event_weights)}'")
+        elif args.command == "evaluate":
+            pipeline.run_all(ctx, ("ids", "evaluate"))
         elif args.command == "train":
             pipeline.run_all(ctx, ("ids", "train"))
         else:

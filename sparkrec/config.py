@@ -271,6 +271,79 @@ class RecommendConfig(_Strict):
         return v
 
 
+class GateConfig(_Strict):
+    enabled: bool = True
+    margin: float = Field(default=0.1, ge=0, description="Model must reach best baseline x (1 + margin).")
+
+
+class EvaluateConfig(_Strict):
+    """How models and baselines are measured (see README, "Evaluation")."""
+
+    enabled: bool = Field(default=True, description="Run evaluate (and its gate) inside `sparkrec run`.")
+    split: Literal["time", "leave_last_n", "random"] = "time"
+    test_days: float = Field(default=28.0, gt=0, description="time split: the last D days are the test period.")
+    leave_last_n: int = Field(default=1, ge=1)
+    test_fraction: float = Field(default=0.2, gt=0, lt=1, description="random split: share of each user's items.")
+    seed: int = 42
+    ks: list[int] = Field(default_factory=lambda: [10, 20])
+    metric: Literal["ndcg", "precision", "recall", "map", "hit_rate", "mrr"] = "ndcg"
+    k: int = Field(default=10, ge=1, description="The k of the metric that tunes and gates.")
+    relevant_event_types: list[str] = Field(default_factory=lambda: [C.PURCHASE])
+    repeat_relevant: bool = Field(default=False, description="Count test items the user already had in training.")
+    recent_days: float = Field(default=30.0, gt=0, description="Window of the 'recently popular' baseline.")
+    buy_again: bool = True
+    gate: GateConfig = GateConfig()
+
+    @field_validator("relevant_event_types")
+    @classmethod
+    def _known_types(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - set(C.EVENT_TYPES))
+        if unknown or not v:
+            raise ValueError(f"expected a non-empty list of {list(C.EVENT_TYPES)}, got unknown {unknown}")
+        return v
+
+    @model_validator(mode="after")
+    def _k_in_ks(self) -> EvaluateConfig:
+        if self.k not in self.ks:
+            raise ValueError(f"evaluate.k ({self.k}) must be one of evaluate.ks {self.ks}")
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise ValueError("ks must be a non-empty list of k >= 1")
+        return self
+
+
+class TuneSpace(_Strict):
+    """Where the search looks. Ranges are sampled log-uniformly; lists are choices."""
+
+    rank: list[int] = Field(default_factory=lambda: [16, 32, 64, 128])
+    reg_param: tuple[float, float] = (0.01, 3.0)
+    alpha: tuple[float, float] = (0.3, 30.0)
+    max_iter: list[int] = Field(default_factory=lambda: [10, 15])
+    recency_half_life_days: list[float | None] = Field(default_factory=lambda: [None, 30.0, 90.0, 365.0])
+    event_weights: dict[str, list[float]] = Field(
+        default_factory=lambda: {C.VIEW: [0.5, 1.0], C.CART: [2.0, 4.0], C.PURCHASE: [4.0, 8.0]},
+        description="Choices per event type; types not listed keep train.event_weights.",
+    )
+
+    @model_validator(mode="after")
+    def _ranges(self) -> TuneSpace:
+        for name in ("reg_param", "alpha"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ValueError(f"{name} must be [low, high] with 0 < low <= high")
+        if not self.rank or min(self.rank) < 1 or not self.max_iter or min(self.max_iter) < 1:
+            raise ValueError("rank and max_iter need positive choices")
+        return self
+
+
+class TuneConfig(_Strict):
+    enabled: bool = Field(default=False, description="Tune inside `sparkrec run` before training.")
+    max_trials: int = Field(default=12, ge=1)
+    max_minutes: float = Field(default=8.0, gt=0, description="No new trial starts after this.")
+    feedback_settings: int = Field(default=3, ge=1, description="Distinct feedback constructions tried (each matrix built once).")
+    seed: int = 7
+    space: TuneSpace = TuneSpace()
+
+
 class Config(_Strict):
     warehouse: str
     checkpoint_dir: str | None = Field(default=None, description="Defaults to <warehouse>/_checkpoints.")
@@ -281,6 +354,8 @@ class Config(_Strict):
     clean: CleanConfig = CleanConfig()
     train: TrainConfig = TrainConfig()
     recommend: RecommendConfig = RecommendConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tune: TuneConfig = TuneConfig()
 
     @field_validator("tables")
     @classmethod

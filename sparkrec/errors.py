@@ -37,3 +37,9 @@ class MissingColumnError(InputError):
 
 class StageError(SparkrecError):
     """A stage cannot run, e.g. an upstream table has not been written yet."""
+
+
+class GateError(SparkrecError):
+    """The new model does not beat the best baseline by the configured margin: nothing is published."""
+
+    exit_code = 3

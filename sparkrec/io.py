@@ -139,14 +139,18 @@ def current_version(spark: SparkSession, path: str) -> int | None:
     return int(row["version"]) if row else None
 
 
-def read_table(spark: SparkSession, cfg: Config, key: str, *, required: bool = True) -> TableRead | None:
-    """Read a table at a pinned version, so the version recorded is the one used.
+def read_table(
+    spark: SparkSession, cfg: Config, key: str, *, required: bool = True, version: int | None = None
+) -> TableRead | None:
+    """Read a table at a pinned version (the latest unless `version` is given), so the version recorded is the one used.
 
     Raises:
         StageError: the table does not exist and `required` is set.
     """
     path = cfg.table_path(key)
-    version = current_version(spark, path)
+    latest = current_version(spark, path)
+    if version is None or latest is None:
+        version = latest
     if version is None:
         if required:
             raise StageError(
@@ -273,3 +277,24 @@ def checkpoint_dir(cfg: Config, run_id: str) -> str:
 def model_path(cfg: Config, model_version: str) -> str:
     return f"{cfg.warehouse.rstrip('/')}/_models/{model_version}"
 
+
+
+def restore_table(spark: SparkSession, cfg: Config, key: str, version: int) -> int:
+    """Put a table back to an earlier version with Delta's RESTORE (itself a new, atomic commit).
+
+    Raises:
+        StageError: the table is missing, or that version is gone (vacuumed) or never existed.
+    """
+    path = cfg.table_path(key)
+    if not table_exists(spark, path):
+        raise StageError(f"table '{cfg.table_name(key)}' does not exist at {path}: nothing to restore")
+    current = current_version(spark, path)
+    if current == version:
+        return version
+    try:
+        DeltaTable.forPath(spark, path).restoreToVersion(version)
+    except Exception as exc:
+        raise StageError(
+            f"cannot restore table '{cfg.table_name(key)}' to version {version}: {str(exc).splitlines()[0]}"
+        ) from exc
+    return _version_after_write(spark, path)

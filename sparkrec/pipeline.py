@@ -10,14 +10,17 @@ import logging
 from pyspark import StorageLevel
 from pyspark.sql import functions as F
 
-from sparkrec import clean, ids, ingest, io, recommend, train
+from sparkrec import clean, evaluate, ids, ingest, io, recommend, train, tune
 from sparkrec import columns as C
-from sparkrec.errors import StageError
+from sparkrec.errors import GateError, StageError
 from sparkrec.runs import RunContext
 
 log = logging.getLogger(__name__)
 
 STAGES = ("ingest", "clean", "ids", "train", "recommend")
+# `sparkrec run`: evaluation (and its gate) comes before training, so a model
+# that loses leaves the published factors and recommendations untouched.
+RUN_STAGES = ("ingest", "clean", "ids", "tune", "evaluate", "train", "recommend")
 
 
 def run_ingest(ctx: RunContext) -> None:
@@ -202,7 +205,7 @@ def run_recommend(ctx: RunContext) -> None:
             rec.rows_out = m.get("numOutputRows")
             if r.similar_items.enabled:
                 sim = recommend.similar_items(itf, meta, r.similar_items.k, r.max_broadcast_items)
-                ids_ = meta.select(C.ITEM_IDX, C.ITEM_ID)
+                ids_ = F.broadcast(meta.select(C.ITEM_IDX, C.ITEM_ID))  # one row per item: bounded
                 sim_out = (
                     sim.join(ids_, C.ITEM_IDX)
                     .join(ids_.select(F.col(C.ITEM_IDX).alias("_similar_idx"), F.col(C.ITEM_ID).alias(C.SIMILAR_ITEM_ID)), "_similar_idx")
@@ -217,7 +220,105 @@ def run_recommend(ctx: RunContext) -> None:
         rec.details["model_version"] = model_version
 
 
-def run_all(ctx: RunContext, stages: tuple[str, ...] = STAGES) -> None:
-    for name in stages:
-        {"ingest": run_ingest, "clean": run_clean, "ids": run_ids, "train": run_train, "recommend": run_recommend}[name](ctx)
+def _read_for_fit(ctx: RunContext, rec) -> tuple:
+    spark, cfg = ctx.spark, ctx.cfg
+    reads = [io.read_table(spark, cfg, t) for t in (C.INTERACTIONS, C.USER_IDS, C.ITEM_IDS)]
+    for t, r in zip((C.INTERACTIONS, C.USER_IDS, C.ITEM_IDS), reads):
+        assert r is not None
+        rec.inputs[cfg.table_name(t)] = r.version
+    return tuple(r.df for r in reads)  # type: ignore[union-attr]
 
+
+def run_tune(ctx: RunContext) -> None:
+    """Search ALS and feedback settings on a validation split of the training period; the winner
+    replaces `train` in this run's config, so `evaluate` and `train` use it."""
+    spark, cfg = ctx.spark, ctx.cfg
+    with ctx.stage("tune") as rec:
+        inter, uids, iids = _read_for_fit(ctx, rec)
+        training_period = tune.split_of(inter, cfg.evaluate).train  # the test period is never seen
+        ckpt = io.checkpoint_dir(cfg, ctx.run_id)
+        spark.sparkContext.setCheckpointDir(ckpt)
+        try:
+            trials, best = tune.run_trials(cfg, training_period, uids, iids)
+        finally:
+            io.remove_dir(spark, ckpt)
+        key = tune.metric_key(cfg.evaluate)
+        rec.details["trials"] = [{"trial": t.number, **t.params(), key: t.metric, "seconds": t.seconds} for t in trials]
+        rec.details["best"] = {"trial": best.number, **best.params()}
+        rec.metrics[f"validation.{key}"] = best.metric or 0.0
+        rec.metrics["trials"] = len(trials)
+        rec.rows_in = len(trials)
+        log.info("run %s: tuning chose trial %d %s (validation %s %.4f)", ctx.run_id, best.number, best.params(), key, best.metric)
+        ctx.cfg = cfg.model_copy(update={"train": best.train})
+
+
+def run_evaluate(ctx: RunContext) -> dict[str, float]:
+    """Fit on the training period, list the evaluated users' top k, and judge model and baselines alike.
+
+    Raises:
+        GateError: the gate is on and the model does not beat the best baseline by the margin.
+    """
+    spark, cfg = ctx.spark, ctx.cfg
+    ev = cfg.evaluate
+    with ctx.stage("evaluate") as rec:
+        inter, uids, iids = _read_for_fit(ctx, rec)
+        proto = tune.make_protocol(tune.split_of(inter, ev), ev, cfg.recommend.exclude_event_types)
+        if proto.n_users == 0:
+            raise StageError(f"evaluate: the split ({proto.description}) has no evaluated users: no user with training history acted in the test period")
+        kmax = max(ev.ks)
+        items = io.read_table(spark, cfg, C.ITEMS, required=False)
+        categories = None
+        if items is not None and not items.df.where(F.col(C.CATEGORY).isNotNull()).isEmpty():
+            categories = items.df.select(C.ITEM_ID, C.CATEGORY)
+        ckpt = io.checkpoint_dir(cfg, ctx.run_id)
+        spark.sparkContext.setCheckpointDir(ckpt)
+        try:
+            reference = proto.train.agg(F.max(C.EVENT_TS)).first()[0]
+            matrix = train.training_matrix(proto.train, uids, iids, cfg.train, reference).checkpoint(eager=True)
+            lists = {"model": tune.model_lists(proto, matrix, uids, iids, cfg.train, cfg.recommend, kmax)}
+            lists.update(tune.baseline_lists(proto, ev, kmax, cfg.recommend.exclude_event_types))
+            results = {}
+            for name, df in lists.items():
+                results[name] = evaluate.ranking_metrics(df, proto.relevant, ev.ks, train=proto.train, categories=categories)
+                log.info("run %s: %s: %s", ctx.run_id, name, ", ".join(f"{k} {v:.4f}" for k, v in sorted(results[name].items()) if "@" in k))
+        finally:
+            proto.train.unpersist()
+            io.remove_dir(spark, ckpt)
+        for name, metrics in results.items():
+            for k, v in metrics.items():
+                rec.metrics[f"{name}.{k}"] = v
+        key = tune.metric_key(ev)
+        model_score = results["model"][key]
+        best_name = max((n for n in results if n != "model"), key=lambda n: results[n][key])
+        best_score = results[best_name][key]
+        needed = best_score * (1 + ev.gate.margin)
+        passed = model_score > needed if best_score > 0 else model_score > 0
+        rec.details.update(
+            split=proto.description, evaluated_users=proto.n_users, metric=key, best_baseline=best_name,
+            gate={"enabled": ev.gate.enabled, "margin": ev.gate.margin, "passed": passed, "needed": needed},
+            train=cfg.train.model_dump(),
+        )
+        rec.rows_in = proto.n_users
+        ratio = model_score / best_score if best_score > 0 else float("inf")
+        log.info("run %s: model %s %.4f vs best baseline %s %.4f (x%.2f)", ctx.run_id, key, model_score, best_name, best_score, ratio)
+        if ev.gate.enabled and not passed:
+            raise GateError(
+                f"quality gate: model {key} {model_score:.4f} does not beat the best baseline "
+                f"({best_name} {best_score:.4f}) by the margin {ev.gate.margin:.0%} (needed > {needed:.4f}); "
+                "nothing was published: the previous factors and recommendations stay in place"
+            )
+        return results["model"]
+
+
+def run_all(ctx: RunContext, stages: tuple[str, ...] = STAGES) -> None:
+    cfg = ctx.cfg
+    steps = {
+        "ingest": run_ingest, "clean": run_clean, "ids": run_ids, "tune": run_tune, "evaluate": run_evaluate,
+        "train": run_train, "recommend": run_recommend,
+    }
+    for name in stages:
+        if name == "tune" and not cfg.tune.enabled and stages == RUN_STAGES:
+            continue
+        if name == "evaluate" and not cfg.evaluate.enabled and stages == RUN_STAGES:
+            continue
+        steps[name](ctx)

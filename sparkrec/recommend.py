@@ -243,8 +243,12 @@ def _score_chunk(queries: DataFrame, items: topk.ItemMatrix, n: int, cap: int | 
     bc = spark.sparkContext.broadcast((items, unit))
     batch_rows = max(1, _BATCH_CELLS // max(1, len(items.item_idx)))
     explain = unit is not None and HIST in queries.columns
+    # One Spark task owns spark.task.cpus cores; faiss's OpenMP would otherwise
+    # start a thread per machine core in every Python worker and oversubscribe.
+    threads = int(spark.conf.get("spark.task.cpus", "1") or 1)
 
     def score(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        topk.set_threads(threads)
         mat, unit_m = bc.value
         for batch in batches:
             for start in range(0, len(batch), batch_rows):
@@ -383,6 +387,7 @@ def recommend_all(
     item_factors: DataFrame,
     cfg: RecommendConfig,
     meta: DataFrame | None = None,
+    users: DataFrame | None = None,
 ) -> DataFrame:
     """Exactly `n` items per user with history (whenever `n` allowed items exist), with their source.
 
@@ -390,6 +395,8 @@ def recommend_all(
     scores; everyone else, and any list cut short by exclusions or rules, is
     filled from the fallback ranking and then from popularity.
 
+    Args:
+        users: (user_idx) to list; default every user in `history`.
     Returns:
         (user_idx, item_idx, rank, score, _cat, source, _because_idx)
     """
@@ -398,6 +405,8 @@ def recommend_all(
     n, cap = cfg.n, cfg.rules.max_per_category
     excluded = exclusions(history, cfg.exclude_event_types)
     sizes = history_sizes(history)
+    if users is not None:  # only these users' lists (evaluation); rankings still use all history
+        sizes = sizes.join(users.select(C.USER_IDX), C.USER_IDX, "left_semi")
     warm = sizes.where(F.col("_n_items") >= cfg.min_history).select(C.USER_IDX)
     per_user_ex = excluded.groupBy(C.USER_IDX).agg(F.collect_list(C.ITEM_IDX).alias(EXCLUDED))
     queries = user_factors.select(C.USER_IDX, C.FEATURES).join(warm, C.USER_IDX).join(per_user_ex, C.USER_IDX, "left")
@@ -448,11 +457,12 @@ def recommend_all(
 
 def with_keys(recs: DataFrame, user_ids: DataFrame, meta: DataFrame, trending_days: float) -> DataFrame:
     """Swap integer ids back for the shop's keys and say why each item is there."""
-    because = meta.select(F.col(C.ITEM_IDX).alias(BECAUSE_IDX), F.col(C.ITEM_ID).alias(C.BECAUSE_ITEM_ID))
+    # The catalogue is bounded (one row per item) and broadcast; users are not.
+    because = F.broadcast(meta.select(F.col(C.ITEM_IDX).alias(BECAUSE_IDX), F.col(C.ITEM_ID).alias(C.BECAUSE_ITEM_ID)))
     out = (
-        recs.join(user_ids, C.USER_IDX)
-        .join(meta.select(C.ITEM_IDX, C.ITEM_ID, C.CATEGORY), C.ITEM_IDX)
+        recs.join(F.broadcast(meta.select(C.ITEM_IDX, C.ITEM_ID, C.CATEGORY)), C.ITEM_IDX)
         .join(because, BECAUSE_IDX, "left")
+        .join(user_ids, C.USER_IDX)
     )
     return out.withColumn(C.EXPLANATION, explanation(trending_days))
 

@@ -53,6 +53,8 @@ RUNS_SCHEMA = StructType(
         StructField("config_hash", StringType(), False),
         StructField("details", StringType(), True),
         StructField("error", StringType(), True),
+        StructField("metrics", MapType(StringType(), DoubleType()), True),
+        StructField("config", StringType(), True),
     ]
 )
 
@@ -74,6 +76,7 @@ class StageRecord:
     inputs: dict[str, int] = field(default_factory=dict)
     outputs: dict[str, int] = field(default_factory=dict)
     details: dict[str, object] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class RunContext:
@@ -138,6 +141,8 @@ class RunContext:
             self.cfg.digest(),
             json.dumps(rec.details, sort_keys=True, default=str),
             error,
+            {k: float(v) for k, v in rec.metrics.items()},
+            json.dumps(self.cfg.as_dict(), sort_keys=True),
         )
         try:
             df = self.spark.createDataFrame([row], RUNS_SCHEMA)

@@ -29,6 +29,11 @@ _EXACT_CELLS = 4_000_000
 _EXPLAIN_PAIRS = 250_000
 
 
+def set_threads(n: int) -> None:
+    """Threads faiss may use in this process (one per core the caller owns)."""
+    faiss.omp_set_num_threads(max(1, n))
+
+
 @dataclass
 class ItemMatrix:
     """The items a block may be recommended, sorted by item id.
@@ -199,8 +204,13 @@ def explain(
     """For each recommended (row, item id), the history item most similar to it (cosine), or -1.
 
     "Because you bought X": X is the item of the user's own history whose
-    factor is closest in direction to the recommended item's. Ties go to the
-    lower item id. History items without factors are ignored.
+    factor is closest in direction to the recommended item's. Among equally
+    close items the one listed first in `history` wins (callers list the
+    strongest, then latest, first). History items without factors are ignored.
+
+    One batched matrix product per block: recommendations [rows, n, rank]
+    against padded histories [rows, h, rank], so the cost is BLAS, not a
+    Python loop or a sort over every (recommendation, history item) pair.
 
     Args:
         rec_rows: row of each recommendation in the block.
@@ -211,29 +221,34 @@ def explain(
         int64 item id per recommendation, -1 when the row has no usable history.
     """
     out = np.full(len(rec_rows), -1, dtype=np.int64)
-    if not len(rec_rows):
+    if not len(rec_rows) or not len(history):
         return out
+    rows = len(history)
     hist_pos = []
     for h in history:
         p, hit = unit.positions(h)
         hist_pos.append(p[hit])
-    hlen = np.fromiter((len(h) for h in hist_pos), dtype=np.int64, count=len(hist_pos))
-    if not hlen.sum():
+    hlen = np.fromiter((len(h) for h in hist_pos), dtype=np.int64, count=rows)
+    width = int(hlen.max()) if rows else 0
+    if width == 0:
         return out
-    hflat = np.concatenate(hist_pos)
-    hoff = np.concatenate([[0], np.cumsum(hlen)[:-1]])
+    padded = np.full((rows, width), -1, dtype=np.int64)
+    mask = np.arange(width)[None, :] < hlen[:, None]
+    padded[mask] = np.concatenate(hist_pos)
     rec_pos, rec_hit = unit.positions(rec_items)
-    lens = np.where(rec_hit, hlen[rec_rows], 0)
-    total = int(lens.sum())
-    pair_rec = np.repeat(np.arange(len(rec_rows), dtype=np.int64), lens)
-    within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
-    pair_hist = hflat[np.repeat(hoff[rec_rows], lens) + within]
-    sim = np.empty(total, dtype=np.float32)
-    for s in range(0, total, _EXPLAIN_PAIRS):
-        e = min(total, s + _EXPLAIN_PAIRS)
-        sim[s:e] = np.einsum("ij,ij->i", unit.vectors[rec_pos[pair_rec[s:e]]], unit.vectors[pair_hist[s:e]])
-    hist_ids = unit.item_idx[pair_hist]
-    order = np.lexsort((hist_ids, -sim, pair_rec))
-    first = order[np.r_[True, pair_rec[order][1:] != pair_rec[order][:-1]]]
-    out[pair_rec[first]] = hist_ids[first]
+    # Recommendations laid out [rows, n] by their rank order within the row.
+    slot = occurrence(rec_rows)
+    n = int(slot.max()) + 1
+    rec_grid = np.full((rows, n), -1, dtype=np.int64)
+    rec_grid[rec_rows, slot] = np.where(rec_hit, rec_pos, -1)
+    dim = unit.vectors.shape[1]
+    zero = np.zeros((1, dim), dtype=np.float32)
+    vecs = np.vstack([unit.vectors, zero])  # index -1 -> the zero row
+    sims = np.matmul(vecs[rec_grid], vecs[padded].transpose(0, 2, 1))  # [rows, n, width]
+    sims = np.where(mask[:, None, :], sims, -np.inf)
+    best = np.argmax(sims, axis=2)  # first maximum: history order breaks ties
+    chosen = padded[np.arange(rows)[:, None], best]
+    found = (rec_grid >= 0) & (hlen[:, None] > 0)
+    ids = np.where(found, unit.item_idx[np.maximum(chosen, 0)], -1)
+    out[:] = ids[rec_rows, slot]
     return out

@@ -27,13 +27,22 @@ def shop(spark, tmp_path_factory):
     return out
 
 
+def cli_args(cfg_or_wh, shop=None) -> list[str]:
+    """--config and --set arguments reproducing a test config (or a warehouse + shop) on the command line."""
+    if shop is None:
+        cfg = cfg_or_wh
+        wh, events, items = cfg.warehouse, cfg.source.path, cfg.items.path
+    else:
+        wh, events, items = cfg_or_wh, f"{shop}/events", f"{shop}/items"
+    args = ["--config", str(ROOT / "conf" / "local.yaml"), "--set", f"warehouse={wh}", "--set", f"source.path={events}", "--set", f"items.path={items}"]
+    return args + [a for o in FAST_ALS for a in ("--set", o)]
+
+
 @pytest.fixture(scope="module")
 def first_run(spark, shop, tmp_path_factory):
     """The whole pipeline through the CLI, as a user runs it."""
     wh = tmp_path_factory.mktemp("wh")
-    args = ["--set", f"warehouse={wh}", "--set", f"source.path={shop}/events", "--set", f"items.path={shop}/items"]
-    args += [a for o in FAST_ALS for a in ("--set", o)]
-    assert main(["run", "--config", str(ROOT / "conf" / "local.yaml"), *args], spark=spark) == 0
+    assert main(["run", *cli_args(wh, shop)], spark=spark) == 0
     from sparkrec.config import load_config
 
     cfg = load_config(ROOT / "conf" / "local.yaml", [f"warehouse={wh}", f"source.path={shop}/events", f"items.path={shop}/items", *FAST_ALS])
@@ -122,7 +131,7 @@ def test_similar_items_k_per_item_never_itself_nor_unavailable(spark, first_run)
 
 def test_runs_record_versions_for_every_stage(spark, first_run):
     rows = {r["stage"]: r for r in table(spark, first_run, C.RUNS).collect()}
-    assert set(rows) == {"ingest", "clean", "ids", "train", "recommend"}
+    assert set(rows) == {"ingest", "clean", "ids", "evaluate", "train", "recommend"}
     assert rows["clean"]["input_versions"] == {"events_raw": 0}
     assert set(rows["recommend"]["input_versions"]) == {"interactions", "user_ids", "item_ids", "user_factors", "item_factors", "items"}
     assert rows["recommend"]["output_versions"] == {"recommendations": 0, "similar_items": 0}
@@ -195,3 +204,70 @@ def test_stage_before_its_input_exists_names_the_table(spark, tmp_path, capsys):
     code = main(["recommend", "--config", str(ROOT / "conf" / "local.yaml"), "--set", f"warehouse={tmp_path}/empty"], spark=spark)
     assert code == 2
     assert "table 'interactions' does not exist" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- evaluation, gate, registry
+
+
+def test_evaluation_is_recorded_for_the_model_and_every_baseline(spark, first_run):
+    ev = table(spark, first_run, C.RUNS).where("stage = 'evaluate'").first()
+    assert ev["status"] == "succeeded"
+    m = ev["metrics"]
+    for name in ("model", "popular", "recent_popular", "buy_again"):
+        for metric in ("precision", "recall", "ndcg", "map", "hit_rate", "mrr", "coverage", "novelty", "diversity"):
+            for k in (10, 20):
+                assert f"{name}.{metric}@{k}" in m, f"{name}.{metric}@{k}"
+    # The generated shop has taste clusters: a model that cannot beat popularity there is broken.
+    assert m["model.ndcg@10"] > m["popular.ndcg@10"] > 0
+    assert 0 < m["model.users"] == m["popular.users"]
+    assert ev["config"] and '"evaluate"' in ev["config"]
+
+
+def test_a_losing_model_is_not_published_and_the_run_exits_3(spark, first_run, capsys):
+    before = {k: io.current_version(spark, first_run.table_path(k)) for k in (C.RECOMMENDATIONS, C.USER_FACTORS, C.ITEM_FACTORS)}
+    code = main(["run", *cli_args(first_run), "--set", "evaluate.gate.margin=1000"], spark=spark)
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "quality gate" in err and "nothing was published" in err
+    after = {k: io.current_version(spark, first_run.table_path(k)) for k in before}
+    assert after == before
+    failed = table(spark, first_run, C.RUNS).where("stage = 'evaluate' and status = 'failed'").collect()
+    assert len(failed) == 1 and "quality gate" in failed[0]["error"]
+
+
+def test_tune_records_its_trials_and_prints_the_winner(spark, first_run, capsys):
+    code = main(["tune", *cli_args(first_run), "--set", "tune.max_trials=2", "--set", "tune.feedback_settings=2"], spark=spark)
+    out = capsys.readouterr().out
+    assert code == 0 and "--set train.als.rank=" in out
+    row = table(spark, first_run, C.RUNS).where("stage = 'tune'").first()
+    import json
+
+    trials = json.loads(row["details"])["trials"]
+    assert len(trials) == 2 and all(t["ndcg@10"] is not None for t in trials)
+    assert row["metrics"]["validation.ndcg@10"] == max(t["ndcg@10"] for t in trials)
+
+
+def test_runs_lists_runs_and_report_draws_the_run(spark, first_run, capsys, tmp_path):
+    run_id = table(spark, first_run, C.RUNS).where("stage = 'evaluate' and status = 'succeeded'").first()[C.RUN_ID]
+    assert main(["runs", *cli_args(first_run)], spark=spark) == 0
+    listing = capsys.readouterr().out
+    assert run_id in listing and "vs best baseline" in listing
+    out = tmp_path / "report.html"
+    assert main(["report", run_id, *cli_args(first_run), "--out", str(out)], spark=spark) == 0
+    page = out.read_text()
+    assert page.count("data:image/png;base64,") >= 3 and "Cleaning ledger" in page and "bot_user" in page
+
+
+def test_rollback_restores_what_a_run_published(spark, first_run, capsys):
+    runs = table(spark, first_run, C.RUNS)
+    first = runs.where("stage = 'recommend' and status = 'succeeded'").orderBy("started_at").first()
+    published = first["output_versions"]["recommendations"]
+    assert main(["recommend", *cli_args(first_run), "--set", "recommend.n=3"], spark=spark) == 0
+    assert table(spark, first_run, C.RECOMMENDATIONS).agg(F.max(C.RANK)).first()[0] == 3
+    assert main(["rollback", "--to", first[C.RUN_ID], *cli_args(first_run)], spark=spark) == 0
+    assert "rolled back to run" in capsys.readouterr().out
+    path = first_run.table_path(C.RECOMMENDATIONS)
+    then = spark.read.format("delta").option("versionAsOf", published).load(path)
+    assert_df_equality(table(spark, first_run, C.RECOMMENDATIONS), then, ignore_row_order=True)
+    rb = table(spark, first_run, C.RUNS).where("stage = 'rollback'").collect()
+    assert len(rb) == 1 and rb[0]["input_versions"]["recommendations"] == published

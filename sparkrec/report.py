@@ -1,0 +1,184 @@
+"""A self-contained HTML page about one run: evaluation, tuning, long tail, scores, cleaning ledger.
+
+Plots are drawn with matplotlib (Agg backend, no display needed) and inlined
+as base64 PNG, so the file can be mailed or attached to a ticket as it is.
+Only small aggregates come to the driver: per-item popularity counts (one
+number per item), a score histogram, and the run's rows of `runs`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io as _io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from pyspark.sql import SparkSession  # noqa: E402
+from pyspark.sql import functions as F  # noqa: E402
+
+from sparkrec import columns as C  # noqa: E402
+from sparkrec import io  # noqa: E402
+from sparkrec.config import Config  # noqa: E402
+from sparkrec.errors import StageError  # noqa: E402
+
+METRICS = ("ndcg", "precision", "recall", "map", "hit_rate", "mrr")
+COLORS = {"model": "#1f6feb", "popular": "#999999", "recent_popular": "#d29922", "buy_again": "#8957e5"}
+
+
+def _png(fig) -> str:
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return '<img alt="plot" src="data:image/png;base64,' + base64.b64encode(buf.getvalue()).decode() + '">'
+
+
+def metric_curves(metrics: dict[str, float]) -> str:
+    """metric@k for the model and each baseline, one panel per metric."""
+    names = sorted({k.split(".", 1)[0] for k in metrics if "@" in k}, key=lambda n: (n != "model", n))
+    ks = sorted({int(k.rsplit("@", 1)[1]) for k in metrics if "@" in k})
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
+    for ax, m in zip(axes.flat, METRICS):
+        for n in names:
+            ys = [metrics.get(f"{n}.{m}@{k}") for k in ks]
+            if all(y is not None for y in ys):
+                ax.plot(ks, ys, marker="o", label=n, color=COLORS.get(n), linewidth=2.5 if n == "model" else 1.5)
+        ax.set_title(f"{m}@k")
+        ax.set_xticks(ks)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend()
+    fig.suptitle("Model against baselines on the test period (higher is better)")
+    return _png(fig)
+
+
+def trials_plot(trials: list[dict], key: str) -> str:
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    ys = [t.get(key) or 0.0 for t in trials]
+    for ax, param, log in zip(axes, ("rank", "reg_param", "alpha"), (False, True, True)):
+        ax.scatter([t[param] for t in trials], ys, c=range(len(trials)), cmap="viridis")
+        ax.set_xlabel(param)
+        if log:
+            ax.set_xscale("log")
+        ax.set_ylabel(f"validation {key}")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Tuning trials ({len(trials)}; colour = trial order)")
+    return _png(fig)
+
+
+def long_tail(spark: SparkSession, cfg: Config, recs_version: int | None) -> str:
+    inter = io.read_table(spark, cfg, C.INTERACTIONS).df  # type: ignore[union-attr]
+    pop = inter.groupBy(C.ITEM_ID).agg(F.countDistinct(C.USER_ID).alias("_users"))
+    recs = io.read_table(spark, cfg, C.RECOMMENDATIONS, required=False, version=recs_version)
+    if recs is not None:
+        shown = recs.df.select(C.ITEM_ID).distinct().withColumn("_rec", F.lit(True))
+        pop = pop.join(shown, C.ITEM_ID, "left")
+    else:
+        pop = pop.withColumn("_rec", F.lit(None).cast("boolean"))
+    # One row per item: bounded by the catalogue, not by events.
+    rows = pop.select("_users", F.coalesce("_rec", F.lit(False)).alias("_rec")).orderBy(F.col("_users").desc()).collect()
+    counts = [r[0] for r in rows]
+    rec_flags = [r[1] for r in rows]
+    covered = sum(rec_flags)
+    fig, ax = plt.subplots(figsize=(12, 3.8))
+    xs = range(1, len(counts) + 1)
+    ax.fill_between(xs, counts, color="#cccccc", step="mid", label="distinct users per item")
+    ax.scatter([x for x, f in zip(xs, rec_flags) if f], [c for c, f in zip(counts, rec_flags) if f], s=4, color="#1f6feb", label="recommended to someone")
+    ax.set_yscale("log")
+    ax.set_xlabel("items, most popular first")
+    ax.legend()
+    share = covered / len(counts) if counts else 0.0
+    ax.set_title(f"Long tail: {covered:,} of {len(counts):,} items ({share:.1%}) appear in some list")
+    return _png(fig)
+
+
+def score_histogram(spark: SparkSession, cfg: Config, recs_version: int | None) -> str:
+    recs = io.read_table(spark, cfg, C.RECOMMENDATIONS, required=False, version=recs_version)
+    if recs is None:
+        return "<p>No recommendations table.</p>"
+    als = recs.df.where(F.col(C.SOURCE) == C.SOURCE_ALS).where(F.col(C.SCORE).isNotNull())
+    lo, hi = als.agg(F.min(C.SCORE), F.max(C.SCORE)).first()
+    if lo is None:
+        return "<p>No model scores in this table.</p>"
+    bins = 40
+    width = (hi - lo) / bins or 1.0
+    hist = als.groupBy(F.least(F.floor((F.col(C.SCORE) - lo) / width), F.lit(bins - 1)).alias("_b")).count().collect()
+    counts = [0] * bins
+    for r in hist:
+        counts[int(r["_b"])] = r["count"]
+    fig, ax = plt.subplots(figsize=(12, 3.2))
+    ax.bar([lo + (i + 0.5) * width for i in range(bins)], counts, width=width * 0.95, color="#1f6feb")
+    ax.set_xlabel("model score")
+    ax.set_ylabel("recommendations")
+    ax.set_title("Score distribution of model recommendations")
+    return _png(fig)
+
+
+def ledger_table(row) -> str:
+    details = json.loads(row["details"] or "{}")
+    items = [("rows in", row["rows_in"]), ("kept", row["rows_out"]), ("quarantined", row["rows_quarantined"]), ("duplicates removed", row["rows_duplicate"])]
+    cells = "".join(f"<tr><td>{html.escape(k)}</td><td class=n>{(v or 0):,}</td></tr>" for k, v in items)
+    reasons = details.get("reasons", {}) or {}
+    cells += "".join(f"<tr><td>&nbsp;&nbsp;{html.escape(str(k))}</td><td class=n>{v:,}</td></tr>" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
+    return f"<table>{cells}</table>"
+
+
+def metrics_table(metrics: dict[str, float]) -> str:
+    names = sorted({k.split(".", 1)[0] for k in metrics if "@" in k}, key=lambda n: (n != "model", n))
+    cols = sorted({k.split(".", 1)[1] for k in metrics if "@" in k})
+    head = "<tr><th></th>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>"
+    body = ""
+    for n in names:
+        body += f"<tr><td>{html.escape(n)}</td>" + "".join(
+            f"<td class=n>{metrics[f'{n}.{c}']:.4f}</td>" if f"{n}.{c}" in metrics else "<td></td>" for c in cols
+        ) + "</tr>"
+    return f"<table>{head}{body}</table>"
+
+
+def write_report(spark: SparkSession, cfg: Config, run_id: str, out: str) -> None:
+    runs = io.read_table(spark, cfg, C.RUNS)
+    assert runs is not None
+    rows = {r["stage"]: r for r in runs.df.where(F.col(C.RUN_ID) == run_id).orderBy("started_at").collect()}
+    if not rows:
+        raise StageError(f"run {run_id!r} is not in the runs table; `sparkrec runs` lists recent runs")
+    parts = [f"<h1>sparkrec run {html.escape(run_id)}</h1>"]
+    stage_rows = "".join(
+        f"<tr><td>{html.escape(s)}</td><td>{html.escape(r['status'])}</td><td class=n>{r['duration_s']:.1f}s</td>"
+        f"<td class=n>{(r['rows_in'] or 0):,}</td><td class=n>{(r['rows_out'] or 0):,}</td></tr>"
+        for s, r in rows.items()
+    )
+    parts.append(f"<table><tr><th>stage</th><th>status</th><th>took</th><th>rows in</th><th>rows out</th></tr>{stage_rows}</table>")
+    ev = rows.get("evaluate")
+    if ev is not None and ev["metrics"]:
+        d = json.loads(ev["details"] or "{}")
+        from sparkrec.cli import evaluation_line
+
+        parts.append(f"<h2>Evaluation</h2><p>{html.escape(d.get('split', ''))}, {d.get('evaluated_users', 0):,} evaluated users. "
+                     f"{html.escape(evaluation_line(ev['metrics'], d))}</p>")
+        parts.append(metric_curves(ev["metrics"]))
+        parts.append(metrics_table(ev["metrics"]))
+    else:
+        parts.append("<h2>Evaluation</h2><p>This run did not evaluate.</p>")
+    tu = rows.get("tune")
+    if tu is not None:
+        d = json.loads(tu["details"] or "{}")
+        key = (json.loads(ev["details"] or "{}").get("metric") if ev is not None else None) or f"{cfg.evaluate.metric}@{cfg.evaluate.k}"
+        parts.append(f"<h2>Tuning</h2><p>Best: {html.escape(json.dumps(d.get('best', {})))}</p>")
+        if d.get("trials"):
+            parts.append(trials_plot(d["trials"], key))
+    rec = rows.get("recommend")
+    recs_version = (rec["output_versions"] or {}).get(cfg.table_name(C.RECOMMENDATIONS)) if rec is not None else None
+    parts.append("<h2>Popularity and coverage</h2>" + long_tail(spark, cfg, recs_version))
+    parts.append("<h2>Scores</h2>" + score_histogram(spark, cfg, recs_version))
+    cl = rows.get("clean")
+    parts.append("<h2>Cleaning ledger</h2>" + (ledger_table(cl) if cl is not None else "<p>This run did not clean.</p>"))
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ddd;padding:4px 8px}"
+        ".n{text-align:right;font-variant-numeric:tabular-nums}img{max-width:100%}"
+    )
+    page = f"<!doctype html><html><head><meta charset=utf-8><title>sparkrec {html.escape(run_id)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
+    Path(out).write_text(page, encoding="utf-8")

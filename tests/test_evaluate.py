@@ -1,0 +1,147 @@
+"""Metrics against values worked out by hand, splits, relevance and baselines, on tiny tables."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timedelta
+
+import pytest
+
+from sparkrec import columns as C
+from sparkrec import evaluate, tune
+from sparkrec.config import EvaluateConfig, TrainConfig, TuneConfig
+
+T0 = datetime(2025, 1, 1)
+INTER = "user_id string, item_id string, event_type string, event_ts timestamp"
+
+
+def inter(spark, rows):
+    """Rows (user, item, day) are purchases; (user, item, type, day) say their type."""
+    full = [r if len(r) == 4 else (r[0], r[1], "purchase", r[2]) for r in rows]
+    return spark.createDataFrame([(u, i, t, T0 + timedelta(days=d)) for u, i, t, d in full], INTER)
+
+
+@pytest.fixture
+def lists_and_relevant(spark):
+    recs = spark.createDataFrame(
+        [("a", "x", 1), ("a", "z", 2), ("a", "y", 3), ("b", "z", 1), ("b", "x", 2), ("b", "w", 3)],
+        "user_id string, item_id string, rank int",
+    )
+    # c has relevant items but no list at all: it counts, with zeros.
+    relevant = spark.createDataFrame([("a", "x"), ("a", "y"), ("b", "w"), ("c", "v")], "user_id string, item_id string")
+    return recs, relevant
+
+
+def test_metrics_match_hand_computed_values(lists_and_relevant):
+    recs, relevant = lists_and_relevant
+    m = evaluate.ranking_metrics(recs, relevant, [2, 3])
+    idcg2 = 1 + 1 / math.log2(3)
+    expected = {
+        # k=2: a hits x at 1; b and c hit nothing.
+        "precision@2": (1 / 2) / 3,
+        "recall@2": (1 / 2) / 3,
+        "ndcg@2": (1 / idcg2) / 3,
+        "map@2": (1 / 2) / 3,
+        "hit_rate@2": 1 / 3,
+        "mrr@2": 1 / 3,
+        # k=3: a hits x at 1 and y at 3; b hits w at 3 (one relevant item).
+        "precision@3": (2 / 3 + 1 / 3) / 3,
+        "recall@3": (1 + 1) / 3,
+        "ndcg@3": ((1 + 0.5) / idcg2 + 0.5 / 1) / 3,
+        "map@3": ((1 + 2 / 3) / 2 + (1 / 3) / 1) / 3,
+        "hit_rate@3": 2 / 3,
+        "mrr@3": (1 + 1 / 3) / 3,
+    }
+    assert m["users"] == 3
+    for key, value in expected.items():
+        assert m[key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_fewer_relevant_than_k_uses_the_ideal_list_of_that_length(spark):
+    recs = spark.createDataFrame([("a", "q", 1), ("a", "x", 2)], "user_id string, item_id string, rank int")
+    rel = spark.createDataFrame([("a", "x")], "user_id string, item_id string")
+    m = evaluate.ranking_metrics(recs, rel, [10])
+    assert m["ndcg@10"] == pytest.approx(1 / math.log2(3))  # ideal = one hit at rank 1
+    assert m["map@10"] == pytest.approx(0.5)
+    assert m["precision@10"] == pytest.approx(0.1)
+
+
+def test_catalogue_novelty_and_diversity(spark, lists_and_relevant):
+    recs, relevant = lists_and_relevant
+    train = inter(spark, [("a", "x", 0), ("b", "x", 0), ("c", "y", 0), ("a", "z", 0), ("b", "w", 0), ("c", "v", 0), ("a", "u", 0)])
+    cats = spark.createDataFrame([("x", "A"), ("z", "A"), ("y", "B"), ("w", "B")], "item_id string, category string")
+    m = evaluate.ranking_metrics(recs, relevant, [2, 3], train=train, categories=cats)
+    assert m["coverage@2"] == pytest.approx(2 / 6)  # x, z of six training items
+    assert m["coverage@3"] == pytest.approx(4 / 6)
+    x, z = -math.log2(2 / 3), -math.log2(1 / 3)  # x had 2 of 3 users, z 1
+    assert m["novelty@2"] == pytest.approx((x + z + z + x) / 4)
+    assert m["diversity@2"] == pytest.approx(0.0)  # both lists are all A
+    assert m["diversity@3"] == pytest.approx(1 - 2 / 6)  # A, A, B: 2 of 6 ordered pairs share a category
+
+
+def test_no_evaluated_users_gives_only_the_count(spark):
+    empty = spark.createDataFrame([], "user_id string, item_id string")
+    recs = spark.createDataFrame([("a", "x", 1)], "user_id string, item_id string, rank int")
+    assert evaluate.ranking_metrics(recs, empty, [10]) == {"users": 0.0}
+
+
+def test_time_split_and_relevant_items_new_to_the_user(spark):
+    df = inter(
+        spark,
+        [
+            ("a", "x", 0), ("a", "y", 1),  # train
+            ("a", "x", 40), ("a", "z", 41),  # test: x is a repeat, z is new
+            ("b", "z", 40),  # b has no training history: cold, not evaluated
+            ("c", "x", 2), ("c", "x", 39), ("c", "y", 39),
+        ],
+    )
+    split = evaluate.time_split(df, test_days=5)  # newest event day 41: cut at day 36
+    assert split.train.count() == 3 and split.test.count() == 5
+    rel = {tuple(r) for r in evaluate.relevant_items(split.train, split.test, ["purchase", "view"], False).collect()}
+    assert rel == {("a", "z"), ("c", "y")}
+    rel_repeat = {tuple(r) for r in evaluate.relevant_items(split.train, split.test, ["purchase", "view"], True).collect()}
+    assert rel_repeat == {("a", "x"), ("a", "z"), ("c", "x"), ("c", "y")}
+
+
+def test_leave_last_n_and_random_splits(spark):
+    df = inter(spark, [("a", "x", 0), ("a", "y", 2), ("a", "z", 1), ("b", "x", 5), ("b", "y", 5)])
+    s = evaluate.leave_last_n_split(df, 1)
+    assert {tuple(r) for r in s.test.select(C.USER_ID, C.ITEM_ID).collect()} == {("a", "y"), ("b", "x")}  # tie: lower id
+    assert s.train.count() == 3
+    many = inter(spark, [(f"u{u}", f"i{i}", 0) for u in range(20) for i in range(50)])
+    r1, r2 = evaluate.random_split(many, 0.2, 3), evaluate.random_split(many, 0.2, 3)
+    assert r1.test.count() == r2.test.count()
+    per_user = [r["count"] for r in r1.test.groupBy(C.USER_ID).count().collect()]
+    assert len(per_user) == 20 and all(2 <= c <= 20 for c in per_user)  # about 10 of 50 for everyone
+
+
+def test_popular_lists_skip_bought_items_and_buy_again_ranks_by_frequency(spark):
+    train = inter(
+        spark,
+        [("a", "x", 0), ("b", "x", 0), ("c", "x", 0), ("a", "y", 0), ("b", "y", 0), ("c", "z", 0), ("a", "a1", 1), ("a", "a1", 2), ("a", "y", 3)],
+    )
+    users = spark.createDataFrame([("a",), ("c",)], "user_id string")
+    excluded = train.where("event_type = 'purchase'").select(C.USER_ID, C.ITEM_ID).distinct()
+    lists = evaluate.lists_from_ranking(users, evaluate.popular_ranking(train), excluded, 2)
+    got = {}
+    for r in lists.orderBy(C.USER_ID, C.RANK).collect():
+        got.setdefault(r[C.USER_ID], []).append(r[C.ITEM_ID])
+    assert got == {"a": ["z"], "c": ["y", "a1"]}  # a bought x, y, a1; only z is left
+    again = evaluate.buy_again_lists(users, train, ["purchase"], 2).orderBy(C.USER_ID, C.RANK).collect()
+    # a bought y and a1 twice each, y more recently; c's two items tie, lower id first.
+    assert [(r[C.USER_ID], r[C.ITEM_ID]) for r in again] == [("a", "y"), ("a", "a1"), ("c", "x"), ("c", "z")]
+
+
+def test_trials_start_with_the_configured_settings_and_group_by_feedback():
+    base = TrainConfig()
+    trials = tune.sample_trials(TuneConfig(max_trials=7, feedback_settings=3, seed=1), base)
+    assert trials[0].number == 0 and trials[0].train == base
+    assert [t.feedback for t in trials] == sorted(t.feedback for t in trials)
+    assert len({(tuple(sorted(t.train.event_weights.items())), t.train.recency_half_life_days) for t in trials}) == 3
+    again = tune.sample_trials(TuneConfig(max_trials=7, feedback_settings=3, seed=1), base)
+    assert [t.params() for t in trials] == [t.params() for t in again]  # seeded
+
+
+def test_k_must_be_one_of_ks():
+    with pytest.raises(ValueError, match="must be one of"):
+        EvaluateConfig(k=5, ks=[10, 20])
