@@ -69,6 +69,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--events", type=int, nargs="*", default=[1_000_000])
     p.add_argument("--no-retail", action="store_true")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override for every case")
     p.add_argument("--reuse", action="store_true", help="keep generated data already in bench/out (same seed and size)")
     p.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"))
     args = p.parse_args()
@@ -76,7 +77,7 @@ def main() -> None:
     results = []
     if not args.no_retail:
         if RETAIL.exists():
-            results.append(case("online_retail", "conf/online_retail.yaml", [f"source.path={RETAIL}"], 525_461))
+            results.append(case("online_retail", "conf/online_retail.yaml", [f"source.path={RETAIL}", *args.overrides], 525_461))
             print(json.dumps(results[-1], indent=1, default=str))
         else:
             print(f"skipping Online Retail II: {RETAIL} not found")
@@ -86,7 +87,7 @@ def main() -> None:
             gen_s = None  # the generator is deterministic: the same seed and size give the same files
         else:
             gen_s = run([*SPARKREC, "generate", "--events", str(n), "--seed", "42", "--out", str(data)], OUT / f"gen_{n}.log")
-        r = case(f"generated_{n}", "conf/local.yaml", [f"source.path={data}/events", f"items.path={data}/items"], n)
+        r = case(f"generated_{n}", "conf/local.yaml", [f"source.path={data}/events", f"items.path={data}/items", *args.overrides], n)
         r["generate_s"] = gen_s
         results.append(r)
         print(json.dumps(r, indent=1, default=str))

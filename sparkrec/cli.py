@@ -124,6 +124,8 @@ def _setup_logging(verbose: bool) -> None:
         stream=sys.stderr,
     )
     logging.getLogger("py4j").setLevel(logging.WARNING)
+    # faiss logs each optional SIMD module it tries to import; it picks the best one itself.
+    logging.getLogger("faiss").setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> int:

@@ -191,7 +191,6 @@ def run_recommend(ctx: RunContext) -> None:
                  F.lit(ctx.now).cast("timestamp").alias(C.GENERATED_AT)]
         try:
             recs = recommend.recommend_all(history, uf, itf, r, meta)
-            recs = recommend.with_because_type(recs, history) if r.explain else recs.withColumn(recommend.BECAUSE_TYPE, F.lit(None).cast("int"))
             keyed = recommend.with_keys(recs, uids, meta, r.trending_days).select(
                 C.USER_ID, C.ITEM_ID, C.RANK, C.SCORE, C.SOURCE, C.BECAUSE_ITEM_ID, C.EXPLANATION
             )
@@ -200,7 +199,10 @@ def run_recommend(ctx: RunContext) -> None:
                 rec.details["exploration_pool"] = len(pool)
                 keyed = recommend.with_exploration(keyed, pool, r.n, r.exploration_slots)
             out = keyed.select(*keyed.columns, *stamp)
-            rec.outputs[cfg.table_name(C.RECOMMENDATIONS)] = io.overwrite_table(out, cfg, C.RECOMMENDATIONS)
+            # Readers look lists up by user: statistics on user_id let Delta skip files.
+            rec.outputs[cfg.table_name(C.RECOMMENDATIONS)] = io.overwrite_table(
+                out, cfg, C.RECOMMENDATIONS, properties={"delta.dataSkippingStatsColumns": C.USER_ID}
+            )
             m = io.last_operation_metrics(spark, cfg.table_path(C.RECOMMENDATIONS))
             rec.rows_out = m.get("numOutputRows")
             if r.similar_items.enabled:
@@ -211,7 +213,9 @@ def run_recommend(ctx: RunContext) -> None:
                     .join(ids_.select(F.col(C.ITEM_IDX).alias("_similar_idx"), F.col(C.ITEM_ID).alias(C.SIMILAR_ITEM_ID)), "_similar_idx")
                     .select(C.ITEM_ID, C.SIMILAR_ITEM_ID, C.RANK, C.SCORE, *stamp)
                 )
-                rec.outputs[cfg.table_name(C.SIMILAR_ITEMS)] = io.overwrite_table(sim_out, cfg, C.SIMILAR_ITEMS)
+                rec.outputs[cfg.table_name(C.SIMILAR_ITEMS)] = io.overwrite_table(
+                    sim_out, cfg, C.SIMILAR_ITEMS, properties={"delta.dataSkippingStatsColumns": C.ITEM_ID}
+                )
                 rec.details["similar_items_rows"] = io.last_operation_metrics(spark, cfg.table_path(C.SIMILAR_ITEMS)).get("numOutputRows")
         finally:
             history.unpersist()

@@ -44,7 +44,7 @@ HAVE = "_have"
 BECAUSE_IDX = "_because_idx"
 BECAUSE_TYPE = "_because_type"
 SCORED_SCHEMA = (
-    f"{C.USER_IDX} int, {C.ITEM_IDX} int, {C.RANK} int, {C.SCORE} float, {CAT} int, {BECAUSE_IDX} int"
+    f"{C.USER_IDX} int, {C.ITEM_IDX} int, {C.RANK} int, {C.SCORE} float, {CAT} int, {BECAUSE_IDX} int, {BECAUSE_TYPE} int"
 )
 # Strength of an event type, to say "bought" rather than "viewed" when a user did both.
 TYPE_STRENGTH = {C.PURCHASE: 3, C.CART: 2, C.RATING_EVENT: 1, C.VIEW: 0}
@@ -234,7 +234,7 @@ def score_top_n(
     return (
         merged.withColumn(C.RANK, F.row_number().over(Window.partitionBy(C.USER_IDX).orderBy(*order)).cast("int"))
         .where(F.col(C.RANK) <= n)
-        .select(C.USER_IDX, C.ITEM_IDX, C.RANK, C.SCORE, CAT, BECAUSE_IDX)
+        .select(C.USER_IDX, C.ITEM_IDX, C.RANK, C.SCORE, CAT, BECAUSE_IDX, BECAUSE_TYPE)
     )
 
 
@@ -258,9 +258,11 @@ def _score_chunk(queries: DataFrame, items: topk.ItemMatrix, n: int, cap: int | 
                 sel = topk.top_k(q, ex, mat, n, cap)
                 item_ids = mat.item_idx[sel.pos]
                 because = np.full(len(sel.row), -1, dtype=np.int64)
+                because_type = np.full(len(sel.row), -1, dtype=np.int64)
                 if explain:
                     hist = [np.asarray(h if h is not None else [], dtype=np.int64) for h in part[HIST]]
                     because = topk.explain(sel.row, item_ids, hist, unit_m)
+                    because_type = _type_of(because, sel.row, hist, part[HIST_TYPE])
                 cats = mat.category[sel.pos] if mat.category is not None else np.full(len(sel.row), -1)
                 yield pd.DataFrame(
                     {
@@ -270,11 +272,29 @@ def _score_chunk(queries: DataFrame, items: topk.ItemMatrix, n: int, cap: int | 
                         C.SCORE: sel.score,
                         CAT: cats.astype(np.int32),
                         BECAUSE_IDX: because.astype(np.int32),
+                        BECAUSE_TYPE: because_type.astype(np.int32),
                     }
                 )
 
-    cols = [C.USER_IDX, C.FEATURES, EXCLUDED] + ([HIST] if explain else [])
+    cols = [C.USER_IDX, C.FEATURES, EXCLUDED] + ([HIST, HIST_TYPE] if explain else [])
     return queries.select(*cols).mapInPandas(score, SCORED_SCHEMA)
+
+
+def _type_of(because: np.ndarray, rows: np.ndarray, hist: list[np.ndarray], types) -> np.ndarray:
+    """The event strength the user had on each explaining item, looked up in the row's own history list."""
+    width = max((len(h) for h in hist), default=0)
+    if width == 0 or not len(because):
+        return np.full(len(because), -1, dtype=np.int64)
+    lens = np.fromiter((len(h) for h in hist), dtype=np.int64, count=len(hist))
+    filled = np.arange(width)[None, :] < lens[:, None]
+    ids = np.full((len(hist), width), -2, dtype=np.int64)
+    kinds = np.full((len(hist), width), -1, dtype=np.int64)
+    ids[filled] = np.concatenate(hist)
+    kinds[filled] = np.concatenate([np.asarray(t if t is not None else [], dtype=np.int64) for t in types])
+    match = ids[rows] == because[:, None]
+    first = np.argmax(match, axis=1)
+    found = match[np.arange(len(because)), first]
+    return np.where(found, kinds[rows, first], -1)
 
 
 def candidate_matrix(item_factors: DataFrame, meta: DataFrame) -> DataFrame:
@@ -435,6 +455,8 @@ def recommend_all(
         .localCheckpoint(eager=True)
     )
     present = als.select(C.USER_IDX, C.ITEM_IDX, CAT)
+    if short.isEmpty():  # every list is full: no ranking to build, nothing to fill
+        return als
     ranking = fallback_rankings(history, meta, cfg.fallback, cfg.trending_days)
     gone = excluded.unionByName(present.select(C.USER_IDX, C.ITEM_IDX)).join(short.select(C.USER_IDX), C.USER_IDX)
     max_gone = gone.groupBy(C.USER_IDX).count().agg(F.max("count")).first()[0] or 0
@@ -452,7 +474,7 @@ def recommend_all(
             more_present = present.unionByName(filled.select(C.USER_IDX, C.ITEM_IDX, CAT))
             still = still.select(C.USER_IDX, F.coalesce(F.col("_max"), F.col(HAVE)).alias(HAVE))
             filled = filled.unionByName(fill_lists(still, more_present, excluded, ranking, n, cap, per_user=per_user))
-    return als.unionByName(filled.withColumn(BECAUSE_IDX, F.lit(-1)))
+    return als.unionByName(filled.withColumn(BECAUSE_IDX, F.lit(-1)).withColumn(BECAUSE_TYPE, F.lit(-1)))
 
 
 def with_keys(recs: DataFrame, user_ids: DataFrame, meta: DataFrame, trending_days: float) -> DataFrame:
@@ -481,16 +503,6 @@ def explanation(trending_days: float) -> Column:
         .when(src == C.SOURCE_EXPLORATION, F.lit("new in the shop"))
         .otherwise(F.lit("popular with other shoppers"))
     )
-
-
-def with_because_type(recs: DataFrame, history: DataFrame) -> DataFrame:
-    """The strongest event type of the user on the explaining item ("bought" vs "viewed")."""
-    strength = (
-        history.select(C.USER_IDX, F.col(C.ITEM_IDX).alias(BECAUSE_IDX), _strength().alias("_s"))
-        .groupBy(C.USER_IDX, BECAUSE_IDX)
-        .agg(F.max("_s").alias(BECAUSE_TYPE))
-    )
-    return recs.join(strength, [C.USER_IDX, BECAUSE_IDX], "left")
 
 
 def exploration_pool(items: DataFrame, history: DataFrame, item_ids: DataFrame, rules: RulesConfig, limit: int) -> list[str]:

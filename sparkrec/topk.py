@@ -138,6 +138,11 @@ def top_k(
 ) -> Selection:
     """Exact top-`n` items per query row, never an excluded one, at most `cap` per category.
 
+    The search fetches just enough candidates for the common row (n, plus the
+    row's exclusions); the few rows that a cap or a tie leaves undecided are
+    searched again four times deeper, and only rows still undecided then are
+    scored against every item in numpy.
+
     Args:
         queries: float32 [rows, rank].
         excluded: per row, the item ids it must not get.
@@ -149,22 +154,44 @@ def top_k(
     if b == 0 or m == 0:
         return Selection(*(np.zeros(0, dtype=t) for t in (np.int64, np.int64, np.float32, np.int32)))
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    ex_keys = _excluded_keys(excluded, items)
     longest = max((len(e) for e in excluded), default=0)
-    depth = min(m, n * (3 if cap else 1) + longest + 1)
+    depth = min(m, n + longest + 1)
+    todo = np.arange(b)
+    parts: list[Selection] = []
+    for attempt in range(2):
+        sel, undecided = _search(queries[todo], [excluded[i] for i in todo], items, n, cap, depth)
+        sel.row = todo[sel.row]
+        keep = ~np.isin(sel.row, todo[undecided])
+        parts.append(Selection(sel.row[keep], sel.pos[keep], sel.score[keep], sel.rank[keep]))
+        todo = todo[undecided]
+        if not len(todo) or depth >= m:
+            break
+        depth = min(m, depth * 4)
+    if len(todo):
+        parts.append(_exact(queries, excluded, items, n, cap, todo))
+    out = Selection(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("row", "pos", "score", "rank")))
+    order = np.lexsort((out.rank, out.row))
+    return Selection(out.row[order], out.pos[order], out.score[order], out.rank[order])
+
+
+def _search(
+    queries: np.ndarray, excluded: list[np.ndarray], items: ItemMatrix, n: int, cap: int | None, depth: int
+) -> tuple[Selection, np.ndarray]:
+    """One faiss search at `depth`; returns the selection and which rows it cannot vouch for."""
+    b, m = len(queries), len(items.item_idx)
+    ex_keys = _excluded_keys(excluded, items)
     dist, labels = items.index.search(queries, depth)
     rows = np.repeat(np.arange(b, dtype=np.int64), depth)
     sel = _select(rows, labels.ravel().astype(np.int64), dist.ravel(), items, ex_keys, n, cap)
-    if depth < m:
-        counts = np.bincount(sel.row, minlength=b)
-        last = np.full(b, np.inf, dtype=np.float64)
-        ends = np.flatnonzero(np.r_[sel.row[1:] != sel.row[:-1], True]) if len(sel.row) else np.zeros(0, dtype=np.int64)
+    if depth >= m:  # every item was seen: the answer is exact
+        return sel, np.zeros(b, dtype=bool)
+    counts = np.bincount(sel.row, minlength=b)
+    last = np.full(b, np.inf, dtype=np.float64)
+    if len(sel.row):
+        ends = np.flatnonzero(np.r_[sel.row[1:] != sel.row[:-1], True])
         last[sel.row[ends]] = sel.score[ends]
-        # Exact only if the row is full and nothing unseen can tie or beat its last item.
-        redo = (counts < n) | (last <= dist[:, -1])
-        if redo.any():
-            sel = _merge(sel, _exact(queries, excluded, items, n, cap, np.flatnonzero(redo)), redo)
-    return sel
+    # Exact only if the row is full and nothing unseen can tie or beat its last item.
+    return sel, (counts < n) | (last <= dist[:, -1])
 
 
 def _exact(queries: np.ndarray, excluded: list[np.ndarray], items: ItemMatrix, n: int, cap: int | None, which: np.ndarray) -> Selection:
@@ -182,13 +209,6 @@ def _exact(queries: np.ndarray, excluded: list[np.ndarray], items: ItemMatrix, n
         s.row = rows_here[s.row]
         parts.append(s)
     return Selection(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("row", "pos", "score", "rank")))
-
-
-def _merge(fast: Selection, exact: Selection, redo: np.ndarray) -> Selection:
-    keep = ~redo[fast.row]
-    out = Selection(*(np.concatenate([getattr(fast, f)[keep], getattr(exact, f)]) for f in ("row", "pos", "score", "rank")))
-    order = np.lexsort((out.rank, out.row))
-    return Selection(out.row[order], out.pos[order], out.score[order], out.rank[order])
 
 
 def normalized(vectors: np.ndarray) -> np.ndarray:

@@ -131,14 +131,19 @@ def sample_trials(tune: TuneConfig, base: TrainConfig) -> list[Trial]:
     rng = random.Random(tune.seed)
     space = tune.space
     feedbacks = [(dict(base.event_weights), base.recency_half_life_days)]
-    for _ in range(40 * tune.feedback_settings):
+    # Half-lives are dealt out in a shuffled order without repeats first, so a
+    # few feedback settings still cover different recency treatments.
+    lives = [h for h in space.recency_half_life_days if h != base.recency_half_life_days]
+    rng.shuffle(lives)
+    for attempt in range(40 * tune.feedback_settings):
         if len(feedbacks) >= tune.feedback_settings:
             break
         weights = dict(base.event_weights)
         for etype, choices in space.event_weights.items():
             if etype in weights and choices:
                 weights[etype] = float(rng.choice(choices))
-        cand = (weights, rng.choice(space.recency_half_life_days))
+        half_life = lives[attempt] if attempt < len(lives) else rng.choice(space.recency_half_life_days)
+        cand = (weights, half_life)
         if cand not in feedbacks and any(w > 0 for w in weights.values()):
             feedbacks.append(cand)
     trials = [Trial(0, 0, base)]

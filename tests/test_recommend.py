@@ -152,7 +152,6 @@ def test_explanations_name_the_closest_item_bought(spark):
     # Views excluded too, so the two remaining items tie and both get explained.
     c = cfg(n=2, exclude_event_types=["purchase", "view"])
     recs = recommend.recommend_all(history, spark.createDataFrame([(0, [1.0, 1.0])], USER_SCHEMA), item_f, c)
-    recs = recommend.with_because_type(recs, history)
     ids = spark.createDataFrame([("u0", 0)], "user_id string, user_idx int")
     meta = meta_of(spark, history, None)
     out = {r[C.ITEM_ID]: r[C.EXPLANATION] for r in recommend.with_keys(recs, ids, meta, 7).collect()}
