@@ -25,8 +25,8 @@ Over all evaluated users' top-k lists:
 from __future__ import annotations
 
 import math
+from datetime import datetime, timedelta
 from dataclasses import dataclass
-from datetime import datetime
 
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
@@ -51,8 +51,6 @@ def time_split(interactions: DataFrame, test_days: float) -> Split:
     latest = interactions.agg(F.max(C.EVENT_TS)).first()[0]
     if latest is None:
         return Split(interactions, interactions.limit(0), "time split on an empty table")
-    from datetime import timedelta
-
     cutoff = latest - timedelta(days=test_days)
     ts = F.col(C.EVENT_TS)
     return Split(interactions.where(ts < F.lit(cutoff)), interactions.where(ts >= F.lit(cutoff)), f"time: last {test_days:g} days", cutoff)
@@ -195,26 +193,6 @@ def _diversity(top: DataFrame, categories: DataFrame, ks: list[int]) -> dict[str
 
 
 # --------------------------------------------------------------------------- baselines
-
-
-def popular_ranking(train: DataFrame, since: datetime | None = None) -> DataFrame:
-    """(item_id, score): distinct training users per item (since a time, when given)."""
-    t = train if since is None else train.where(F.col(C.EVENT_TS) >= F.lit(since))
-    return t.groupBy(C.ITEM_ID).agg(F.countDistinct(C.USER_ID).cast("double").alias(C.SCORE))
-
-
-def lists_from_ranking(users: DataFrame, ranking: DataFrame, excluded: DataFrame, k: int) -> DataFrame:
-    """Each user's top-k of one shared ranking, skipping their excluded items: (user_id, item_id, rank).
-
-    The ranking is cut at k + (largest exclusion list) first, which is enough
-    for every user and keeps the cross join bounded.
-    """
-    longest = excluded.join(users, C.USER_ID, "left_semi").groupBy(C.USER_ID).count().agg(F.max("count")).first()[0] or 0
-    depth = k + int(longest)
-    top = ranking.orderBy(F.col(C.SCORE).desc(), F.col(C.ITEM_ID)).limit(depth)
-    cand = users.crossJoin(F.broadcast(top)).join(excluded, [C.USER_ID, C.ITEM_ID], "left_anti")
-    w = Window.partitionBy(C.USER_ID).orderBy(F.col(C.SCORE).desc(), F.col(C.ITEM_ID))
-    return cand.withColumn(C.RANK, F.row_number().over(w)).where(F.col(C.RANK) <= k).select(C.USER_ID, C.ITEM_ID, C.RANK)
 
 
 def buy_again_lists(users: DataFrame, train: DataFrame, buy_types: list[str], k: int) -> DataFrame:

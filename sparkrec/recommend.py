@@ -41,6 +41,7 @@ BOOST = "_boost"
 ALLOWED = "_allowed"
 PRIO = "_prio"
 HAVE = "_have"
+POS = "_pos"
 BECAUSE_IDX = "_because_idx"
 BECAUSE_TYPE = "_because_type"
 SCORED_SCHEMA = (
@@ -340,54 +341,128 @@ def _top_per_category(ranking: DataFrame, depth: int) -> DataFrame:
     return ranking.withColumn("_r", F.row_number().over(w)).where(F.col("_r") <= depth).drop("_r")
 
 
+def _fill_order() -> list[Column]:
+    return [F.col(PRIO), F.col(C.SCORE).desc(), F.col(C.ITEM_IDX)]
+
+
+def _sequence(ranking: DataFrame) -> DataFrame:
+    """The shared rankings as one numbered sequence (priority, score, item id), each item at its first place.
+
+    Numbered within each priority, then shifted by the sizes of the earlier
+    priorities (a handful of rows), so no window spans the whole table.
+    """
+    first = ranking.withColumn("_d", F.row_number().over(Window.partitionBy(C.ITEM_IDX).orderBy(*_fill_order()))).where("_d = 1").drop("_d")
+    first = first.localCheckpoint(eager=True)
+    sizes = sorted((r[PRIO], r["count"]) for r in first.groupBy(PRIO).count().collect())
+    offset, shift = 0, F.lit(0)
+    for prio, size in sizes:
+        shift = F.when(F.col(PRIO) == prio, F.lit(offset)).otherwise(shift)
+        offset += size
+    within = F.row_number().over(Window.partitionBy(PRIO).orderBy(F.col(C.SCORE).desc(), F.col(C.ITEM_IDX)))
+    return first.withColumn(POS, within + shift)
+
+
 def fill_lists(
     short: DataFrame,
-    present: DataFrame,
+    present: DataFrame | None,
     blocked: DataFrame,
     ranking: DataFrame,
     n: int,
     cap: int | None,
     *,
     per_user: DataFrame | None = None,
-    depth: int | None = None,
 ) -> DataFrame:
     """Fill each short list up to `n` from rankings, in priority, score and item id order.
 
+    Each user reads only as deep into the shared sequence as it needs: its
+    missing items plus the number of items it may not get (a user skips at
+    most those). So the candidates grow with the users' histories, never with
+    users x the longest history. A per-category cap can skip more; the lists
+    it leaves short read four times deeper, until the sequence runs out.
+
     Args:
         short: (user_idx, _have) users whose list has `_have` < n items.
-        present: (user_idx, item_idx, _cat) items already in those lists.
+        present: (user_idx, item_idx, _cat) items already in those lists, or None.
         blocked: (user_idx, item_idx) never to recommend.
         ranking: (item_idx, score, _cat, source, _prio) shared by every user.
         per_user: (user_idx, item_idx, score, _cat, source, _prio) user-specific candidates.
-        depth: candidates taken from `ranking` (None: all of it).
     Returns:
         (user_idx, item_idx, rank, score, _cat, source), ranks continuing after `_have`.
     """
-    top = ranking
-    if depth is not None:
-        top = ranking.withColumn(
-            "_r", F.row_number().over(Window.partitionBy(PRIO).orderBy(F.col(C.SCORE).desc(), F.col(C.ITEM_IDX)))
-        ).where(F.col("_r") <= depth).drop("_r")
-        if cap:
-            top = top.unionByName(_top_per_category(ranking, cap + depth - n)).distinct()
-    cand = short.select(C.USER_IDX).crossJoin(F.broadcast(top))
-    if per_user is not None:
-        cand = cand.unionByName(per_user.join(short.select(C.USER_IDX), C.USER_IDX))
-    gone = blocked.unionByName(present.select(C.USER_IDX, C.ITEM_IDX))
-    cand = cand.join(gone, [C.USER_IDX, C.ITEM_IDX], "left_anti")
-    order = [F.col(PRIO), F.col(C.SCORE).desc(), F.col(C.ITEM_IDX)]
-    cand = cand.withColumn("_d", F.row_number().over(Window.partitionBy(C.USER_IDX, C.ITEM_IDX).orderBy(*order))).where("_d = 1")
-    if cap:
-        used = present.where(F.col(CAT) >= 0).groupBy(C.USER_IDX, CAT).agg(F.count("*").alias("_used"))
-        cand = (
-            cand.join(used, [C.USER_IDX, CAT], "left")
-            .withColumn("_occ", F.row_number().over(Window.partitionBy(C.USER_IDX, CAT).orderBy(*order)) + F.coalesce("_used", F.lit(0)))
-            .where((F.col(CAT) < 0) | (F.col("_occ") <= cap))
-        )
-    ranked = cand.join(short, C.USER_IDX).withColumn(
-        C.RANK, (F.col(HAVE) + F.row_number().over(Window.partitionBy(C.USER_IDX).orderBy(*order))).cast("int")
+    seq = F.broadcast(_sequence(ranking).localCheckpoint(eager=True))
+    total = seq.count()
+    users = short.select(C.USER_IDX)
+    gone = blocked
+    if present is not None:
+        gone = gone.unionByName(present.select(C.USER_IDX, C.ITEM_IDX))
+    gone = gone.join(users, C.USER_IDX, "left_semi")
+    n_gone = gone.groupBy(C.USER_IDX).agg(F.count("*").alias("_g"))
+    todo = short.join(n_gone, C.USER_IDX, "left").select(
+        C.USER_IDX, HAVE, (F.lit(n) - F.col(HAVE) + F.coalesce(F.col("_g"), F.lit(0))).alias("_lim")
     )
-    return ranked.where(F.col(C.RANK) <= n).select(C.USER_IDX, C.ITEM_IDX, C.RANK, C.SCORE, CAT, C.SOURCE)
+    used = None
+    if cap and present is not None:
+        used = present.where(F.col(CAT) >= 0).groupBy(C.USER_IDX, CAT).agg(F.count("*").alias("_used"))
+    parts = []
+    while True:
+        todo = todo.localCheckpoint(eager=True)
+        depth = F.explode(F.sequence(F.lit(1), F.least(F.col("_lim"), F.lit(max(total, 1))))).alias(POS)
+        cand = todo.select(C.USER_IDX, depth).join(seq, POS).drop(POS)
+        if per_user is not None:
+            cand = cand.unionByName(per_user.join(todo.select(C.USER_IDX), C.USER_IDX))
+        cand = cand.join(gone, [C.USER_IDX, C.ITEM_IDX], "left_anti")
+        cand = cand.withColumn("_d", F.row_number().over(Window.partitionBy(C.USER_IDX, C.ITEM_IDX).orderBy(*_fill_order()))).where("_d = 1")
+        if cap:
+            occ = F.row_number().over(Window.partitionBy(C.USER_IDX, CAT).orderBy(*_fill_order()))
+            if used is not None:
+                cand = cand.join(used, [C.USER_IDX, CAT], "left")
+                occ = occ + F.coalesce(F.col("_used"), F.lit(0))
+            cand = cand.withColumn("_occ", occ).where((F.col(CAT) < 0) | (F.col("_occ") <= cap))
+        ranked = cand.join(todo.select(C.USER_IDX, HAVE), C.USER_IDX).withColumn(
+            C.RANK, (F.col(HAVE) + F.row_number().over(Window.partitionBy(C.USER_IDX).orderBy(*_fill_order()))).cast("int")
+        )
+        got = ranked.where(F.col(C.RANK) <= n).select(C.USER_IDX, C.ITEM_IDX, C.RANK, C.SCORE, CAT, C.SOURCE)
+        if not cap:  # exact for everyone in one pass
+            parts.append(got)
+            break
+        got = got.localCheckpoint(eager=True)
+        ends = got.groupBy(C.USER_IDX).agg(F.max(C.RANK).alias("_max"))
+        # Short still, and the sequence not yet read to its end: read deeper.
+        again = todo.join(ends, C.USER_IDX, "left").where((F.coalesce(F.col("_max"), F.col(HAVE)) < n) & (F.col("_lim") < total))
+        again = again.select(C.USER_IDX, HAVE, (F.col("_lim") * 4).alias("_lim")).localCheckpoint(eager=True)
+        if again.isEmpty():
+            parts.append(got)
+            break
+        parts.append(got.join(again.select(C.USER_IDX), C.USER_IDX, "left_anti"))
+        todo = again
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.unionByName(p)
+    return out
+
+
+def popular_lists(
+    history: DataFrame,
+    users: DataFrame,
+    meta: DataFrame,
+    n: int,
+    exclude_types: list[str],
+    *,
+    since: Column | None = None,
+    cap: int | None = None,
+) -> DataFrame:
+    """The most popular allowed items each user has not bought: the cold-start list, and the baseline it is judged by.
+
+    Args:
+        users: (user_idx) to list.
+        since: count only events from this time on ("recently popular").
+    Returns:
+        (user_idx, item_idx, rank, score, _cat, source)
+    """
+    source = C.SOURCE_POPULAR if since is None else C.SOURCE_TRENDING
+    ranking = popularity(history, meta, since).withColumn(C.SOURCE, F.lit(source)).withColumn(PRIO, F.lit(0))
+    short = users.select(C.USER_IDX).distinct().withColumn(HAVE, F.lit(0))
+    return fill_lists(short, None, exclusions(history, exclude_types), ranking, n, cap)
 
 
 def _category_candidates(history: DataFrame, meta: DataFrame, ranking: DataFrame, depth: int) -> DataFrame:
@@ -458,22 +533,15 @@ def recommend_all(
     if short.isEmpty():  # every list is full: no ranking to build, nothing to fill
         return als
     ranking = fallback_rankings(history, meta, cfg.fallback, cfg.trending_days)
-    gone = excluded.unionByName(present.select(C.USER_IDX, C.ITEM_IDX)).join(short.select(C.USER_IDX), C.USER_IDX)
-    max_gone = gone.groupBy(C.USER_IDX).count().agg(F.max("count")).first()[0] or 0
-    # A user skips at most `max_gone` entries of a ranking before its n-th
-    # valid one, so the top (n + max_gone) of each ranking is a bounded broadcast.
-    depth = n + int(max_gone)
-    per_user = _category_candidates(history, meta, ranking, depth) if cfg.fallback == C.SOURCE_CATEGORY_POPULAR else None
-    filled = fill_lists(short, present, excluded, ranking, n, cap, per_user=per_user, depth=depth).localCheckpoint(eager=True)
-    if cap:
-        # The cap can skip more than `max_gone` entries; the few lists still
-        # short get the whole ranking.
-        got = filled.groupBy(C.USER_IDX).agg(F.max(C.RANK).alias("_max"))
-        still = short.join(got, C.USER_IDX, "left").where(F.coalesce(F.col("_max"), F.col(HAVE)) < n)
-        if not still.isEmpty():
-            more_present = present.unionByName(filled.select(C.USER_IDX, C.ITEM_IDX, CAT))
-            still = still.select(C.USER_IDX, F.coalesce(F.col("_max"), F.col(HAVE)).alias(HAVE))
-            filled = filled.unionByName(fill_lists(still, more_present, excluded, ranking, n, cap, per_user=per_user))
+    per_user = None
+    if cfg.fallback == C.SOURCE_CATEGORY_POPULAR:
+        # A user skips at most the items it may not get before its n-th valid
+        # one of a category, so each category's top (n + the most any short
+        # user may not get) is enough.
+        gone = excluded.unionByName(present.select(C.USER_IDX, C.ITEM_IDX)).join(short.select(C.USER_IDX), C.USER_IDX, "left_semi")
+        max_gone = gone.groupBy(C.USER_IDX).count().agg(F.max("count")).first()[0] or 0
+        per_user = _category_candidates(history, meta, ranking, n + int(max_gone))
+    filled = fill_lists(short, present, excluded, ranking, n, cap, per_user=per_user)
     return als.unionByName(filled.withColumn(BECAUSE_IDX, F.lit(-1)).withColumn(BECAUSE_TYPE, F.lit(-1)))
 
 

@@ -21,6 +21,18 @@ from sparkrec.runs import RunContext
 PUBLISHED = (C.RECOMMENDATIONS, C.SIMILAR_ITEMS, C.USER_FACTORS, C.ITEM_FACTORS)
 
 
+def evaluation_line(metrics: dict[str, float], details: dict) -> str:
+    """The model against the best baseline on the gate's metric, and the verdict, in one line."""
+    key, best = details.get("metric"), details.get("best_baseline")
+    if not key or not best:
+        return ""
+    model, base = metrics.get(f"model.{key}", 0.0), metrics.get(f"{best}.{key}", 0.0)
+    ratio = f"x{model / base:.2f}" if base else "baseline 0"
+    gate = details.get("gate", {})
+    verdict = "passed" if gate.get("passed") else "FAILED"
+    return f"model {key} {model:.4f} vs best baseline {best} {base:.4f} ({ratio}); gate {verdict}" + ("" if gate.get("enabled") else " (gate off)")
+
+
 def list_runs(spark: SparkSession, cfg: Config, limit: int = 10) -> str:
     """One line per run, newest first: when, how long, each stage's status, and the evaluation."""
     runs = io.read_table(spark, cfg, C.RUNS)
@@ -42,8 +54,6 @@ def list_runs(spark: SparkSession, cfg: Config, limit: int = 10) -> str:
         lines.append(f"{run_id:<27} {first['start']:%Y-%m-%d %H:%M:%S} {took:6.0f}s  {marks}")
         for s in stages:
             if s["stage"] == "evaluate" and s["metrics"]:
-                from sparkrec.cli import evaluation_line
-
                 lines.append(" " * 29 + evaluation_line(s["metrics"], json.loads(s["details"] or "{}")))
             if s["status"] == "failed" and s["error"]:
                 lines.append(" " * 29 + f"{s['stage']}: {s['error'][:200]}")

@@ -25,6 +25,7 @@ from sparkrec import columns as C  # noqa: E402
 from sparkrec import io  # noqa: E402
 from sparkrec.config import Config  # noqa: E402
 from sparkrec.errors import StageError  # noqa: E402
+from sparkrec.registry import evaluation_line  # noqa: E402
 
 METRICS = ("ndcg", "precision", "recall", "map", "hit_rate", "mrr")
 COLORS = {"model": "#1f6feb", "popular": "#999999", "recent_popular": "#d29922", "buy_again": "#8957e5"}
@@ -154,8 +155,6 @@ def write_report(spark: SparkSession, cfg: Config, run_id: str, out: str) -> Non
     ev = rows.get("evaluate")
     if ev is not None and ev["metrics"]:
         d = json.loads(ev["details"] or "{}")
-        from sparkrec.cli import evaluation_line
-
         parts.append(f"<h2>Evaluation</h2><p>{html.escape(d.get('split', ''))}, {d.get('evaluated_users', 0):,} evaluated users. "
                      f"{html.escape(evaluation_line(ev['metrics'], d))}</p>")
         parts.append(metric_curves(ev["metrics"]))

@@ -35,11 +35,21 @@ log = logging.getLogger(__name__)
 @dataclass
 class Protocol:
     train: DataFrame  # interactions before the cut
+    history: DataFrame  # the same with integer ids (user_idx, item_idx, event_type, event_ts)
     relevant: DataFrame  # (user_id, item_id)
-    users: DataFrame  # (user_id) evaluated users
-    excluded: DataFrame  # (user_id, item_id) already bought in training
+    users: DataFrame  # (user_idx) evaluated users
+    user_ids: DataFrame
+    item_ids: DataFrame
     description: str
     n_users: int
+
+    def release(self) -> None:
+        self.history.unpersist()
+        self.train.unpersist()
+
+    def keyed(self, lists: DataFrame) -> DataFrame:
+        """(user_idx, item_idx, rank) lists with the original keys, materialised: (user_id, item_id, rank)."""
+        return lists.join(self.user_ids, C.USER_IDX).join(self.item_ids, C.ITEM_IDX).select(C.USER_ID, C.ITEM_ID, C.RANK).localCheckpoint()
 
 
 def split_of(interactions: DataFrame, ev: EvaluateConfig) -> evaluate.Split:
@@ -50,15 +60,15 @@ def split_of(interactions: DataFrame, ev: EvaluateConfig) -> evaluate.Split:
     return evaluate.random_split(interactions, ev.test_fraction, ev.seed)
 
 
-def make_protocol(split: evaluate.Split, ev: EvaluateConfig, exclude_types: list[str]) -> Protocol:
-    """Materialise the split's fixed parts once: every list on it reads them."""
+def make_protocol(split: evaluate.Split, ev: EvaluateConfig, user_ids: DataFrame, item_ids: DataFrame) -> Protocol:
+    """Materialise the split's fixed parts once: every list on it (model trials and baselines) reads them."""
     tr = split.train.persist(StorageLevel.MEMORY_AND_DISK)
+    history = recommend.indexed_history(tr, user_ids, item_ids).persist(StorageLevel.MEMORY_AND_DISK)
     relevant = evaluate.relevant_items(tr, split.test, ev.relevant_event_types, ev.repeat_relevant).localCheckpoint()
-    users = relevant.select(C.USER_ID).distinct().localCheckpoint()
-    excluded = tr.where(F.col(C.EVENT_TYPE).isin(exclude_types)).select(C.USER_ID, C.ITEM_ID).distinct().localCheckpoint()
+    users = relevant.select(C.USER_ID).distinct().join(user_ids, C.USER_ID).select(C.USER_IDX).localCheckpoint()
     n = users.count()
-    log.info("evaluation protocol %s: %s evaluated users, %s relevant items", split.description, f"{n:,}", f"{relevant.count():,}")
-    return Protocol(tr, relevant, users, excluded, split.description, n)
+    log.info("evaluation protocol %s: %s evaluated users", split.description, f"{n:,}")
+    return Protocol(tr, history, relevant, users, user_ids, item_ids, split.description, n)
 
 
 def _eval_rec_cfg(rec: RecommendConfig, k: int) -> RecommendConfig:
@@ -66,33 +76,31 @@ def _eval_rec_cfg(rec: RecommendConfig, k: int) -> RecommendConfig:
     return rec.model_copy(update={"n": k, "explain": False, "exploration_slots": 0})
 
 
-def model_lists(
-    proto: Protocol, matrix: DataFrame, user_ids: DataFrame, item_ids: DataFrame, tcfg: TrainConfig, rec: RecommendConfig, k: int
-) -> DataFrame:
+def model_lists(proto: Protocol, matrix: DataFrame, tcfg: TrainConfig, rec: RecommendConfig, k: int) -> DataFrame:
     """Fit ALS on a materialised matrix and list the evaluated users' top k: (user_id, item_id, rank)."""
     model = train.fit_als(matrix, tcfg.als)
     uf = model.userFactors.select(F.col("id").alias(C.USER_IDX), F.col("features").alias(C.FEATURES))
     itf = model.itemFactors.select(F.col("id").alias(C.ITEM_IDX), F.col("features").alias(C.FEATURES))
-    history = recommend.indexed_history(proto.train, user_ids, item_ids).persist(StorageLevel.MEMORY_AND_DISK)
-    try:
-        users = proto.users.join(user_ids, C.USER_ID).select(C.USER_IDX)
-        recs = recommend.recommend_all(history, uf, itf, _eval_rec_cfg(rec, k), users=users)
-        out = recs.join(user_ids, C.USER_IDX).join(item_ids, C.ITEM_IDX).select(C.USER_ID, C.ITEM_ID, C.RANK).localCheckpoint()
-    finally:
-        history.unpersist()
-    return out
+    return proto.keyed(recommend.recommend_all(proto.history, uf, itf, _eval_rec_cfg(rec, k), users=proto.users))
 
 
-def baseline_lists(proto: Protocol, ev: EvaluateConfig, k: int, buy_types: list[str]) -> dict[str, DataFrame]:
-    """Most popular, recently popular and (optionally) buy again, on the same users and exclusions."""
-    out = {"popular": evaluate.lists_from_ranking(proto.users, evaluate.popular_ranking(proto.train), proto.excluded, k)}
+def baseline_lists(proto: Protocol, ev: EvaluateConfig, k: int, bought: list[str]) -> dict[str, DataFrame]:
+    """Most popular, recently popular and (optionally) buy again, on the same users and exclusions.
+
+    The popular lists are built by the very code that fills a cold-start
+    user's list in production, so the baseline is what a shop would get anyway.
+    """
+    h = proto.history
+    meta = recommend.default_meta(h, h)
+    out = {"popular": proto.keyed(recommend.popular_lists(h, proto.users, meta, k, bought))}
     latest = proto.train.agg(F.max(C.EVENT_TS)).first()[0]
     if latest is not None:
-        since = latest - timedelta(days=ev.recent_days)
-        out["recent_popular"] = evaluate.lists_from_ranking(proto.users, evaluate.popular_ranking(proto.train, since), proto.excluded, k)
+        since = F.lit(latest - timedelta(days=ev.recent_days))
+        out["recent_popular"] = proto.keyed(recommend.popular_lists(h, proto.users, meta, k, bought, since=since))
     if ev.buy_again:
         # Its point is the user's own past items, so the bought-item exclusion does not apply to it.
-        out["buy_again"] = evaluate.buy_again_lists(proto.users, proto.train, buy_types, k)
+        users = proto.users.join(proto.user_ids, C.USER_IDX).select(C.USER_ID)
+        out["buy_again"] = evaluate.buy_again_lists(users, proto.train, bought, k)
     return out
 
 
@@ -167,7 +175,7 @@ def run_trials(
 ) -> tuple[list[Trial], Trial]:
     """Search on a validation split carved from `interactions` (the caller passes the training period only)."""
     ev, tune_cfg = cfg.evaluate, cfg.tune
-    proto = make_protocol(split_of(interactions, ev), ev, cfg.recommend.exclude_event_types)
+    proto = make_protocol(split_of(interactions, ev), ev, user_ids, item_ids)
     if proto.n_users == 0:
         raise StageError(f"tuning: the validation split ({proto.description}) has no evaluated users; use a longer history or another evaluate.split")
     trials = sample_trials(tune_cfg, cfg.train)
@@ -188,7 +196,7 @@ def run_trials(
                 matrix.count()
                 current_fb = t.feedback
             t0 = time.monotonic()
-            lists = model_lists(proto, matrix, user_ids, item_ids, t.train, cfg.recommend, ev.k)
+            lists = model_lists(proto, matrix, t.train, cfg.recommend, ev.k)
             t.metric = evaluate.ranking_metrics(lists, proto.relevant, [ev.k])[key]
             t.seconds = time.monotonic() - t0
             done.append(t)
@@ -198,6 +206,6 @@ def run_trials(
     finally:
         if matrix is not None:
             matrix.unpersist()
-        proto.train.unpersist()
+        proto.release()
     best = max(done, key=lambda x: (x.metric or 0.0, -x.number))
     return done, best

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 import pytest
 
 from sparkrec import columns as C
-from sparkrec import evaluate, tune
+from sparkrec import evaluate, recommend, tune
 from sparkrec.config import EvaluateConfig, TrainConfig, TuneConfig
 
 T0 = datetime(2025, 1, 1)
@@ -121,12 +121,16 @@ def test_popular_lists_skip_bought_items_and_buy_again_ranks_by_frequency(spark)
         [("a", "x", 0), ("b", "x", 0), ("c", "x", 0), ("a", "y", 0), ("b", "y", 0), ("c", "z", 0), ("a", "a1", 1), ("a", "a1", 2), ("a", "y", 3)],
     )
     users = spark.createDataFrame([("a",), ("c",)], "user_id string")
-    excluded = train.where("event_type = 'purchase'").select(C.USER_ID, C.ITEM_ID).distinct()
-    lists = evaluate.lists_from_ranking(users, evaluate.popular_ranking(train), excluded, 2)
+    uids = spark.createDataFrame([("a", 0), ("b", 1), ("c", 2)], "user_id string, user_idx int")
+    iids = spark.createDataFrame([("x", 0), ("y", 1), ("z", 2), ("a1", 3)], "item_id string, item_idx int")
+    history = recommend.indexed_history(train, uids, iids)
+    idx_users = spark.createDataFrame([(0,), (2,)], "user_idx int")
+    lists = recommend.popular_lists(history, idx_users, recommend.default_meta(history, history), 2, ["purchase"])
     got = {}
-    for r in lists.orderBy(C.USER_ID, C.RANK).collect():
-        got.setdefault(r[C.USER_ID], []).append(r[C.ITEM_ID])
-    assert got == {"a": ["z"], "c": ["y", "a1"]}  # a bought x, y, a1; only z is left
+    for r in lists.orderBy(C.USER_IDX, C.RANK).collect():
+        got.setdefault(r[C.USER_IDX], []).append((r[C.ITEM_IDX], r[C.SOURCE]))
+    # a bought x, y, a1: only z is left; c gets y then a1 (tied with z, which c bought, and by id)
+    assert got == {0: [(2, "popular")], 2: [(1, "popular"), (3, "popular")]}
     again = evaluate.buy_again_lists(users, train, ["purchase"], 2).orderBy(C.USER_ID, C.RANK).collect()
     # a bought y and a1 twice each, y more recently; c's two items tie, lower id first.
     assert [(r[C.USER_ID], r[C.ITEM_ID]) for r in again] == [("a", "y"), ("a", "a1"), ("c", "x"), ("c", "z")]
