@@ -133,6 +133,25 @@ def table_exists(spark: SparkSession, path: str) -> bool:
 
 
 def current_version(spark: SparkSession, path: str) -> int | None:
+    """The table's latest committed version, or None when there is no Delta table at `path`.
+
+    Every commit N is the file _delta_log/<N zero-padded>.json, written
+    atomically, and log cleanup only ever removes old ones, so one listing of
+    the log answers this. (Asking Delta for the table's history ran a Spark
+    job per call: about a second each, a dozen times per stage.)
+    """
+    jvm = spark.sparkContext._jvm
+    log_dir = jvm.org.apache.hadoop.fs.Path(f"{path.rstrip('/')}/_delta_log")
+    fs = log_dir.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+    if not fs.exists(log_dir):
+        return None
+    latest = -1
+    for status in fs.listStatus(log_dir):
+        name = status.getPath().getName()
+        if name.endswith(".json") and name[:-5].isdigit():
+            latest = max(latest, int(name[:-5]))
+    if latest >= 0:
+        return latest
     if not table_exists(spark, path):
         return None
     row = DeltaTable.forPath(spark, path).history(1).select("version").first()
@@ -270,13 +289,26 @@ def remove_dir(spark: SparkSession, path: str) -> None:
         fs.delete(hpath, True)
 
 
+def checkpointed_rdds(spark: SparkSession, path: str) -> int:
+    """RDD checkpoints present under a checkpoint directory (Spark writes <dir>/<uuid>/rdd-N)."""
+    jvm = spark.sparkContext._jvm
+    hpath = jvm.org.apache.hadoop.fs.Path(path)
+    fs = hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+    if not fs.exists(hpath):
+        return 0
+    count = 0
+    for top in fs.listStatus(hpath):
+        if top.isDirectory():
+            count += sum(1 for s in fs.listStatus(top.getPath()) if s.getPath().getName().startswith("rdd-"))
+    return count
+
+
 def checkpoint_dir(cfg: Config, run_id: str) -> str:
     return f"{cfg.checkpoint_root.rstrip('/')}/{run_id}"
 
 
 def model_path(cfg: Config, model_version: str) -> str:
     return f"{cfg.warehouse.rstrip('/')}/_models/{model_version}"
-
 
 
 def restore_table(spark: SparkSession, cfg: Config, key: str, version: int) -> int:
