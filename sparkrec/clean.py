@@ -94,7 +94,8 @@ def _to_double(df: DataFrame, name: str | None) -> tuple[Column, Column]:
     return F.expr(f"try_cast(trim(`{name}`) AS DOUBLE)"), F.when(text == "", None).otherwise(text)
 
 
-def _to_timestamp(df: DataFrame, src: SourceConfig) -> tuple[Column, Column]:
+def event_time(df: DataFrame, src: SourceConfig) -> tuple[Column, Column]:
+    """(event time in UTC or null when unreadable, the raw value as text), from the source's format and zone."""
     name = src.columns.timestamp
     field = df.schema[name]
     col = F.col(f"`{name}`")
@@ -140,7 +141,7 @@ def normalize(raw: DataFrame, src: SourceConfig) -> DataFrame:
     def is_num(name: str) -> bool:
         return isinstance(raw.schema[name].dataType, NumericType)
 
-    ts, ts_raw = _to_timestamp(raw, src)
+    ts, ts_raw = event_time(raw, src)
     etype, etype_raw = _event_type(raw, src)
     qty, qty_raw = _to_double(raw, cols.quantity)
     price, price_raw = _to_double(raw, cols.price)

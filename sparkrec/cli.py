@@ -21,6 +21,7 @@ from sparkrec import __version__
 from sparkrec import columns as C
 from sparkrec.config import Config, SparkConfig, check_input_paths, load_config
 from sparkrec.errors import ConfigError, SparkrecError
+from sparkrec.registry import evaluation_line
 
 log = logging.getLogger("sparkrec")
 
@@ -106,17 +107,6 @@ def summary(spark: SparkSession, cfg: Config, run_id: str) -> str:
     return "\n".join(lines)
 
 
-def evaluation_line(metrics: dict[str, float], details: dict) -> str:
-    key, best = details.get("metric"), details.get("best_baseline")
-    if not key or not best:
-        return ""
-    model, base = metrics.get(f"model.{key}", 0.0), metrics.get(f"{best}.{key}", 0.0)
-    ratio = f"x{model / base:.2f}" if base else "baseline 0"
-    gate = details.get("gate", {})
-    verdict = "passed" if gate.get("passed") else "FAILED"
-    return f"model {key} {model:.4f} vs best baseline {best} {base:.4f} ({ratio}); gate {verdict}" + ("" if gate.get("enabled") else " (gate off)")
-
-
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -156,7 +146,7 @@ def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> in
         from sparkrec.runs import RunContext
 
         session = _spark(cfg.spark, spark)
-        ctx = RunContext(session, cfg)
+        ctx = RunContext(session, cfg, now=cfg.interval.end)
         log.info("run %s: %s with config %s (hash %s)", ctx.run_id, args.command, args.config, cfg.digest())
         if args.command == "run":
             try:

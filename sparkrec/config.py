@@ -344,6 +344,35 @@ class TuneConfig(_Strict):
     space: TuneSpace = TuneSpace()
 
 
+class IntervalConfig(_Strict):
+    """The data interval a scheduled run is for (Airflow's data_interval_start / _end).
+
+    When set, ingest takes the source rows whose event time falls in
+    [start, end) (rows whose time cannot be read are always taken, so clean
+    can quarantine them), and "now" for every stage is `end`, so re-running an
+    interval decides exactly as the first run did, whatever the wall clock.
+    """
+
+    start: datetime | None = None
+    end: datetime | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntervalConfig:
+        for name in ("start", "end"):
+            v = getattr(self, name)
+            if v is not None and v.tzinfo is None:
+                setattr(self, name, v.replace(tzinfo=ZoneInfo("UTC")))
+        if (self.start is None) != (self.end is None):
+            raise ValueError("interval.start and interval.end go together: set both or neither")
+        if self.start is not None and self.end is not None and self.start >= self.end:
+            raise ValueError(f"interval.start ({self.start.isoformat()}) must be before interval.end ({self.end.isoformat()})")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.start is not None
+
+
 class Config(_Strict):
     warehouse: str
     checkpoint_dir: str | None = Field(default=None, description="Defaults to <warehouse>/_checkpoints.")
@@ -356,6 +385,7 @@ class Config(_Strict):
     recommend: RecommendConfig = RecommendConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tune: TuneConfig = TuneConfig()
+    interval: IntervalConfig = IntervalConfig()
 
     @field_validator("tables")
     @classmethod

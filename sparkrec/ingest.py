@@ -32,6 +32,11 @@ def row_content_hash(cols: list[str]) -> F.Column:
     return F.sha2(F.to_json(F.struct(*[F.col(f"`{c}`") for c in cols]), {"ignoreNullFields": "false"}), 256)
 
 
+def in_interval(event_time: F.Column, start, end) -> F.Column:
+    """Rows of the interval [start, end), plus rows whose time cannot be read (clean must see them to quarantine them)."""
+    return event_time.isNull() | ((event_time >= F.lit(start)) & (event_time < F.lit(end)))
+
+
 def with_lineage(raw: DataFrame, run_id: str) -> DataFrame:
     """Add the ingest run id, a content hash and a key unique per input row.
 

@@ -28,15 +28,23 @@ def run_ingest(ctx: RunContext) -> None:
     spark, cfg = ctx.spark, ctx.cfg
     with ctx.stage("ingest") as rec:
         raw = io.read_source(spark, cfg.source)
-        rows = ingest.with_lineage(raw, ctx.run_id)
+        selected = raw
+        if cfg.interval.enabled:
+            event_time, _ = clean.event_time(raw, cfg.source)
+            selected = raw.where(ingest.in_interval(event_time, cfg.interval.start, cfg.interval.end))
+            rec.details["interval"] = [cfg.interval.start.isoformat(), cfg.interval.end.isoformat()]
+        rows = ingest.with_lineage(selected, ctx.run_id)
         result = io.merge_new_rows(
             rows, cfg, C.EVENTS_RAW, on=[C.RAW_KEY], properties=ingest.RAW_TABLE_PROPERTIES, evolve_schema=True
         )
         # Delta counted the source while writing; count again only when nothing was committed.
-        rec.rows_in = result.source_rows if result.source_rows is not None else raw.count()
+        in_scope = result.source_rows if result.source_rows is not None else selected.count()
+        rec.rows_in = raw.count() if cfg.interval.enabled else in_scope
         rec.rows_out = result.inserted
         rec.outputs[cfg.table_name(C.EVENTS_RAW)] = result.version
-        rec.details["already_ingested"] = rec.rows_in - rec.rows_out
+        rec.details["already_ingested"] = in_scope - rec.rows_out
+        if cfg.interval.enabled:  # not lost: they belong to another interval's run
+            rec.details["outside_interval"] = rec.rows_in - in_scope
         rec.details["source"] = cfg.source.path
         items = io.read_items_source(spark, cfg.items)
         if items is not None:
@@ -151,6 +159,10 @@ def run_train(ctx: RunContext) -> str:
             log.info("run %s: fitting ALS on %s user-item pairs (rank %d, %d iterations)",
                      ctx.run_id, f"{pairs:,}", cfg.train.als.rank, cfg.train.als.max_iter)
             model = train.fit_als(matrix, cfg.train.als)
+            # The matrix is one checkpoint; ALS's own (every checkpoint_interval
+            # iterations, older ones deleted) are the rest. Recorded as proof
+            # that long training cut its lineage.
+            rec.details["checkpoints"] = io.checkpointed_rdds(spark, ckpt)
             model_version = ctx.run_id
             model.write().overwrite().save(io.model_path(cfg, model_version))
             users, items = train.factors(model, model_version)
@@ -266,12 +278,14 @@ def run_evaluate(ctx: RunContext) -> dict[str, float]:
     ev = cfg.evaluate
     with ctx.stage("evaluate") as rec:
         inter, uids, iids = _read_for_fit(ctx, rec)
-        proto = tune.make_protocol(tune.split_of(inter, ev), ev, cfg.recommend.exclude_event_types)
+        proto = tune.make_protocol(tune.split_of(inter, ev), ev, uids, iids)
         if proto.n_users == 0:
             raise StageError(f"evaluate: the split ({proto.description}) has no evaluated users: no user with training history acted in the test period")
         kmax = max(ev.ks)
         items = io.read_table(spark, cfg, C.ITEMS, required=False)
         categories = None
+        if items is not None:
+            rec.inputs[cfg.table_name(C.ITEMS)] = items.version
         if items is not None and not items.df.where(F.col(C.CATEGORY).isNotNull()).isEmpty():
             categories = items.df.select(C.ITEM_ID, C.CATEGORY)
         ckpt = io.checkpoint_dir(cfg, ctx.run_id)
@@ -279,14 +293,14 @@ def run_evaluate(ctx: RunContext) -> dict[str, float]:
         try:
             reference = proto.train.agg(F.max(C.EVENT_TS)).first()[0]
             matrix = train.training_matrix(proto.train, uids, iids, cfg.train, reference).checkpoint(eager=True)
-            lists = {"model": tune.model_lists(proto, matrix, uids, iids, cfg.train, cfg.recommend, kmax)}
+            lists = {"model": tune.model_lists(proto, matrix, cfg.train, cfg.recommend, kmax)}
             lists.update(tune.baseline_lists(proto, ev, kmax, cfg.recommend.exclude_event_types))
             results = {}
             for name, df in lists.items():
                 results[name] = evaluate.ranking_metrics(df, proto.relevant, ev.ks, train=proto.train, categories=categories)
                 log.info("run %s: %s: %s", ctx.run_id, name, ", ".join(f"{k} {v:.4f}" for k, v in sorted(results[name].items()) if "@" in k))
         finally:
-            proto.train.unpersist()
+            proto.release()
             io.remove_dir(spark, ckpt)
         for name, metrics in results.items():
             for k, v in metrics.items():
