@@ -2,11 +2,14 @@
 # `make test` sets up and runs the tests. Both create .venv on first use.
 PYTHON ?= python3
 VENV ?= .venv
+AIRFLOW_VENV ?= .venv-airflow
+AIRFLOW_VERSION := 3.3.2
+SPARK_PROVIDER_VERSION := 6.3.4
 BIN := $(VENV)/bin
 EVENTS ?= 100000
 DELTA_ARTIFACT := io.delta:delta-spark_4.2_2.13:4.4.0
 
-.PHONY: setup demo test test-fast retail bench jars clean
+.PHONY: airflow-setup setup demo test test-fast test-cluster retail bench jars dist dist-env cluster-up cluster-down clean
 
 setup: $(VENV)/.installed
 
@@ -23,11 +26,42 @@ demo: setup
 retail: setup
 	$(BIN)/sparkrec run --config conf/online_retail.yaml
 
-test: setup
+test: setup airflow-setup
 	$(BIN)/python -m pytest
 
+# Airflow in a virtual environment of its own (its pins clash with ours); the DAG tests drive it.
+# pyspark is pinned to ours so the provider does not pull a second, newer Spark.
+airflow-setup: $(AIRFLOW_VENV)/.installed
+
+$(AIRFLOW_VENV)/.installed:
+	$(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/pip install -q --upgrade pip
+	$(AIRFLOW_VENV)/bin/pip install -q "apache-airflow==$(AIRFLOW_VERSION)" \
+		"apache-airflow-providers-apache-spark==$(SPARK_PROVIDER_VERSION)" "pyspark==4.2.0"
+	touch $@
+
 test-fast: setup
-	$(BIN)/python -m pytest -m "not e2e and not realdata"
+	$(BIN)/python -m pytest -m "not e2e and not realdata and not cluster"
+
+test-cluster: setup
+	$(BIN)/python -m pytest -m cluster
+
+# What a cluster needs: dist/sparkrec-<version>-py3-none-any.whl and dist/sparkrec-<version>.zip (--py-files).
+dist: setup
+	$(BIN)/python scripts/build_dist.py
+
+# A packed virtual environment (sparkrec and every dependency) for `--archives dist/sparkrec-env.tar.gz#environment`.
+dist-env: dist
+	rm -rf build/env && $(PYTHON) -m venv build/env
+	build/env/bin/pip install -q dist/sparkrec-*.whl venv-pack
+	build/env/bin/venv-pack -p build/env -o dist/sparkrec-env.tar.gz --force
+
+# A standalone cluster on localhost (a master and two 1-core workers); prints the master URL.
+cluster-up: setup
+	$(BIN)/python -m sparkrec.devcluster start --dir build/cluster
+
+cluster-down:
+	$(BIN)/python -m sparkrec.devcluster stop --dir build/cluster
 
 bench: setup
 	$(BIN)/python bench/bench_pipeline.py
@@ -38,4 +72,4 @@ jars:
 	mvn -q dependency:get -Dartifact=$(DELTA_ARTIFACT)
 
 clean:
-	rm -rf warehouse data/generated bench/out .pytest_cache
+	rm -rf warehouse data/generated bench/out .pytest_cache dist build

@@ -1,0 +1,163 @@
+"""Faults a scheduler lives with: a job killed mid-write, the same interval run three times, long ALS.
+
+The killed job is a real `sparkrec` process (Python driver and its JVM, in a
+process group of their own) sent SIGKILL while its data files are on disk
+but before Delta committed them. These tests start JVMs of their own and
+are grouped with the cluster tests (`make test-cluster`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from chispa import assert_df_equality
+
+from sparkrec import columns as C
+from sparkrec import io, pipeline
+from sparkrec.cli import main
+from sparkrec.config import load_config
+from sparkrec.generate import GenerateParams, generate
+from sparkrec.runs import RunContext
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.cluster
+
+FAST = ["train.als.rank=8", "train.als.max_iter=4", "recommend.n=5", "evaluate.enabled=false", "spark.driver_memory=2g", "spark.shuffle_partitions=2"]
+
+
+@pytest.fixture(scope="module")
+def shops(spark, tmp_path_factory):
+    """Two batches of one shop's events: the first is ingested, the second arrives later."""
+    base = tmp_path_factory.mktemp("fault-shops")
+    generate(spark, GenerateParams(events=20_000, seed=3), str(base / "a"))
+    generate(spark, GenerateParams(events=150_000, seed=4), str(base / "b"))
+    return base
+
+
+def setup_warehouse(spark, shops: Path, tmp: Path):
+    """A warehouse where batch a went through ingest and clean; batch b is then put next to it."""
+    src = tmp / "events"
+    shutil.copytree(shops / "a" / "events", src)
+    sets = [f"warehouse={tmp / 'wh'}", f"source.path={src}", f"items.path={shops / 'a' / 'items'}", *FAST]
+    cfg = load_config(ROOT / "conf" / "local.yaml", sets)
+    pipeline.run_all(RunContext(spark, cfg), ("ingest", "clean"))
+    for f in (shops / "b" / "events").iterdir():
+        if not f.name.startswith((".", "_")):
+            shutil.copy(f, src / f"b-{f.name}")
+    return cfg, sets
+
+
+def versions(spark, cfg) -> dict[str, int | None]:
+    return {k: io.current_version(spark, cfg.table_path(k)) for k in (C.EVENTS_RAW, C.ITEMS, C.INTERACTIONS, C.QUARANTINE)}
+
+
+def data_files(table_dir: Path) -> set[str]:
+    return {p.name for p in table_dir.rglob("*.parquet")} if table_dir.exists() else set()
+
+
+def kill_mid_write(stage: str, sets: list[str], table_dir: Path, log_path: Path, timeout: float = 300) -> None:
+    """Run `sparkrec <stage>` and SIGKILL its process group once a new data file of `table_dir` is on disk.
+
+    Delta writes data files first and commits the log entry last, so a new
+    file with the log not advanced is the middle of the write.
+    """
+    before_files = data_files(table_dir)
+    log_dir = table_dir / "_delta_log"
+    before_log = {p.name for p in log_dir.glob("*.json")}
+    args = [sys.executable, "-m", "sparkrec.cli", stage, "--config", str(ROOT / "conf" / "local.yaml")]
+    for s in sets:
+        args += ["--set", s]
+    with log_path.open("w") as out:
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            new_files = data_files(table_dir) - before_files
+            committed = {p.name for p in log_dir.glob("*.json")} - before_log
+            assert not committed, f"{stage} committed {committed} before a new data file was seen; log: {log_path}"
+            if new_files:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+                assert proc.returncode == -signal.SIGKILL
+                return
+            assert proc.poll() is None, f"{stage} ended ({proc.returncode}) before writing {table_dir.name}; log: {log_path}"
+            time.sleep(0.01)
+        raise AssertionError(f"no new data file in {table_dir} within {timeout}s")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.mark.parametrize(("stage", "key"), [("ingest", C.EVENTS_RAW), ("clean", C.INTERACTIONS)])
+def test_a_job_killed_mid_write_leaves_tables_readable_and_the_next_run_succeeds(spark, shops, tmp_path, stage, key):
+    cfg, sets = setup_warehouse(spark, shops, tmp_path)
+    if stage == "clean":  # the new batch is ingested; clean is the job that dies
+        pipeline.run_all(RunContext(spark, cfg), ("ingest",))
+    before = versions(spark, cfg)
+    snapshot = {k: io.read_table(spark, cfg, k).df.localCheckpoint() for k in (C.EVENTS_RAW, C.INTERACTIONS, C.QUARANTINE)}
+    kill_mid_write(stage, sets, Path(cfg.table_path(key)), tmp_path / f"{stage}.log")
+
+    # Every table is readable, at the version it had, with the content it had.
+    assert versions(spark, cfg) == before
+    for k, df in snapshot.items():
+        assert_df_equality(io.read_table(spark, cfg, k).df, df, ignore_row_order=True)
+
+    # The next run of the same stages succeeds, and the orphaned files of the dead job count for nothing.
+    assert main(["ingest", *[a for s in sets for a in ("--set", s)], "--config", str(ROOT / "conf" / "local.yaml")], spark=spark) == 0
+    assert main(["clean", *[a for s in sets for a in ("--set", s)], "--config", str(ROOT / "conf" / "local.yaml")], spark=spark) == 0
+    clean_row = io.read_table(spark, cfg, C.RUNS).df.where("stage = 'clean'").orderBy("started_at", ascending=False).first()
+    assert clean_row["rows_in"] == 170_000
+    assert clean_row["rows_in"] == clean_row["rows_out"] + clean_row["rows_quarantined"] + clean_row["rows_duplicate"]
+    assert io.read_table(spark, cfg, C.EVENTS_RAW).df.count() == 170_000
+
+
+def test_the_same_input_three_times_leaves_the_tables_as_one_run(spark, shops, tmp_path):
+    sets = [f"warehouse={tmp_path / 'wh'}", f"source.path={shops / 'a' / 'events'}", f"items.path={shops / 'a' / 'items'}", *FAST]
+    cfg = load_config(ROOT / "conf" / "local.yaml", sets)
+    content = {
+        C.EVENTS_RAW: None, C.INTERACTIONS: None, C.QUARANTINE: [C.RAW_KEY, C.REASON, C.RAW_RECORD], C.USER_IDS: None, C.ITEM_IDS: None,
+        C.ITEMS: None, C.RECOMMENDATIONS: [C.USER_ID, C.ITEM_ID, C.RANK, C.SCORE, C.SOURCE],
+    }
+
+    def snapshot():
+        out = {}
+        for k, cols in content.items():
+            df = io.read_table(spark, cfg, k).df
+            if cols is None:  # everything but who wrote it
+                cols = [c for c in df.columns if c not in (C.INGEST_RUN_ID, C.RUN_ID)]
+            out[k] = df.select(cols).localCheckpoint()
+        return out
+
+    pipeline.run_all(RunContext(spark, cfg))
+    once = snapshot()
+    for _ in range(2):
+        pipeline.run_all(RunContext(spark, cfg))
+    thrice = snapshot()
+    for k in content:
+        assert_df_equality(thrice[k], once[k], ignore_row_order=True, ignore_nullable=True)
+    runs = io.read_table(spark, cfg, C.RUNS).df
+    assert runs.select(C.RUN_ID).distinct().count() == 3
+    assert runs.where("stage = 'ingest'").orderBy("started_at").collect()[-1]["rows_out"] == 0
+
+
+def test_long_training_checkpoints_and_does_not_overflow_the_stack(spark, shops, tmp_path):
+    """maxIter 50 builds a lineage ALS can only survive with checkpoints really on."""
+    sets = [f"warehouse={tmp_path / 'wh'}", f"source.path={shops / 'a' / 'events'}", f"items.path={shops / 'a' / 'items'}", *FAST,
+            "train.als.max_iter=50", "train.als.checkpoint_interval=5"]
+    cfg = load_config(ROOT / "conf" / "local.yaml", sets)
+    ctx = RunContext(spark, cfg)
+    pipeline.run_all(ctx, ("ingest", "clean", "ids", "train"))
+    row = io.read_table(spark, cfg, C.RUNS).df.where(f"run_id = '{ctx.run_id}' and stage = 'train'").first()
+    assert row["status"] == "succeeded"
+    details = json.loads(row["details"])
+    assert details["checkpoints"] > 1, details  # the matrix, and ALS's latest factor checkpoints
+    assert io.read_table(spark, cfg, C.USER_FACTORS).df.count() > 0
