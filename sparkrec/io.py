@@ -9,6 +9,8 @@ can record it.
 from __future__ import annotations
 
 import logging
+import random
+import time
 from dataclasses import dataclass
 
 from delta.tables import DeltaTable
@@ -21,6 +23,47 @@ from sparkrec.config import Config, ItemsConfig, SourceConfig
 from sparkrec.errors import InputError, MissingColumnError, SparkrecError, StageError
 
 log = logging.getLogger(__name__)
+
+# Delta's optimistic concurrency: a writer whose commit loses the race to another gets one
+# of these; re-running the write is safe for every write here (overwrites recompute, MERGEs
+# insert only what is missing, run records are appends).
+_CONFLICTS = (
+    "ConcurrentAppendException", "ConcurrentDeleteReadException", "ConcurrentDeleteDeleteException",
+    "ConcurrentTransactionException", "ConcurrentWriteException", "MetadataChangedException",
+    "ProtocolChangedException", "FileAlreadyExistsException", "DELTA_CONCURRENT", "DELTA_METADATA_CHANGED",
+    "DELTA_PROTOCOL_CHANGED",
+)
+WRITE_ATTEMPTS = 4
+
+
+def _is_conflict(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__}: {exc}"
+    return any(name in text for name in _CONFLICTS)
+
+
+def _retrying(table: str, write):
+    """Run `write`; when another writer committed to the table first, back off and run it again.
+
+    Raises:
+        StageError: still conflicting after WRITE_ATTEMPTS attempts (names the table).
+    """
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        try:
+            return write()
+        except Exception as exc:
+            if not _is_conflict(exc):
+                raise
+            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            if attempt == WRITE_ATTEMPTS:
+                raise StageError(
+                    f"table '{table}' kept changing under another writer: gave up after {WRITE_ATTEMPTS} attempts ({reason}). "
+                    "Run one job per table at a time (e.g. Airflow max_active_runs=1)"
+                ) from exc
+            delay = 0.5 * 2 ** (attempt - 1) + random.random() * 0.5
+            log.warning("table %s: another writer committed first (%s); writing again in %.1fs (attempt %d of %d)",
+                        table, reason, delay, attempt + 1, WRITE_ATTEMPTS)
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 @dataclass(frozen=True)
@@ -190,7 +233,7 @@ def overwrite_table(df: DataFrame, cfg: Config, key: str, *, properties: dict[st
     writer = df.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
     for k, v in (properties or {}).items():
         writer = writer.option(k, v)
-    writer.save(path)
+    _retrying(cfg.table_name(key), lambda: writer.save(path))
     return _version_after_write(df.sparkSession, path)
 
 
@@ -211,16 +254,34 @@ def merge_new_rows(
     *,
     properties: dict[str, str] | None = None,
     evolve_schema: bool = False,
+    retry_conflicts: bool = True,
 ) -> MergeResult:
     """Insert the rows of `df` whose `on` key is not in the table yet (insert-only MERGE).
 
     Running it again with the same `df` inserts nothing (and Delta commits
     nothing), which is what makes ingest and id assignment safe to re-run.
-    `evolve_schema` lets a new input column extend the table.
+    `evolve_schema` lets a new input column extend the table. Pass
+    `retry_conflicts=False` when `df` was derived from the table itself (new
+    ids numbered after its maximum): re-running it after another writer's
+    commit could hand out ids that writer just used, so such a conflict fails.
 
     Example:
         result = merge_new_rows(new_ids_df, cfg, C.USER_IDS, on=[C.USER_ID])
     """
+    if not retry_conflicts:
+        try:
+            return _merge_once(df, cfg, key, on, properties, evolve_schema)
+        except Exception as exc:
+            if _is_conflict(exc):
+                raise StageError(f"table '{cfg.table_name(key)}' was changed by another writer during this run; "
+                                 "run the stage again (one job per table at a time)") from exc
+            raise
+    return _retrying(cfg.table_name(key), lambda: _merge_once(df, cfg, key, on, properties, evolve_schema))
+
+
+def _merge_once(
+    df: DataFrame, cfg: Config, key: str, on: list[str], properties: dict[str, str] | None, evolve_schema: bool
+) -> MergeResult:
     spark = df.sparkSession
     path = cfg.table_path(key)
     if not table_exists(spark, path):
@@ -256,7 +317,7 @@ def merge_new_rows(
 
 def append_rows(df: DataFrame, cfg: Config, key: str) -> int:
     path = cfg.table_path(key)
-    df.write.format("delta").mode("append").option("mergeSchema", "true").save(path)
+    _retrying(cfg.table_name(key), lambda: df.write.format("delta").mode("append").option("mergeSchema", "true").save(path))
     return _version_after_write(df.sparkSession, path)
 
 

@@ -124,7 +124,7 @@ def run_ids(ctx: RunContext) -> None:
             # Materialised once: counted for the id-space check, then merged.
             fresh = ids.new_ids(inter.df, existing.df if existing else None, key_col, idx_col, offset).localCheckpoint()
             ids.check_id_space(offset, fresh.count(), cfg.table_name(table))
-            result = io.merge_new_rows(fresh, cfg, table, on=[key_col])
+            result = io.merge_new_rows(fresh, cfg, table, on=[key_col], retry_conflicts=False)
             rec.outputs[cfg.table_name(table)] = result.version
             added = result.inserted
             rec.details[f"new_{table}"] = added
@@ -156,6 +156,12 @@ def run_train(ctx: RunContext) -> str:
                     "the training matrix is empty: no interaction has a positive weight "
                     f"(train.event_weights = {cfg.train.event_weights})"
                 )
+            heavy, share = train.largest_user_share(matrix)
+            rec.details["largest_user_share"] = round(share, 6)
+            if share > train.SKEW_WARN_SHARE:
+                who = uids.df.where(F.col(C.USER_IDX) == heavy).select(C.USER_ID).first()
+                log.warning("run %s: user %s holds %.1f%% of all training weight (more than %.0f%%): a bot or a test account? "
+                            "see clean.bots", ctx.run_id, who[0] if who else heavy, 100 * share, 100 * train.SKEW_WARN_SHARE)
             log.info("run %s: fitting ALS on %s user-item pairs (rank %d, %d iterations)",
                      ctx.run_id, f"{pairs:,}", cfg.train.als.rank, cfg.train.als.max_iter)
             model = train.fit_als(matrix, cfg.train.als)

@@ -48,7 +48,9 @@ def build_session(cfg: SparkConfig) -> SparkSession:
         # ModuleNotFoundError when the venv is not the system Python.
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-        builder = builder.master(cfg.master).config("spark.ui.showConsoleProgress", "false")
+        # Spark's progress bar helps a person at a terminal and garbles a log file.
+        progress = "true" if sys.stderr.isatty() else "false"
+        builder = builder.master(cfg.master).config("spark.ui.showConsoleProgress", progress)
         if cfg.driver_memory:
             builder = builder.config("spark.driver.memory", cfg.driver_memory)
     settings = {**DELTA_CONF, **BASE_CONF, "spark.sql.shuffle.partitions": str(cfg.shuffle_partitions)}

@@ -93,3 +93,17 @@ def factors(model: ALSModel, model_version: str) -> tuple[DataFrame, DataFrame]:
         F.col("id").alias(C.ITEM_IDX), F.col("features").alias(C.FEATURES), F.lit(model_version).alias(C.MODEL_VERSION)
     )
     return users, items
+
+
+# A single user with more than this share of the training weight is worth a warning:
+# a bot that slipped through clean.bots, a shop's own test account, a feed importer.
+SKEW_WARN_SHARE = 0.01
+
+
+def largest_user_share(matrix: DataFrame) -> tuple[int | None, float]:
+    """(user_idx, share of all training weight) of the heaviest user: a one-row aggregate, for the skew warning."""
+    per_user = matrix.groupBy(C.USER_IDX).agg(F.sum(C.WEIGHT).alias("_w"))
+    row = per_user.agg(F.max_by(C.USER_IDX, "_w").alias("_u"), F.max("_w").alias("_max"), F.sum("_w").alias("_all")).first()
+    if row is None or not row["_all"]:
+        return None, 0.0
+    return row["_u"], float(row["_max"]) / float(row["_all"])

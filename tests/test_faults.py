@@ -161,3 +161,41 @@ def test_long_training_checkpoints_and_does_not_overflow_the_stack(spark, shops,
     details = json.loads(row["details"])
     assert details["checkpoints"] > 1, details  # the matrix, and ALS's latest factor checkpoints
     assert io.read_table(spark, cfg, C.USER_FACTORS).df.count() > 0
+
+
+def test_a_persistent_failure_names_the_stage_and_the_reason_and_exits_non_zero(spark, shops, tmp_path, capsys):
+    """A data file of `interactions` is damaged on disk: every attempt of the task fails the same way."""
+    sets = [f"warehouse={tmp_path / 'wh'}", f"source.path={shops / 'a' / 'events'}", f"items.path={shops / 'a' / 'items'}", *FAST]
+    cfg = load_config(ROOT / "conf" / "local.yaml", sets)
+    pipeline.run_all(RunContext(spark, cfg), ("ingest", "clean"))
+    victim = sorted(Path(cfg.table_path(C.INTERACTIONS)).glob("*.parquet"))[0]
+    victim.write_bytes(b"not a parquet file at all" * 100)
+    code = main(["train", "--config", str(ROOT / "conf" / "local.yaml"), *[a for s in sets for a in ("--set", s)]], spark=spark)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "failed in stage ids" in err  # train assigns ids first, and that is where the file is read
+    assert victim.name in err or "parquet" in err.lower(), err
+    failed = io.read_table(spark, cfg, C.RUNS).df.where("status = 'failed'").collect()
+    assert [r["stage"] for r in failed] == ["ids"] and failed[0]["error"]
+
+
+def test_two_runs_racing_on_one_table_leave_it_whole(spark, shops, tmp_path):
+    """Two `sparkrec ingest` processes start together on one warehouse and one input: Delta lets one
+    commit first; the other retries (its MERGE then finds every row present) or fails naming the table.
+    Either way the table holds every input row once."""
+    sets = [f"warehouse={tmp_path / 'wh'}", f"source.path={shops / 'a' / 'events'}", f"items.path={shops / 'a' / 'items'}", *FAST]
+    args = [sys.executable, "-m", "sparkrec.cli", "ingest", "--config", str(ROOT / "conf" / "local.yaml")]
+    for s in sets:
+        args += ["--set", s]
+    procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    codes = [p.returncode for p in procs]
+    assert 0 in codes, outs
+    for code, out in zip(codes, outs):
+        assert code == 0 or ("another writer" in out and code == 2), out[-3000:]
+    cfg = load_config(ROOT / "conf" / "local.yaml", sets)
+    raw = io.read_table(spark, cfg, C.EVENTS_RAW).df
+    assert raw.count() == 20_000
+    assert raw.select(C.RAW_KEY).distinct().count() == 20_000
+    ingests = io.read_table(spark, cfg, C.RUNS).df.where("stage = 'ingest' and status = 'succeeded'").collect()
+    assert sum(r["rows_out"] for r in ingests) == 20_000  # what one inserted, the other found present

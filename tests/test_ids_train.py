@@ -60,3 +60,10 @@ def test_recency_decay_halves_per_half_life(spark):
     cfg = TrainConfig(event_weights={"purchase": 4.0}, recency_half_life_days=10)
     got = {r[C.ITEM_IDX]: r[C.WEIGHT] for r in train.training_matrix(inter, uids, iids, cfg, datetime(2025, 1, 11)).collect()}
     assert got == {0: pytest.approx(4.0), 1: pytest.approx(2.0)}
+
+
+def test_largest_user_share_names_the_heaviest_user(spark):
+    m = spark.createDataFrame([(1, 0, 2.0), (1, 1, 6.0), (2, 0, 1.0), (3, 2, 1.0)], "user_idx int, item_idx int, weight float")
+    assert train.largest_user_share(m) == (1, 0.8)
+    empty = spark.createDataFrame([], "user_idx int, item_idx int, weight float")
+    assert train.largest_user_share(empty) == (None, 0.0)
