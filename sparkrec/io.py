@@ -41,27 +41,27 @@ def _is_conflict(exc: BaseException) -> bool:
     return any(name in text for name in _CONFLICTS)
 
 
-def _retrying(table: str, write):
+def _retrying(table: str, write, attempts: int = WRITE_ATTEMPTS):
     """Run `write`; when another writer committed to the table first, back off and run it again.
 
     Raises:
-        StageError: still conflicting after WRITE_ATTEMPTS attempts (names the table).
+        StageError: still conflicting after `attempts` attempts (names the table).
     """
-    for attempt in range(1, WRITE_ATTEMPTS + 1):
+    for attempt in range(1, attempts + 1):
         try:
             return write()
         except Exception as exc:
             if not _is_conflict(exc):
                 raise
             reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            if attempt == WRITE_ATTEMPTS:
+            if attempt == attempts:
                 raise StageError(
-                    f"table '{table}' kept changing under another writer: gave up after {WRITE_ATTEMPTS} attempts ({reason}). "
-                    "Run one job per table at a time (e.g. Airflow max_active_runs=1)"
+                    f"table '{table}' was changed by another writer during this run ({attempt} attempt(s): {reason}). "
+                    "Run one job per table at a time (e.g. Airflow max_active_runs=1), then run the stage again"
                 ) from exc
             delay = 0.5 * 2 ** (attempt - 1) + random.random() * 0.5
             log.warning("table %s: another writer committed first (%s); writing again in %.1fs (attempt %d of %d)",
-                        table, reason, delay, attempt + 1, WRITE_ATTEMPTS)
+                        table, reason, delay, attempt + 1, attempts)
             time.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -171,6 +171,12 @@ def read_items_source(spark: SparkSession, items: ItemsConfig) -> DataFrame | No
 # --------------------------------------------------------------------------- Delta tables
 
 
+def _hadoop(spark: SparkSession, path: str):
+    """(file system, Hadoop path) for `path`, so local and remote paths are handled alike."""
+    hpath = spark.sparkContext._jvm.org.apache.hadoop.fs.Path(path)
+    return hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), hpath
+
+
 def table_exists(spark: SparkSession, path: str) -> bool:
     return DeltaTable.isDeltaTable(spark, path)
 
@@ -183,9 +189,7 @@ def current_version(spark: SparkSession, path: str) -> int | None:
     the log answers this. (Asking Delta for the table's history ran a Spark
     job per call: about a second each, a dozen times per stage.)
     """
-    jvm = spark.sparkContext._jvm
-    log_dir = jvm.org.apache.hadoop.fs.Path(f"{path.rstrip('/')}/_delta_log")
-    fs = log_dir.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+    fs, log_dir = _hadoop(spark, f"{path.rstrip('/')}/_delta_log")
     if not fs.exists(log_dir):
         return None
     latest = -1
@@ -268,15 +272,8 @@ def merge_new_rows(
     Example:
         result = merge_new_rows(new_ids_df, cfg, C.USER_IDS, on=[C.USER_ID])
     """
-    if not retry_conflicts:
-        try:
-            return _merge_once(df, cfg, key, on, properties, evolve_schema)
-        except Exception as exc:
-            if _is_conflict(exc):
-                raise StageError(f"table '{cfg.table_name(key)}' was changed by another writer during this run; "
-                                 "run the stage again (one job per table at a time)") from exc
-            raise
-    return _retrying(cfg.table_name(key), lambda: _merge_once(df, cfg, key, on, properties, evolve_schema))
+    attempts = WRITE_ATTEMPTS if retry_conflicts else 1
+    return _retrying(cfg.table_name(key), lambda: _merge_once(df, cfg, key, on, properties, evolve_schema), attempts)
 
 
 def _merge_once(
@@ -343,18 +340,14 @@ def last_operation_metrics(spark: SparkSession, path: str) -> dict[str, int]:
 
 def remove_dir(spark: SparkSession, path: str) -> None:
     """Delete a directory through Hadoop's file system, so remote paths work too."""
-    jvm = spark.sparkContext._jvm
-    hpath = jvm.org.apache.hadoop.fs.Path(path)
-    fs = hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+    fs, hpath = _hadoop(spark, path)
     if fs.exists(hpath):
         fs.delete(hpath, True)
 
 
 def checkpointed_rdds(spark: SparkSession, path: str) -> int:
     """RDD checkpoints present under a checkpoint directory (Spark writes <dir>/<uuid>/rdd-N)."""
-    jvm = spark.sparkContext._jvm
-    hpath = jvm.org.apache.hadoop.fs.Path(path)
-    fs = hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+    fs, hpath = _hadoop(spark, path)
     if not fs.exists(hpath):
         return 0
     count = 0

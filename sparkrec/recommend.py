@@ -345,8 +345,8 @@ def _fill_order() -> list[Column]:
     return [F.col(PRIO), F.col(C.SCORE).desc(), F.col(C.ITEM_IDX)]
 
 
-def _sequence(ranking: DataFrame) -> DataFrame:
-    """The shared rankings as one numbered sequence (priority, score, item id), each item at its first place.
+def _sequence(ranking: DataFrame) -> tuple[DataFrame, int]:
+    """The shared rankings as one numbered sequence (priority, score, item id), each item at its first place, and its length.
 
     Numbered within each priority, then shifted by the sizes of the earlier
     priorities (a handful of rows), so no window spans the whole table.
@@ -359,7 +359,7 @@ def _sequence(ranking: DataFrame) -> DataFrame:
         shift = F.when(F.col(PRIO) == prio, F.lit(offset)).otherwise(shift)
         offset += size
     within = F.row_number().over(Window.partitionBy(PRIO).orderBy(F.col(C.SCORE).desc(), F.col(C.ITEM_IDX)))
-    return first.withColumn(POS, within + shift)
+    return first.withColumn(POS, within + shift).localCheckpoint(eager=True), offset
 
 
 def fill_lists(
@@ -389,8 +389,8 @@ def fill_lists(
     Returns:
         (user_idx, item_idx, rank, score, _cat, source), ranks continuing after `_have`.
     """
-    seq = F.broadcast(_sequence(ranking).localCheckpoint(eager=True))
-    total = seq.count()
+    numbered, total = _sequence(ranking)
+    seq = F.broadcast(numbered)
     users = short.select(C.USER_IDX)
     gone = blocked
     if present is not None:
