@@ -25,8 +25,8 @@ import numpy as np
 
 # Cells of a dense score block recomputed exactly at once (rows x items).
 _EXACT_CELLS = 4_000_000
-# Query-item pairs compared at once when explaining.
-_EXPLAIN_PAIRS = 250_000
+# Search depth beyond which a row is scored densely with its exclusions masked (see `top_k`).
+_DENSE_DEPTH = 128
 
 
 def set_threads(n: int) -> None:
@@ -138,10 +138,15 @@ def top_k(
 ) -> Selection:
     """Exact top-`n` items per query row, never an excluded one, at most `cap` per category.
 
-    The search fetches just enough candidates for the common row (n, plus the
-    row's exclusions); the few rows that a cap or a tie leaves undecided are
-    searched again four times deeper, and only rows still undecided then are
-    scored against every item in numpy.
+    Rows with few exclusions are searched with faiss, fetching just enough
+    candidates for them (n, plus the longest of their exclusion lists). Rows
+    with long exclusion lists (a wholesale customer who bought 1,700 of 4,000
+    items) would make that depth, and the sort of every fetched candidate,
+    huge for the whole block: they are scored densely instead, with their
+    exclusions masked before the selection, so their depth does not grow with
+    what they bought. Either way the rows that a cap or a tie leaves undecided
+    are searched again four times deeper, and only rows still undecided then
+    are scored against every item.
 
     Args:
         queries: float32 [rows, rank].
@@ -154,21 +159,32 @@ def top_k(
     if b == 0 or m == 0:
         return Selection(*(np.zeros(0, dtype=t) for t in (np.int64, np.int64, np.float32, np.int32)))
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    longest = max((len(e) for e in excluded), default=0)
-    depth = min(m, n + longest + 1)
-    todo = np.arange(b)
+    lens = np.fromiter((len(e) for e in excluded), dtype=np.int64, count=b)
+    dense = lens + n + 1 > _DENSE_DEPTH
+    sparse_rows, dense_rows = np.flatnonzero(~dense), np.flatnonzero(dense)
+    groups = (
+        (sparse_rows, _search, n + int(lens[sparse_rows].max(initial=0)) + 1),
+        (dense_rows, _dense_search, 2 * n),
+    )
     parts: list[Selection] = []
-    for attempt in range(2):
-        sel, undecided = _search(queries[todo], [excluded[i] for i in todo], items, n, cap, depth)
-        sel.row = todo[sel.row]
-        keep = ~np.isin(sel.row, todo[undecided])
-        parts.append(Selection(sel.row[keep], sel.pos[keep], sel.score[keep], sel.rank[keep]))
-        todo = todo[undecided]
-        if not len(todo) or depth >= m:
-            break
-        depth = min(m, depth * 4)
-    if len(todo):
-        parts.append(_exact(queries, excluded, items, n, cap, todo))
+    left: list[np.ndarray] = []
+    for todo, search, depth in groups:
+        depth = min(m, depth)
+        for attempt in range(2):
+            if not len(todo):
+                break
+            sel, undecided = search(queries[todo], [excluded[i] for i in todo], items, n, cap, depth)
+            sel.row = todo[sel.row]
+            keep = ~np.isin(sel.row, todo[undecided])
+            parts.append(Selection(sel.row[keep], sel.pos[keep], sel.score[keep], sel.rank[keep]))
+            todo = todo[undecided]
+            if depth >= m:
+                break
+            depth = min(m, depth * 4)
+        left.append(todo)
+    rest = np.concatenate(left)
+    if len(rest):
+        parts.append(_exact(queries, excluded, items, n, cap, np.sort(rest)))
     out = Selection(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("row", "pos", "score", "rank")))
     order = np.lexsort((out.rank, out.row))
     return Selection(out.row[order], out.pos[order], out.score[order], out.rank[order])
@@ -192,6 +208,45 @@ def _search(
         last[sel.row[ends]] = sel.score[ends]
     # Exact only if the row is full and nothing unseen can tie or beat its last item.
     return sel, (counts < n) | (last <= dist[:, -1])
+
+
+def _dense_search(
+    queries: np.ndarray, excluded: list[np.ndarray], items: ItemMatrix, n: int, cap: int | None, depth: int
+) -> tuple[Selection, np.ndarray]:
+    """Like `_search`, from full score rows with the exclusions masked first (in slices that bound memory)."""
+    b, m = len(queries), len(items.item_idx)
+    step = max(1, _EXACT_CELLS // m)
+    none = np.zeros(0, dtype=np.int64)
+    sels, undecided = [], []
+    for start in range(0, b, step):
+        q = queries[start : start + step]
+        r = len(q)
+        scores = q @ items.vectors.T
+        # Keys are row * m + position: the flat index of the [r, m] score block.
+        scores.ravel()[_excluded_keys(excluded[start : start + step], items)] = -np.inf
+        if depth < m:
+            cand = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
+        else:
+            cand = np.broadcast_to(np.arange(m, dtype=np.int64), (r, m))
+        top = np.take_along_axis(scores, cand, axis=1)
+        rows = np.repeat(np.arange(r, dtype=np.int64), cand.shape[1])
+        sel = _select(rows, cand.ravel().astype(np.int64), top.ravel(), items, none, n, cap)
+        if depth >= m:
+            und = np.zeros(r, dtype=bool)
+        else:
+            counts = np.bincount(sel.row, minlength=r)
+            last = np.full(r, np.inf, dtype=np.float64)
+            if len(sel.row):
+                ends = np.flatnonzero(np.r_[sel.row[1:] != sel.row[:-1], True])
+                last[sel.row[ends]] = sel.score[ends]
+            # As in `_search`: decided when full and strictly above everything not fetched
+            # (a masked item scores -inf, so fetching one means nothing valid was left out).
+            und = (counts < n) | (last <= top.min(axis=1))
+        sel.row = sel.row + start
+        sels.append(sel)
+        undecided.append(und)
+    out = Selection(*(np.concatenate([getattr(p, f) for p in sels]) for f in ("row", "pos", "score", "rank")))
+    return out, np.concatenate(undecided)
 
 
 def _exact(queries: np.ndarray, excluded: list[np.ndarray], items: ItemMatrix, n: int, cap: int | None, which: np.ndarray) -> Selection:

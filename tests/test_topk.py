@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from sparkrec import topk
 from sparkrec.topk import ItemMatrix, explain, normalized, occurrence, top_k
 
 
@@ -33,8 +34,13 @@ def as_lists(sel, items, rows):
     return [items.item_idx[sel.pos[sel.row == r]].tolist() for r in range(rows)]
 
 
+@pytest.mark.parametrize("dense_depth", [None, 0, 20], ids=["default", "all-dense", "mixed"])
 @pytest.mark.parametrize("seed", range(12))
-def test_top_k_matches_brute_force_with_ties_exclusions_and_caps(seed):
+def test_top_k_matches_brute_force_with_ties_exclusions_and_caps(seed, dense_depth, monkeypatch):
+    # Rows beyond the dense depth are scored with their exclusions masked,
+    # the others searched with faiss: both must give the reference answer.
+    if dense_depth is not None:
+        monkeypatch.setattr(topk, "_DENSE_DEPTH", dense_depth)
     rng = np.random.default_rng(seed)
     m, rank, rows = int(rng.integers(5, 80)), 4, 9
     ids = np.sort(rng.choice(10_000, m, replace=False))
@@ -72,7 +78,10 @@ def test_category_cap_takes_the_best_of_each_category():
     assert items.item_idx[sel.pos].tolist() == [2, 4, 6]  # 6 has no category: never capped
 
 
-def test_large_exclusion_lists_still_give_n_items():
+@pytest.mark.parametrize("dense_depth", [None, 10**9], ids=["default", "never-dense"])
+def test_large_exclusion_lists_still_give_n_items(dense_depth, monkeypatch):
+    if dense_depth is not None:
+        monkeypatch.setattr(topk, "_DENSE_DEPTH", dense_depth)
     rng = np.random.default_rng(7)
     ids = np.arange(2_000)
     items = ItemMatrix(ids, rng.normal(size=(2_000, 8)).astype(np.float32))
