@@ -81,15 +81,16 @@ def _spark(cfg_spark: SparkConfig, spark: SparkSession | None) -> SparkSession:
     return build_session(cfg_spark)
 
 
-def summary(spark: SparkSession, cfg: Config, run_id: str) -> str:
-    """A few lines a person reads after `sparkrec run`: the ledger and the outputs."""
+def summary(spark: SparkSession, cfg: Config, run_id: str, rows: list[dict]) -> str:
+    """A few lines a person reads after `sparkrec run`: the ledger and the outputs.
+
+    `rows` are the stage rows this run wrote to `runs` (kept in memory: reading
+    them back cost Spark jobs for what the process already knows).
+    """
     from pyspark.sql import functions as F
 
     from sparkrec import io
 
-    runs = io.read_table(spark, cfg, C.RUNS)
-    assert runs is not None
-    rows = runs.df.where(F.col(C.RUN_ID) == run_id).orderBy("started_at").collect()
     lines = [f"run {run_id}"]
     for r in rows:
         parts = [f"{r['stage']:<10} {r['status']:<9} {r['duration_s']:7.1f}s"]
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> in
                 pipeline.run_all(ctx, pipeline.RUN_STAGES)
             finally:
                 try:
-                    print(summary(session, cfg, ctx.run_id))
+                    print(summary(session, cfg, ctx.run_id, ctx.written))
                 except Exception:  # the run's own error matters more than its summary
                     log.debug("no summary", exc_info=True)
         elif args.command == "runs":

@@ -8,6 +8,7 @@ can record it.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -288,7 +289,7 @@ def _merge_once(
         try:
             writer.save(path)
             version = _version_after_write(spark, path)
-            written = last_operation_metrics(spark, path).get("numOutputRows", 0)
+            written = commit_metrics(spark, path, version).get("numOutputRows", 0)
             return MergeResult(version, written, written)
         except Exception as exc:  # another writer created it first: fall through to MERGE
             if not table_exists(spark, path):
@@ -308,7 +309,7 @@ def _merge_once(
     inserted = int(metrics["num_inserted_rows"]) if metrics is not None else 0
     version = _version_after_write(spark, path)
     # A MERGE that inserts nothing commits nothing, so only a new commit's metrics describe this source.
-    source_rows = last_operation_metrics(spark, path).get("numSourceRows") if version != before else None
+    source_rows = commit_metrics(spark, path, version).get("numSourceRows") if version != before else None
     return MergeResult(version, inserted, source_rows)
 
 
@@ -325,10 +326,24 @@ def _version_after_write(spark: SparkSession, path: str) -> int:
     return version
 
 
-def last_operation_metrics(spark: SparkSession, path: str) -> dict[str, int]:
-    """Delta's own row counts for the latest commit (rows written, inserted, ...)."""
-    row = DeltaTable.forPath(spark, path).history(1).select("operationMetrics").first()
-    metrics = (row["operationMetrics"] if row else None) or {}
+def commit_metrics(spark: SparkSession, path: str, version: int) -> dict[str, int]:
+    """Delta's own row counts for one commit (rows written, inserted, source rows ...).
+
+    Read from the commit file itself (its `commitInfo` action), which is one
+    small file read on the driver; asking Delta for the table's history ran
+    Spark jobs, about a second per call.
+    """
+    fs, file = _hadoop(spark, f"{path.rstrip('/')}/_delta_log/{version:020d}.json")
+    stream = fs.open(file)
+    try:
+        text = spark.sparkContext._jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8")
+    finally:
+        stream.close()
+    metrics: dict = {}
+    for line in text.splitlines():
+        if '"commitInfo"' in line:
+            metrics = (json.loads(line).get("commitInfo") or {}).get("operationMetrics") or {}
+            break
     out = {}
     for k, v in metrics.items():
         try:

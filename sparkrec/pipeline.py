@@ -68,14 +68,14 @@ def run_clean(ctx: RunContext) -> dict[str, int]:
         classified = clean.finish(deduped, cfg.clean)
         try:
             counts = clean.ledger(classified).collect()
-            rec.outputs[cfg.table_name(C.INTERACTIONS)] = io.overwrite_table(
+            v = rec.outputs[cfg.table_name(C.INTERACTIONS)] = io.overwrite_table(
                 clean.interactions_of(classified), cfg, C.INTERACTIONS, properties=clean.INTERACTIONS_PROPERTIES
             )
-            written_kept = io.last_operation_metrics(spark, cfg.table_path(C.INTERACTIONS)).get("numOutputRows")
-            rec.outputs[cfg.table_name(C.QUARANTINE)] = io.overwrite_table(
+            written_kept = io.commit_metrics(spark, cfg.table_path(C.INTERACTIONS), v).get("numOutputRows")
+            v = rec.outputs[cfg.table_name(C.QUARANTINE)] = io.overwrite_table(
                 clean.quarantine_of(classified, ctx.run_id), cfg, C.QUARANTINE
             )
-            written_q = io.last_operation_metrics(spark, cfg.table_path(C.QUARANTINE)).get("numOutputRows")
+            written_q = io.commit_metrics(spark, cfg.table_path(C.QUARANTINE), v).get("numOutputRows")
             if cfg.items.path is None:  # no item file: derive items from what was kept, still cached
                 items = clean.items_from_interactions(clean.interactions_of(classified))
                 rec.outputs[cfg.table_name(C.ITEMS)] = io.overwrite_table(items, cfg, C.ITEMS)
@@ -204,6 +204,9 @@ def run_recommend(ctx: RunContext) -> None:
         model_version = first[0]
         # Read by exclusions, sizes, rankings and explanations: joined once, kept.
         history = recommend.indexed_history(inter, uids, iids).persist(StorageLevel.MEMORY_AND_DISK)
+        # One row per item (bounded by the catalogue) and read by five jobs: the
+        # candidates, the explanations, similar items and their counts.
+        itf = itf.persist(StorageLevel.MEMORY_AND_DISK)
         meta = recommend.item_meta(iids, items, history, r.rules).persist(StorageLevel.MEMORY_AND_DISK)
         stamp = [F.lit(model_version).alias(C.MODEL_VERSION), F.lit(ctx.run_id).alias(C.RUN_ID),
                  F.lit(ctx.now).cast("timestamp").alias(C.GENERATED_AT)]
@@ -218,10 +221,10 @@ def run_recommend(ctx: RunContext) -> None:
                 keyed = recommend.with_exploration(keyed, pool, r.n, r.exploration_slots)
             out = keyed.select(*keyed.columns, *stamp)
             # Readers look lists up by user: statistics on user_id let Delta skip files.
-            rec.outputs[cfg.table_name(C.RECOMMENDATIONS)] = io.overwrite_table(
+            v = rec.outputs[cfg.table_name(C.RECOMMENDATIONS)] = io.overwrite_table(
                 out, cfg, C.RECOMMENDATIONS, properties={"delta.dataSkippingStatsColumns": C.USER_ID}
             )
-            m = io.last_operation_metrics(spark, cfg.table_path(C.RECOMMENDATIONS))
+            m = io.commit_metrics(spark, cfg.table_path(C.RECOMMENDATIONS), v)
             rec.rows_out = m.get("numOutputRows")
             if r.similar_items.enabled:
                 sim = recommend.similar_items(itf, meta, r.similar_items.k, r.max_broadcast_items)
@@ -231,13 +234,14 @@ def run_recommend(ctx: RunContext) -> None:
                     .join(ids_.select(F.col(C.ITEM_IDX).alias("_similar_idx"), F.col(C.ITEM_ID).alias(C.SIMILAR_ITEM_ID)), "_similar_idx")
                     .select(C.ITEM_ID, C.SIMILAR_ITEM_ID, C.RANK, C.SCORE, *stamp)
                 )
-                rec.outputs[cfg.table_name(C.SIMILAR_ITEMS)] = io.overwrite_table(
+                v = rec.outputs[cfg.table_name(C.SIMILAR_ITEMS)] = io.overwrite_table(
                     sim_out, cfg, C.SIMILAR_ITEMS, properties={"delta.dataSkippingStatsColumns": C.ITEM_ID}
                 )
-                rec.details["similar_items_rows"] = io.last_operation_metrics(spark, cfg.table_path(C.SIMILAR_ITEMS)).get("numOutputRows")
+                rec.details["similar_items_rows"] = io.commit_metrics(spark, cfg.table_path(C.SIMILAR_ITEMS), v).get("numOutputRows")
         finally:
             history.unpersist()
             meta.unpersist()
+            itf.unpersist()
         rec.rows_in = inter.count()
         rec.details["model_version"] = model_version
 

@@ -92,6 +92,9 @@ class RunContext:
         # so every stage of a run agrees on what "now" is.
         self.now = now or datetime.now(timezone.utc)
         self.records: list[StageRecord] = []
+        # Every stage row written to `runs` by this context, failed ones too
+        # (the run's summary is printed from these, not read back).
+        self.written: list[dict] = []
         self.failed_stage: str | None = None
 
     @contextmanager
@@ -147,6 +150,7 @@ class RunContext:
         try:
             df = self.spark.createDataFrame([row], RUNS_SCHEMA)
             io.append_rows(df, self.cfg, C.RUNS)
+            self.written.append(dict(zip(RUNS_SCHEMA.names, row)))
         except Exception:  # never hide the stage's own error behind a registry failure
             if error is None:
                 raise

@@ -76,7 +76,7 @@ def overrides(wh, shop) -> list[str]:
     return [f"warehouse={wh}", f"source.path={shop}/events", f"items.path={shop}/items", *SETTINGS]
 
 
-def submit(cluster, dist, job: str, sets: list[str], log_path) -> subprocess.Popen:
+def submit(cluster, dist, job: str, sets: list[str], log_path, executor_python: Path | None = None) -> subprocess.Popen:
     """spark-submit a job in client mode, the way the README shows, and return the process."""
     args = [
         str(devcluster.spark_home() / "bin" / "spark-submit"),
@@ -85,7 +85,7 @@ def submit(cluster, dist, job: str, sets: list[str], log_path) -> subprocess.Pop
         "--packages", DELTA_PACKAGE,
         "--py-files", str(dist),
         "--executor-memory", "1g",
-        "--conf", f"spark.pyspark.python={sys.executable}",
+        "--conf", f"spark.pyspark.python={executor_python or sys.executable}",
         "--conf", f"spark.pyspark.driver.python={sys.executable}",
         "--conf", "spark.ui.enabled=false",
         str(ROOT / "jobs" / f"{job}.py"),
@@ -198,3 +198,70 @@ def test_training_survives_losing_a_worker(spark, dist, shop, tmp_path_factory):
         assert got.keys() == undisturbed[key].keys()
         diff = max(float(np.max(np.abs(got[k] - undisturbed[key][k]))) for k in got)
         assert diff <= TOL, f"{key}: largest factor difference {diff:.2e} after losing a worker"
+
+
+def _flaky_python(directory: Path, fail_times: int | None) -> Path:
+    """An executor-side Python that dies before starting `fail_times` times (None: always), then runs the real one.
+
+    Spark launches it for the Python workers of the scoring tasks, so a task
+    fails the way it does when a node's Python crashes, with nothing changed
+    in sparkrec itself.
+    """
+    count = directory / "failures"
+    script = directory / "flaky-python"
+    limit = "" if fail_times is None else f'[ "$(wc -c < {count})" -ge {fail_times} ] && exec {sys.executable} "$@"\n'
+    script.write_text(
+        "#!/bin/sh\n"
+        f"touch {count}\n"
+        f"{limit}"
+        f"printf x >> {count}\n"
+        'echo "injected fault: python worker failed to start" >&2\n'
+        "exit 3\n"
+    )
+    script.chmod(0o755)
+    return script
+
+
+@pytest.fixture(scope="module")
+def trained(spark, shop, tmp_path_factory):
+    """A warehouse trained in local mode, for recommend stages submitted to the cluster."""
+    d = tmp_path_factory.mktemp("trained")
+    cfg = load_config(ROOT / "conf" / "local.yaml", overrides(d / "wh", shop))
+    pipeline.run_all(RunContext(spark, cfg), ("ingest", "clean", "ids", "train"))
+    return d, cfg, shop
+
+
+def _submit_recommend(cluster, dist, trained, python: Path, log_path) -> int:
+    d, _, shop = trained
+    proc = submit(cluster, dist, "recommend", overrides(d / "wh", shop), log_path, executor_python=python)
+    return proc.wait(timeout=900)
+
+
+def test_a_task_that_fails_once_is_retried_and_the_stage_completes(spark, cluster, dist, trained, tmp_path):
+    """spark.task.maxFailures (4 in conf/cluster.yaml) re-runs a task whose Python worker crashed."""
+    _, cfg, _ = trained
+    python = _flaky_python(tmp_path, fail_times=1)
+    log_path = tmp_path / "recommend.log"
+    rc = _submit_recommend(cluster, dist, trained, python, log_path)
+    text = open(log_path).read()
+    assert rc == 0, text[-3000:]
+    assert (tmp_path / "failures").read_text() == "x"  # the fault really happened, once
+    assert "Lost task" in text, text[-3000:]
+    recs = read(spark, cfg, C.RECOMMENDATIONS)
+    users = read(spark, cfg, C.INTERACTIONS).select(C.USER_ID).distinct().count()
+    per_user = recs.groupBy(C.USER_ID).count()
+    assert per_user.count() == users
+    assert per_user.where(F.col("count") != 10).count() == 0
+
+
+def test_a_task_that_keeps_failing_fails_the_job_naming_the_stage(spark, cluster, dist, trained, tmp_path):
+    _, cfg, _ = trained
+    before = io.current_version(spark, cfg.table_path(C.RECOMMENDATIONS))
+    python = _flaky_python(tmp_path, fail_times=None)
+    log_path = tmp_path / "recommend.log"
+    rc = _submit_recommend(cluster, dist, trained, python, log_path)
+    text = open(log_path).read()
+    assert rc == 1, text[-3000:]
+    assert "sparkrec: failed in stage recommend:" in text, text[-3000:]
+    assert len((tmp_path / "failures").read_text()) >= 4  # every attempt was made before giving up
+    assert io.current_version(spark, cfg.table_path(C.RECOMMENDATIONS)) == before  # nothing half-published
