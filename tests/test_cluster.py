@@ -105,11 +105,33 @@ def wait(proc: subprocess.Popen, log_path, timeout: float = 900) -> None:
 
 
 @pytest.fixture(scope="module")
-def both_runs(spark, cluster, dist, shop, tmp_path_factory):
-    """The same input through spark-submit on the cluster and through the CLI in local mode."""
+def zip_only_python(tmp_path_factory) -> Path:
+    """An executor Python that has sparkrec's dependencies but not sparkrec itself.
+
+    This venv has sparkrec installed (editable, through a .pth file), which
+    would hide a broken --py-files zip. `-S` skips site processing, so no .pth
+    file runs; the dependencies come from site-packages on PYTHONPATH, and
+    sparkrec can only come from the zip Spark ships.
+    """
+    import site
+
+    d = tmp_path_factory.mktemp("zip-only-python")
+    script = d / "python"
+    paths = ":".join(site.getsitepackages())
+    script.write_text(f'#!/bin/sh\nexport PYTHONPATH="${{PYTHONPATH:+$PYTHONPATH:}}{paths}"\nexec {sys.executable} -S "$@"\n')
+    script.chmod(0o755)
+    probe = subprocess.run([str(script), "-c", "import numpy, pandas, pyarrow, faiss, pyspark; import sparkrec"], cwd=d, capture_output=True, text=True)
+    assert "No module named 'sparkrec'" in probe.stderr, probe.stderr  # the dependencies load, sparkrec does not
+    return script
+
+
+@pytest.fixture(scope="module")
+def both_runs(spark, cluster, dist, shop, zip_only_python, tmp_path_factory):
+    """The same input through spark-submit on the cluster (sparkrec on the executors only from the
+    --py-files zip) and through the CLI in local mode."""
     d = tmp_path_factory.mktemp("runs")
     log_path = d / "submit.log"
-    wait(submit(cluster, dist, "run", overrides(d / "cluster_wh", shop), log_path), log_path)
+    wait(submit(cluster, dist, "run", overrides(d / "cluster_wh", shop), log_path, executor_python=zip_only_python), log_path)
     assert main(["run", "--config", str(ROOT / "conf" / "local.yaml"), *[a for s in overrides(d / "local_wh", shop) for a in ("--set", s)]], spark=spark) == 0
     cfg_cluster = load_config(ROOT / "conf" / "cluster.yaml", overrides(d / "cluster_wh", shop))
     cfg_local = load_config(ROOT / "conf" / "local.yaml", overrides(d / "local_wh", shop))
