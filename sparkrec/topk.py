@@ -184,7 +184,9 @@ def top_k(
         left.append(todo)
     rest = np.concatenate(left)
     if len(rest):
-        parts.append(_exact(queries, excluded, items, n, cap, np.sort(rest)))
+        rest = np.sort(rest)
+        sel, _ = _dense_search(queries[rest], [excluded[i] for i in rest], items, n, cap, m)
+        parts.append(Selection(rest[sel.row], sel.pos, sel.score, sel.rank))
     out = Selection(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("row", "pos", "score", "rank")))
     order = np.lexsort((out.rank, out.row))
     return Selection(out.row[order], out.pos[order], out.score[order], out.rank[order])
@@ -201,19 +203,27 @@ def _search(
     sel = _select(rows, labels.ravel().astype(np.int64), dist.ravel(), items, ex_keys, n, cap)
     if depth >= m:  # every item was seen: the answer is exact
         return sel, np.zeros(b, dtype=bool)
+    return sel, _undecided(sel, b, n, dist[:, -1])
+
+
+def _undecided(sel: Selection, b: int, n: int, deepest: np.ndarray) -> np.ndarray:
+    """Rows a depth-limited search cannot vouch for: not full, or their last item does not
+    score strictly above the deepest candidate fetched (an unseen item could tie or beat it)."""
     counts = np.bincount(sel.row, minlength=b)
     last = np.full(b, np.inf, dtype=np.float64)
     if len(sel.row):
         ends = np.flatnonzero(np.r_[sel.row[1:] != sel.row[:-1], True])
         last[sel.row[ends]] = sel.score[ends]
-    # Exact only if the row is full and nothing unseen can tie or beat its last item.
-    return sel, (counts < n) | (last <= dist[:, -1])
+    return (counts < n) | (last <= deepest)
 
 
 def _dense_search(
     queries: np.ndarray, excluded: list[np.ndarray], items: ItemMatrix, n: int, cap: int | None, depth: int
 ) -> tuple[Selection, np.ndarray]:
-    """Like `_search`, from full score rows with the exclusions masked first (in slices that bound memory)."""
+    """Like `_search`, from full score rows with the exclusions masked first (in slices that bound memory).
+
+    At `depth` >= the number of items every row is decided: the exact answer.
+    """
     b, m = len(queries), len(items.item_idx)
     step = max(1, _EXACT_CELLS // m)
     none = np.zeros(0, dtype=np.int64)
@@ -231,39 +241,13 @@ def _dense_search(
         top = np.take_along_axis(scores, cand, axis=1)
         rows = np.repeat(np.arange(r, dtype=np.int64), cand.shape[1])
         sel = _select(rows, cand.ravel().astype(np.int64), top.ravel(), items, none, n, cap)
-        if depth >= m:
-            und = np.zeros(r, dtype=bool)
-        else:
-            counts = np.bincount(sel.row, minlength=r)
-            last = np.full(r, np.inf, dtype=np.float64)
-            if len(sel.row):
-                ends = np.flatnonzero(np.r_[sel.row[1:] != sel.row[:-1], True])
-                last[sel.row[ends]] = sel.score[ends]
-            # As in `_search`: decided when full and strictly above everything not fetched
-            # (a masked item scores -inf, so fetching one means nothing valid was left out).
-            und = (counts < n) | (last <= top.min(axis=1))
+        # A masked item scores -inf, so fetching one means nothing valid was left out.
+        und = np.zeros(r, dtype=bool) if depth >= m else _undecided(sel, r, n, top.min(axis=1))
         sel.row = sel.row + start
         sels.append(sel)
         undecided.append(und)
     out = Selection(*(np.concatenate([getattr(p, f) for p in sels]) for f in ("row", "pos", "score", "rank")))
     return out, np.concatenate(undecided)
-
-
-def _exact(queries: np.ndarray, excluded: list[np.ndarray], items: ItemMatrix, n: int, cap: int | None, which: np.ndarray) -> Selection:
-    """Full score rows for the rows in `which`, in slices that bound memory."""
-    m = len(items.item_idx)
-    step = max(1, _EXACT_CELLS // m)
-    parts = []
-    for start in range(0, len(which), step):
-        rows_here = which[start : start + step]
-        scores = queries[rows_here] @ items.vectors.T
-        local = np.repeat(np.arange(len(rows_here), dtype=np.int64), m)
-        pos = np.tile(np.arange(m, dtype=np.int64), len(rows_here))
-        ex = _excluded_keys([excluded[i] for i in rows_here], items)
-        s = _select(local, pos, scores.ravel(), items, ex, n, cap)
-        s.row = rows_here[s.row]
-        parts.append(s)
-    return Selection(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("row", "pos", "score", "rank")))
 
 
 def normalized(vectors: np.ndarray) -> np.ndarray:

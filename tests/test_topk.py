@@ -102,3 +102,14 @@ def test_explain_picks_the_most_similar_history_item():
     # Row 0 recommended 3 (close to 1) and 2 (equal to 2); row 1 has no history; 9 has no factors.
     got = explain(np.array([0, 0, 1, 0]), np.array([3, 2, 3, 9]), [np.array([1, 2, 4]), np.array([])], unit)
     assert got.tolist() == [1, 2, -1, -1]
+
+
+@pytest.mark.parametrize("dense_depth", [None, 0], ids=["faiss-first", "dense-first"])
+def test_rows_still_tied_after_the_deeper_search_are_scored_against_every_item(dense_depth, monkeypatch):
+    # 2,000 items that all score the same: no depth-limited search can vouch for a row,
+    # so every row reaches the full-depth pass, where ties go to the lower item ids.
+    if dense_depth is not None:
+        monkeypatch.setattr(topk, "_DENSE_DEPTH", dense_depth)
+    items = ItemMatrix(np.arange(100, 2_100), np.ones((2_000, 4), dtype=np.float32))
+    sel = top_k(np.ones((2, 4), dtype=np.float32), [np.array([100, 102]), np.array([])], items, 5)
+    assert as_lists(sel, items, 2) == [[101, 103, 104, 105, 106], [100, 101, 102, 103, 104]]
