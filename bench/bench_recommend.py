@@ -11,7 +11,9 @@ histories and an item table, then times side by side in one process:
   with the `noop` sink; it does not exclude bought items;
 - the `implicit` library's single-process `recommend` for all users with
   `filter_already_liked_items=True`;
-- faiss's exact single-process top-N alone (no filtering).
+- faiss's exact single-process top-N alone (no filtering);
+- and the floor under any Spark + Delta stage: the finished recommendations,
+  cached in memory, written to a new Delta table.
 
     python bench/bench_recommend.py                          # 50,000 x 20,000, rank 32, N 50
     python bench/bench_recommend.py --scale                  # adds 1,000,000 x 100,000, rank 64, N 20 (sparkrec only)
@@ -159,6 +161,19 @@ def time_mllib(spark: SparkSession, cfg, n: int, rank: int) -> float:
     return time.monotonic() - t0
 
 
+def time_delta_write(spark: SparkSession, cfg) -> float:
+    """The floor under any Spark + Delta recommend stage: writing the finished table, already in memory, again."""
+    rows = io.read_table(spark, cfg, C.RECOMMENDATIONS).df.persist()
+    rows.count()
+    target = OUT / "write_floor"
+    shutil.rmtree(target, ignore_errors=True)
+    t0 = time.monotonic()
+    rows.write.format("delta").mode("overwrite").save(str(target))
+    secs = time.monotonic() - t0
+    rows.unpersist()
+    return secs
+
+
 def local_factors(spark: SparkSession, cfg):
     """Factors and the purchase matrix as numpy/scipy, for the single-process references."""
     import scipy.sparse as sp
@@ -209,6 +224,8 @@ def run_case(spark, base_overrides, users, items, rank, n, per_user, compare: bo
     res["sparkrec"] = time_sparkrec(spark, cfg)
     log.info("sparkrec: %s", res["sparkrec"])
     if compare:
+        res["delta_write_only_s"] = time_delta_write(spark, cfg)
+        log.info("writing the finished table to Delta again: %.1fs", res["delta_write_only_s"])
         res["mllib_s"] = time_mllib(spark, cfg, n, rank)
         log.info("mllib recommendForAllUsers: %.1fs", res["mllib_s"])
         U, I, csr = local_factors(spark, cfg)
