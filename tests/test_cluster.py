@@ -18,6 +18,7 @@ added in another order):
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -245,11 +246,16 @@ def _flaky_python(directory: Path, fail_times: int | None) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(spark, shop, tmp_path_factory):
-    """A warehouse trained in local mode, for recommend stages submitted to the cluster."""
+def trained(both_runs, shop, tmp_path_factory):
+    """A copy of the warehouse `both_runs` built in local mode, for recommend stages submitted to the cluster.
+
+    Copied, not trained again (that cost 40 s): Delta tables keep relative file
+    paths, so a copied warehouse is a complete one.
+    """
+    _, cfg_local, _ = both_runs
     d = tmp_path_factory.mktemp("trained")
+    shutil.copytree(cfg_local.warehouse, d / "wh")
     cfg = load_config(ROOT / "conf" / "local.yaml", overrides(d / "wh", shop))
-    pipeline.run_all(RunContext(spark, cfg), ("ingest", "clean", "ids", "train"))
     return d, cfg, shop
 
 
