@@ -8,12 +8,14 @@ which makes a re-run add nothing.
 
 from __future__ import annotations
 
-from pyspark.sql import DataFrame, Window
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from sparkrec.errors import StageError
 
 MAX_ALS_ID = 2**31 - 1  # MLlib ALS ids are Java ints
+_POS = "_pos"
+_PART_SHIFT = 33  # monotonically_increasing_id: partition index above bit 33, row within the partition below
 
 
 def next_id(existing: DataFrame, idx_col: str) -> int:
@@ -35,8 +37,28 @@ def new_ids(keys: DataFrame, existing: DataFrame | None, key_col: str, idx_col: 
     distinct = keys.select(key_col).where(F.col(key_col).isNotNull()).distinct()
     if existing is not None:
         distinct = distinct.join(existing.select(key_col), key_col, "left_anti")
-    # One ordered window over the new keys only: bounded by the day's new users/items.
-    return distinct.withColumn(idx_col, (F.lit(offset) + F.row_number().over(Window.orderBy(key_col)) - 1).cast("int"))
+    # A window ordered over all new keys would pull them into one partition
+    # (on a first run: every user). Instead the keys are range-partitioned and
+    # sorted, each row's place inside its partition comes from
+    # monotonically_increasing_id, and each partition starts where the earlier
+    # ones end. Materialised first, so the partition sizes counted are those of
+    # the rows numbered.
+    ordered = distinct.orderBy(key_col).withColumn(_POS, F.monotonically_increasing_id()).localCheckpoint(eager=True)
+    part = F.shiftright(F.col(_POS), _PART_SHIFT)
+    sizes = sorted((r["_part"], r["count"]) for r in ordered.groupBy(part.alias("_part")).count().collect())
+    starts, start = [], offset
+    for p, size in sizes:  # one row per partition: bounded
+        starts.append((p, start))
+        start += size
+    if not starts:
+        return ordered.select(key_col, F.lit(None).cast("int").alias(idx_col))
+    start_of = keys.sparkSession.createDataFrame(starts, "_part long, _start long")
+    within = F.col(_POS).bitwiseAND(F.lit((1 << _PART_SHIFT) - 1))
+    return (
+        ordered.withColumn("_part", part)
+        .join(F.broadcast(start_of), "_part")
+        .select(key_col, (F.col("_start") + within).cast("int").alias(idx_col))
+    )
 
 
 def check_id_space(offset: int, new_count: int, what: str) -> None:

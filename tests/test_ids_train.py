@@ -23,6 +23,31 @@ def test_new_ids_are_dense_ordered_and_skip_known_keys(spark):
     assert sorted(tuple(r) for r in second.collect()) == [("0", 3), ("d", 4)]
 
 
+def test_new_ids_across_many_partitions_follow_key_order_without_gaps(spark):
+    """Keys spread over several range partitions still get one dense run of ids in key order."""
+    keys = spark.createDataFrame([(f"k{i:04d}",) for i in range(999, -1, -1)] * 2, "item_id string").repartition(7)
+    existing = spark.createDataFrame([("k0500", 0), ("k0007", 1)], "item_id string, item_idx int")
+    settings = {"spark.sql.shuffle.partitions": "5", "spark.sql.adaptive.coalescePartitions.enabled": "false"}
+    before = {k: spark.conf.get(k) for k in settings}
+    for k, v in settings.items():
+        spark.conf.set(k, v)
+    try:
+        assert keys.orderBy(C.ITEM_ID).rdd.getNumPartitions() > 1  # the case is really spread out
+        got = ids.new_ids(keys, existing, C.ITEM_ID, C.ITEM_IDX, offset=2).collect()
+    finally:
+        for k, v in before.items():
+            spark.conf.set(k, v)
+    expected = [k for k in (f"k{i:04d}" for i in range(1000)) if k not in ("k0500", "k0007")]
+    assert sorted((r[C.ITEM_IDX], r[C.ITEM_ID]) for r in got) == [(2 + n, k) for n, k in enumerate(expected)]
+
+
+def test_new_ids_of_no_new_keys_is_empty(spark):
+    keys = spark.createDataFrame([("a",)], "user_id string")
+    existing = spark.createDataFrame([("a", 0)], "user_id string, user_idx int")
+    out = ids.new_ids(keys, existing, C.USER_ID, C.USER_IDX, offset=1)
+    assert out.collect() == [] and dict(out.dtypes) == {C.USER_ID: "string", C.USER_IDX: "int"}
+
+
 def test_id_space_is_checked():
     ids.check_id_space(2**31 - 5, 5, "user_ids")  # the last id is exactly the int maximum
     with pytest.raises(StageError, match="exceed"):
