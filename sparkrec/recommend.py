@@ -144,9 +144,13 @@ def item_meta(item_ids: DataFrame, items: DataFrame | None, history: DataFrame, 
                 F.col("_first") >= F.lit(latest) - F.expr(f"make_dt_interval(0, 0, 0, {b.new_item_days * 86400})"),
                 F.lit(False),
             )
-    codes = meta.select(C.CATEGORY).where(F.col(C.CATEGORY).isNotNull()).distinct().withColumn(
-        CAT, (F.dense_rank().over(Window.orderBy(C.CATEGORY)) - 1).cast("int")
+    # Dense codes 0..k-1 for the top-k kernel's per-category counters. The
+    # categories are collected (bounded by the catalogue, which is broadcast
+    # anyway) rather than ranked by a window, which would run unpartitioned.
+    names = [] if items is None else sorted(
+        r[0] for r in items.select(C.CATEGORY).where(F.col(C.CATEGORY).isNotNull()).distinct().collect()
     )
+    codes = item_ids.sparkSession.createDataFrame(list(zip(names, range(len(names)))), f"{C.CATEGORY} string, {CAT} int")
     return meta.join(F.broadcast(codes), C.CATEGORY, "left").select(
         F.col(C.ITEM_IDX).cast("int"),
         C.ITEM_ID,
