@@ -42,7 +42,7 @@ def new_ids(keys: DataFrame, existing: DataFrame | None, key_col: str, idx_col: 
     # sorted, each row's place inside its partition comes from
     # monotonically_increasing_id, and each partition starts where the earlier
     # ones end. Materialised first, so the partition sizes counted are those of
-    # the rows numbered.
+    # the rows numbered, and the result reads that copy (callers need not keep one).
     ordered = distinct.orderBy(key_col).withColumn(_POS, F.monotonically_increasing_id()).localCheckpoint(eager=True)
     part = F.shiftright(F.col(_POS), _PART_SHIFT)
     sizes = sorted((r["_part"], r["count"]) for r in ordered.groupBy(part.alias("_part")).count().collect())
@@ -50,8 +50,6 @@ def new_ids(keys: DataFrame, existing: DataFrame | None, key_col: str, idx_col: 
     for p, size in sizes:  # one row per partition: bounded
         starts.append((p, start))
         start += size
-    if not starts:
-        return ordered.select(key_col, F.lit(None).cast("int").alias(idx_col))
     start_of = keys.sparkSession.createDataFrame(starts, "_part long, _start long")
     within = F.col(_POS).bitwiseAND(F.lit((1 << _PART_SHIFT) - 1))
     return (

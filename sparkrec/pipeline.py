@@ -121,8 +121,8 @@ def run_ids(ctx: RunContext) -> None:
             if existing is not None:
                 rec.inputs[cfg.table_name(table)] = existing.version
             offset = ids.next_id(existing.df, idx_col) if existing else 0
-            # Materialised once: counted for the id-space check, then merged.
-            fresh = ids.new_ids(inter.df, existing.df if existing else None, key_col, idx_col, offset).localCheckpoint()
+            # new_ids materialised the new keys already: the count and the merge both read that copy.
+            fresh = ids.new_ids(inter.df, existing.df if existing else None, key_col, idx_col, offset)
             ids.check_id_space(offset, fresh.count(), cfg.table_name(table))
             result = io.merge_new_rows(fresh, cfg, table, on=[key_col], retry_conflicts=False)
             rec.outputs[cfg.table_name(table)] = result.version
