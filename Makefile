@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 EVENTS ?= 100000
 DELTA_ARTIFACT := io.delta:delta-spark_4.2_2.13:4.4.0
 
-.PHONY: airflow-setup setup demo test test-fast test-cluster retail bench jars dist dist-env cluster-up cluster-down clean
+.PHONY: airflow-setup setup demo test test-unit test-fast test-cluster retail bench jars dist dist-env cluster-up cluster-down clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,10 @@ $(AIRFLOW_VENV)/.installed:
 	$(AIRFLOW_VENV)/bin/pip install -q "apache-airflow==$(AIRFLOW_VERSION)" \
 		"apache-airflow-providers-apache-spark==$(SPARK_PROVIDER_VERSION)" "pyspark==4.2.0"
 	touch $@
+
+# The no-JVM tier: config, the top-k kernel, the ledger, the gate, the stage table (seconds).
+test-unit: setup
+	$(BIN)/python -m pytest -m nojvm
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not e2e and not realdata and not cluster"

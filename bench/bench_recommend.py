@@ -40,7 +40,7 @@ from pyspark.sql import SparkSession  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
 from sparkrec import columns as C  # noqa: E402
-from sparkrec import io, pipeline  # noqa: E402
+from sparkrec import pipeline, tables  # noqa: E402
 from sparkrec.config import load_config  # noqa: E402
 from sparkrec.runs import RunContext  # noqa: E402
 from sparkrec.session import build_session  # noqa: E402
@@ -68,9 +68,9 @@ def build_warehouse(spark: SparkSession, cfg, users: int, items: int, rank: int,
     """user_ids, item_ids, items, interactions (purchases), user_factors, item_factors."""
     uf = _factors(spark, users, rank, 11)
     itf = _factors(spark, items, rank, 23)
-    io.overwrite_table(uf.select(F.col("_id").alias(C.USER_IDX), F.concat(F.lit("u"), F.col("_id")).alias(C.USER_ID)), cfg, C.USER_IDS)
-    io.overwrite_table(itf.select(F.col("_id").alias(C.ITEM_IDX), F.concat(F.lit("i"), F.col("_id")).alias(C.ITEM_ID)), cfg, C.ITEM_IDS)
-    io.overwrite_table(
+    tables.overwrite_table(uf.select(F.col("_id").alias(C.USER_IDX), F.concat(F.lit("u"), F.col("_id")).alias(C.USER_ID)), cfg, C.USER_IDS)
+    tables.overwrite_table(itf.select(F.col("_id").alias(C.ITEM_IDX), F.concat(F.lit("i"), F.col("_id")).alias(C.ITEM_ID)), cfg, C.ITEM_IDS)
+    tables.overwrite_table(
         spark.range(items).select(
             F.concat(F.lit("i"), F.col("id")).alias(C.ITEM_ID),
             F.concat(F.lit("cat"), (F.col("id") % 50).cast("string")).alias(C.CATEGORY),
@@ -81,13 +81,13 @@ def build_warehouse(spark: SparkSession, cfg, users: int, items: int, rank: int,
         C.ITEMS,
     )
     stamp = F.lit("bench-model").alias(C.MODEL_VERSION)
-    io.overwrite_table(uf.select(F.col("_id").alias(C.USER_IDX), C.FEATURES, stamp), cfg, C.USER_FACTORS)
-    io.overwrite_table(itf.select(F.col("_id").alias(C.ITEM_IDX), C.FEATURES, stamp), cfg, C.ITEM_FACTORS)
+    tables.overwrite_table(uf.select(F.col("_id").alias(C.USER_IDX), C.FEATURES, stamp), cfg, C.USER_FACTORS)
+    tables.overwrite_table(itf.select(F.col("_id").alias(C.ITEM_IDX), C.FEATURES, stamp), cfg, C.ITEM_FACTORS)
     # 1..2*per_user purchases per user, skewed to popular items (squared uniform).
     k = (F.xxhash64(F.lit(3), F.col("id")) % per_user + per_user).cast("int") % (2 * per_user) + 1
     hist = spark.range(users).select(F.col("id").alias("u"), F.explode(F.sequence(F.lit(1), k)).alias("j"))
     item = (F.pow(_uniform(7, F.col("u"), F.col("j")), 2) * items).cast("int")
-    io.overwrite_table(
+    tables.overwrite_table(
         hist.select(
             F.concat(F.lit("u"), F.col("u")).alias(C.USER_ID),
             F.concat(F.lit("i"), item).alias(C.ITEM_ID),
@@ -136,7 +136,7 @@ def time_sparkrec(spark: SparkSession, cfg) -> dict:
         t0 = time.monotonic()
         pipeline.run_recommend(ctx)
         secs = time.monotonic() - t0
-    rows = io.read_table(spark, cfg, C.RECOMMENDATIONS).df
+    rows = tables.read_table(spark, cfg, C.RECOMMENDATIONS).df
     per_user = rows.groupBy(C.USER_ID).count()
     stats = per_user.agg(F.min("count"), F.max("count"), F.count("*")).first()
     return {"seconds": secs, "peak_rss_gb": mem.peak / 2**30, "rows": rows.count(), "users": stats[2], "min_n": stats[0], "max_n": stats[1]}
@@ -152,7 +152,7 @@ def time_mllib(spark: SparkSession, cfg, n: int, rank: int) -> float:
     ALS(rank=rank, maxIter=1, implicitPrefs=True).fit(tiny).save(str(path))
     for name, key in (("userFactors", C.USER_FACTORS), ("itemFactors", C.ITEM_FACTORS)):
         shutil.rmtree(path / name)
-        f = io.read_table(spark, cfg, key).df
+        f = tables.read_table(spark, cfg, key).df
         idx = C.USER_IDX if key == C.USER_FACTORS else C.ITEM_IDX
         f.select(F.col(idx).alias("id"), C.FEATURES).write.parquet(str(path / name))
     model = ALSModel.load(str(path))
@@ -163,7 +163,7 @@ def time_mllib(spark: SparkSession, cfg, n: int, rank: int) -> float:
 
 def time_delta_write(spark: SparkSession, cfg) -> float:
     """The floor under any Spark + Delta recommend stage: writing the finished table, already in memory, again."""
-    rows = io.read_table(spark, cfg, C.RECOMMENDATIONS).df.persist()
+    rows = tables.read_table(spark, cfg, C.RECOMMENDATIONS).df.persist()
     rows.count()
     target = OUT / "write_floor"
     shutil.rmtree(target, ignore_errors=True)
@@ -179,13 +179,13 @@ def local_factors(spark: SparkSession, cfg):
     import scipy.sparse as sp
 
     def mat(key: str, idx: str) -> np.ndarray:
-        pdf = io.read_table(spark, cfg, key).df.select(idx, C.FEATURES).orderBy(idx).toPandas()
+        pdf = tables.read_table(spark, cfg, key).df.select(idx, C.FEATURES).orderBy(idx).toPandas()
         return np.stack(pdf[C.FEATURES].to_numpy()).astype(np.float32)
 
     U, I = mat(C.USER_FACTORS, C.USER_IDX), mat(C.ITEM_FACTORS, C.ITEM_IDX)
     h = (
-        io.read_table(spark, cfg, C.INTERACTIONS).df.join(io.read_table(spark, cfg, C.USER_IDS).df, C.USER_ID)
-        .join(io.read_table(spark, cfg, C.ITEM_IDS).df, C.ITEM_ID).select(C.USER_IDX, C.ITEM_IDX).toPandas()
+        tables.read_table(spark, cfg, C.INTERACTIONS).df.join(tables.read_table(spark, cfg, C.USER_IDS).df, C.USER_ID)
+        .join(tables.read_table(spark, cfg, C.ITEM_IDS).df, C.ITEM_ID).select(C.USER_IDX, C.ITEM_IDX).toPandas()
     )
     csr = sp.csr_matrix((np.ones(len(h), np.float32), (h[C.USER_IDX], h[C.ITEM_IDX])), shape=(len(U), len(I)))
     return U, I, csr

@@ -23,6 +23,7 @@ Set in the environment of the scheduler and workers (all optional):
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -42,7 +43,21 @@ CONN_ID = os.environ.get("SPARKREC_SPARK_CONN", "spark_default")
 PY_FILES = os.environ.get("SPARKREC_PY_FILES") or None
 PACKAGES = os.environ.get("SPARKREC_PACKAGES", "io.delta:delta-spark_4.2_2.13:4.4.0")
 EXTRA = [s.strip() for s in os.environ.get("SPARKREC_SET", "").split(";") if s.strip()]
-STAGES = ("ingest", "clean", "evaluate", "train", "recommend")
+
+
+def _scheduled_commands() -> tuple[str, ...]:
+    """sparkrec's own list of scheduled commands (`sparkrec/stages.py`), loaded as a file.
+
+    The scheduler need not have sparkrec or Spark installed: stages.py uses the
+    standard library only, so it is loaded by path instead of imported as a package.
+    """
+    spec = importlib.util.spec_from_file_location("sparkrec_stages", HOME / "sparkrec" / "stages.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return tuple(module.SCHEDULED)
+
+
+STAGES = _scheduled_commands()
 RETRY_DELAY = timedelta(minutes=float(os.environ.get("SPARKREC_RETRY_DELAY_MINUTES", "5")))
 # sparkrec's exit codes that no retry can change: bad config or input (2), a model the gate refused (3).
 FINAL_EXITS = {

@@ -15,19 +15,19 @@ stage checks it on the real counts anyway.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, NumericType, StringType, TimestampType
 
 from sparkrec import columns as C
-from sparkrec.config import CleanConfig, SourceConfig
-from sparkrec.ingest import LINEAGE_COLUMNS
+from sparkrec.config import CleanConfig, InputConfig, as_utc
+from sparkrec.columns import LINEAGE_COLUMNS
+from sparkrec.ledger import DUPLICATED, KEPT, QUARANTINED
 
 OUTCOME = "_outcome"
 DUPLICATE = "_duplicate"
-KEPT, QUARANTINED, DUPLICATED = "kept", "quarantined", "duplicate"
 
 # Reason codes, in the order the rules are applied (the first that fails wins).
 MALFORMED = "malformed_line"
@@ -68,11 +68,6 @@ _RAW_TS, _RAW_TYPE, _RAW_QTY, _RAW_PRICE, _RAW_RATING = "_ts_raw", "_type_raw", 
 # Statistics only where a reader filters: time splits select on event_ts.
 INTERACTIONS_PROPERTIES = {"delta.dataSkippingStatsColumns": C.EVENT_TS}
 
-def as_utc(dt: datetime) -> datetime:
-    """Naive datetimes in config mean UTC; PySpark would read them in the machine's zone."""
-    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt
-
-
 def clean_id(col: Column, is_numeric: bool) -> Column:
     """Trimmed string id; blank becomes null; 13085.0 read from a float column becomes '13085'."""
     if is_numeric:
@@ -94,7 +89,7 @@ def _to_double(df: DataFrame, name: str | None) -> tuple[Column, Column]:
     return F.expr(f"try_cast(trim(`{name}`) AS DOUBLE)"), F.when(text == "", None).otherwise(text)
 
 
-def event_time(df: DataFrame, src: SourceConfig) -> tuple[Column, Column]:
+def event_time(df: DataFrame, src: InputConfig) -> tuple[Column, Column]:
     """(event time in UTC or null when unreadable, the raw value as text), from the source's format and zone."""
     name = src.columns.timestamp
     field = df.schema[name]
@@ -112,7 +107,7 @@ def event_time(df: DataFrame, src: SourceConfig) -> tuple[Column, Column]:
     return ts, col.cast(StringType())
 
 
-def _event_type(df: DataFrame, src: SourceConfig) -> tuple[Column, Column]:
+def _event_type(df: DataFrame, src: InputConfig) -> tuple[Column, Column]:
     if src.kind == "transactions":
         invoice = F.trim(F.col(f"`{src.columns.invoice}`").cast("string"))
         is_cancel = F.coalesce(invoice.startswith(src.cancellation_prefix), F.lit(False))
@@ -129,7 +124,7 @@ def _event_type(df: DataFrame, src: SourceConfig) -> tuple[Column, Column]:
 # --------------------------------------------------------------------------- transforms
 
 
-def normalize(raw: DataFrame, src: SourceConfig) -> DataFrame:
+def normalize(raw: DataFrame, src: InputConfig) -> DataFrame:
     """Map a raw table (as ingested) to canonical columns, keeping the original row.
 
     Nothing is filtered here; unparsable values become nulls beside their raw
@@ -173,7 +168,7 @@ def normalize(raw: DataFrame, src: SourceConfig) -> DataFrame:
 
 
 def reject_rules(
-    src: SourceConfig, clean: CleanConfig, now: datetime
+    src: InputConfig, clean: CleanConfig, now: datetime
 ) -> list[tuple[str, Column]]:
     """(reason, failing condition) pairs, in the order they are applied."""
     ts = F.col(C.EVENT_TS)
@@ -300,7 +295,7 @@ def with_outcome(df: DataFrame) -> DataFrame:
     )
 
 
-def deduplicated(raw: DataFrame, src: SourceConfig, clean: CleanConfig, now: datetime) -> DataFrame:
+def deduplicated(raw: DataFrame, src: InputConfig, clean: CleanConfig, now: datetime) -> DataFrame:
     """Normalised rows with their rule reason and duplicate flag (the part worth persisting)."""
     return (
         raw.transform(normalize, src=src)
@@ -314,7 +309,7 @@ def finish(deduped: DataFrame, clean: CleanConfig) -> DataFrame:
     return deduped.transform(with_bot_reason, clean=clean).transform(with_outcome)
 
 
-def classify(raw: DataFrame, src: SourceConfig, clean: CleanConfig, now: datetime) -> DataFrame:
+def classify(raw: DataFrame, src: InputConfig, clean: CleanConfig, now: datetime) -> DataFrame:
     """The whole cleaning chain: raw rows in, every row with its outcome out."""
     return finish(deduplicated(raw, src, clean, now), clean)
 
@@ -337,6 +332,11 @@ def quarantine_of(classified: DataFrame, run_id: str) -> DataFrame:
 def ledger(classified: DataFrame) -> DataFrame:
     """Counts per outcome, reason and duplicate kind; a small table for the driver."""
     return classified.groupBy(OUTCOME, C.REASON, DUPLICATE).count()
+
+
+def ledger_rows(counts: list) -> list[dict]:
+    """Collected `ledger` rows in the shape `ledger.tally` adds up."""
+    return [{"outcome": r[OUTCOME], "reason": r[C.REASON], "duplicate": r[DUPLICATE], "count": r["count"]} for r in counts]
 
 
 def items_from_interactions(interactions: DataFrame) -> DataFrame:

@@ -1,5 +1,9 @@
 """The `sparkrec` command: one subcommand per stage, plus `run` and `generate`.
 
+Which stages a command runs is `stages.COMMANDS`. Nothing here imports
+pyspark until a command needs a session, so `--help` and config errors answer
+without a JVM.
+
 Config is loaded and validated before a SparkSession exists, so a bad key
 fails in a second. Expected failures (`SparkrecError`) print one line and
 exit 2; anything else prints one line, the traceback goes to the log, and
@@ -15,17 +19,19 @@ import sys
 import time
 from datetime import date
 
-from pyspark.sql import SparkSession
+from typing import TYPE_CHECKING
 
 from sparkrec import __version__
 from sparkrec import columns as C
+from sparkrec import stages
 from sparkrec.config import Config, SparkConfig, check_input_paths, load_config
 from sparkrec.errors import ConfigError, SparkrecError
-from sparkrec.registry import evaluation_line
+from sparkrec.gate import evaluation_line
+
+if TYPE_CHECKING:  # pyspark is imported only by commands that start Spark
+    from pyspark.sql import SparkSession
 
 log = logging.getLogger("sparkrec")
-
-STAGE_COMMANDS = ("ingest", "clean", "ids", "train", "recommend")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,7 +95,7 @@ def summary(spark: SparkSession, cfg: Config, run_id: str, rows: list[dict]) -> 
     """
     from pyspark.sql import functions as F
 
-    from sparkrec import io
+    from sparkrec import tables
 
     lines = [f"run {run_id}"]
     for r in rows:
@@ -100,10 +106,10 @@ def summary(spark: SparkSession, cfg: Config, run_id: str, rows: list[dict]) -> 
         lines.append("  " + ", ".join(parts))
         if r["stage"] == "evaluate" and r["metrics"]:
             lines.append("    " + evaluation_line(r["metrics"], json.loads(r["details"] or "{}")))
-    recs = io.read_table(spark, cfg, C.RECOMMENDATIONS, required=False)
+    recs = tables.read_table(spark, cfg, C.RECOMMENDATIONS, required=False)
     if recs is not None:
-        agg = recs.df.groupBy(C.SOURCE).agg(F.countDistinct(C.USER_ID).alias("users")).collect()
-        by_source = ", ".join(f"{r['users']:,} users from {r[C.SOURCE]}" for r in sorted(agg, key=lambda r: r[C.SOURCE]))
+        agg = recs.df.groupBy(C.REC_SOURCE).agg(F.countDistinct(C.USER_ID).alias("users")).collect()
+        by_source = ", ".join(f"{r['users']:,} users from {r[C.REC_SOURCE]}" for r in sorted(agg, key=lambda r: r[C.REC_SOURCE]))
         lines.append(f"recommendations: {cfg.table_path(C.RECOMMENDATIONS)} (version {recs.version}): {by_source}")
     return "\n".join(lines)
 
@@ -149,42 +155,31 @@ def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> in
         session = _spark(cfg.spark, spark)
         ctx = RunContext(session, cfg, now=cfg.interval.end)
         log.info("run %s: %s with config %s (hash %s)", ctx.run_id, args.command, args.config, cfg.digest())
-        if args.command == "run":
+        if args.command in stages.COMMANDS:
             try:
-                pipeline.run_all(ctx, pipeline.RUN_STAGES)
+                settings = pipeline.run_command(ctx, args.command)
             finally:
-                try:
-                    print(summary(session, cfg, ctx.run_id, ctx.written))
-                except Exception:  # the run's own error matters more than its summary
-                    log.debug("no summary", exc_info=True)
+                if args.command == "run":
+                    try:
+                        print(summary(session, cfg, ctx.run_id, ctx.written))
+                    except Exception:  # the run's own error matters more than its summary
+                        log.debug("no summary", exc_info=True)
+            if args.command == "tune":
+                print(tuned_settings(settings))
         elif args.command == "runs":
-            from sparkrec import registry
+            from sparkrec import runs
 
-            print(registry.list_runs(session, cfg, args.limit))
+            print(runs.list_runs(session, cfg, args.limit))
         elif args.command == "rollback":
-            from sparkrec import registry
+            from sparkrec import runs
 
-            print(registry.rollback(ctx, args.to))
+            print(runs.rollback(ctx, args.to))
         elif args.command == "report":
             from sparkrec import report
 
             out = args.out or f"report-{args.run_id}.html"
             report.write_report(session, cfg, args.run_id, out)
             print(f"report written to {out}")
-        elif args.command == "tune":
-            pipeline.run_all(ctx, ("ids", "tune"))
-            best = ctx.cfg.train
-            a = best.als
-            print("best settings (use as overrides):")
-            print(f"  --set train.als.rank={a.rank} --set train.als.reg_param={a.reg_param:.5g} --set train.als.alpha={a.alpha:.5g} "
-                  f"--set train.als.max_iter={a.max_iter} --set train.recency_half_life_days={best.recency_half_life_days if best.recency_half_life_days is not None else 'null'} "
-                  f"--set 'train.event_weights={json.dumps(best.event_weights)}'")
-        elif args.command == "evaluate":
-            pipeline.run_all(ctx, ("ids", "evaluate"))
-        elif args.command == "train":
-            pipeline.run_all(ctx, ("ids", "train"))
-        else:
-            pipeline.run_all(ctx, (args.command,))
         log.info("run %s: %s done in %.1fs", ctx.run_id, args.command, time.monotonic() - started)
         return 0
     except SparkrecError as exc:
@@ -195,6 +190,18 @@ def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> in
         where = f" in stage {ctx.failed_stage}" if ctx is not None and ctx.failed_stage else ""
         print(f"sparkrec: failed{where}: {describe(exc)} (rerun with -v for the traceback)", file=sys.stderr)
         return 1
+
+
+def tuned_settings(best) -> str:
+    """The tuning winner as `--set` overrides a person can paste into the next command."""
+    a = best.als
+    half_life = best.recency_half_life_days if best.recency_half_life_days is not None else "null"
+    return (
+        "best settings (use as overrides):\n"
+        f"  --set train.als.rank={a.rank} --set train.als.reg_param={a.reg_param:.5g} --set train.als.alpha={a.alpha:.5g} "
+        f"--set train.als.max_iter={a.max_iter} --set train.recency_half_life_days={half_life} "
+        f"--set 'train.event_weights={json.dumps(best.event_weights)}'"
+    )
 
 
 def describe(exc: BaseException) -> str:

@@ -28,6 +28,8 @@ INGEST_RUN_ID = "_ingest_run_id"
 RAW_KEY = "_raw_key"
 ROW_HASH = "_row_hash"
 CORRUPT_RECORD = "_corrupt_record"
+# What ingest adds to every raw row (everything else in events_raw came from the input).
+LINEAGE_COLUMNS = (SOURCE_FILE, INGEST_RUN_ID, ROW_HASH, RAW_KEY)
 RUN_ID = "run_id"
 
 # Quarantine.
@@ -42,7 +44,9 @@ DESCRIPTION = "description"
 # Recommendations.
 RANK = "rank"
 SCORE = "score"
-SOURCE = "source"
+# Where a recommendation came from (the table column `source`: als, popular, ...);
+# not the input config (`config.InputConfig`) nor the lineage column `_source_file`.
+REC_SOURCE = "source"
 MODEL_VERSION = "model_version"
 GENERATED_AT = "generated_at"
 

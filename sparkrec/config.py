@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -28,6 +28,15 @@ from sparkrec.errors import ConfigError
 
 TABLE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _REMOTE_SCHEMES = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def as_utc(dt: datetime) -> datetime:
+    """A time without a zone means UTC (the README's rule for config and interval times).
+
+    PySpark would otherwise read a naive datetime in the machine's zone, so every
+    place that turns a config time into a Spark literal goes through this.
+    """
+    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt
 
 
 class _Strict(BaseModel):
@@ -66,7 +75,9 @@ class SourceColumns(_Strict):
     invoice: str | None = None
 
 
-class SourceConfig(_Strict):
+class InputConfig(_Strict):
+    """The `source:` section: the interaction log to ingest and how to read it."""
+
     path: str
     format: Literal["parquet", "csv", "json"]
     kind: Literal["events", "transactions"] = "events"
@@ -118,7 +129,7 @@ class SourceConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _kind_columns(self) -> SourceConfig:
+    def _kind_columns(self) -> InputConfig:
         if self.kind == "events" and not self.columns.event_type:
             raise ValueError("columns.event_type is required when kind is 'events'")
         if self.kind == "transactions" and not self.columns.invoice:
@@ -356,12 +367,13 @@ class IntervalConfig(_Strict):
     start: datetime | None = None
     end: datetime | None = None
 
+    @field_validator("start", "end")
+    @classmethod
+    def _naive_is_utc(cls, v: datetime | None) -> datetime | None:
+        return None if v is None else as_utc(v)
+
     @model_validator(mode="after")
     def _ordered(self) -> IntervalConfig:
-        for name in ("start", "end"):
-            v = getattr(self, name)
-            if v is not None and v.tzinfo is None:
-                setattr(self, name, v.replace(tzinfo=ZoneInfo("UTC")))
         if (self.start is None) != (self.end is None):
             raise ValueError("interval.start and interval.end go together: set both or neither")
         if self.start is not None and self.end is not None and self.start >= self.end:
@@ -378,7 +390,7 @@ class Config(_Strict):
     checkpoint_dir: str | None = Field(default=None, description="Defaults to <warehouse>/_checkpoints.")
     tables: dict[str, str] = Field(default_factory=dict, description="Override a table's name.")
     spark: SparkConfig = SparkConfig()
-    source: SourceConfig
+    source: InputConfig
     items: ItemsConfig = ItemsConfig()
     clean: CleanConfig = CleanConfig()
     train: TrainConfig = TrainConfig()

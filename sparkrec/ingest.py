@@ -6,8 +6,10 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from sparkrec import columns as C
+from sparkrec.clean import event_time
+from sparkrec.config import InputConfig, IntervalConfig
 
-LINEAGE_COLUMNS = (C.SOURCE_FILE, C.INGEST_RUN_ID, C.ROW_HASH, C.RAW_KEY)
+LINEAGE_COLUMNS = C.LINEAGE_COLUMNS
 
 # Delta rejects spaces and some punctuation in column names unless column
 # mapping is on; raw inputs such as Online Retail II ("Customer ID") need it,
@@ -35,6 +37,18 @@ def row_content_hash(cols: list[str]) -> F.Column:
 def in_interval(event_time: F.Column, start, end) -> F.Column:
     """Rows of the interval [start, end), plus rows whose time cannot be read (clean must see them to quarantine them)."""
     return event_time.isNull() | ((event_time >= F.lit(start)) & (event_time < F.lit(end)))
+
+
+def of_interval(raw: DataFrame, src: InputConfig, interval: IntervalConfig) -> DataFrame:
+    """The raw rows a scheduled run for `interval` takes (all of them when no interval is set).
+
+    Event times are read by clean's own parser, so ingest and clean agree on
+    which interval a row belongs to.
+    """
+    if not interval.enabled:
+        return raw
+    ts, _ = event_time(raw, src)
+    return raw.where(in_interval(ts, interval.start, interval.end))
 
 
 def with_lineage(raw: DataFrame, run_id: str) -> DataFrame:

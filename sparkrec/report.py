@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
-import io as _io
+import io
 import json
 from pathlib import Path
 
@@ -22,17 +22,17 @@ from pyspark.sql import SparkSession  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
 from sparkrec import columns as C  # noqa: E402
-from sparkrec import io  # noqa: E402
+from sparkrec import tables  # noqa: E402
 from sparkrec.config import Config  # noqa: E402
 from sparkrec.errors import StageError  # noqa: E402
-from sparkrec.registry import evaluation_line  # noqa: E402
+from sparkrec.gate import evaluation_line  # noqa: E402
 
 METRICS = ("ndcg", "precision", "recall", "map", "hit_rate", "mrr")
 COLORS = {"model": "#1f6feb", "popular": "#999999", "recent_popular": "#d29922", "buy_again": "#8957e5"}
 
 
 def _png(fig) -> str:
-    buf = _io.BytesIO()
+    buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return '<img alt="plot" src="data:image/png;base64,' + base64.b64encode(buf.getvalue()).decode() + '">'
@@ -71,9 +71,9 @@ def trials_plot(trials: list[dict], key: str) -> str:
 
 
 def long_tail(spark: SparkSession, cfg: Config, recs_version: int | None) -> str:
-    inter = io.read_table(spark, cfg, C.INTERACTIONS).df  # type: ignore[union-attr]
+    inter = tables.read_required(spark, cfg, C.INTERACTIONS).df
     pop = inter.groupBy(C.ITEM_ID).agg(F.countDistinct(C.USER_ID).alias("_users"))
-    recs = io.read_table(spark, cfg, C.RECOMMENDATIONS, required=False, version=recs_version)
+    recs = tables.read_table(spark, cfg, C.RECOMMENDATIONS, required=False, version=recs_version)
     if recs is not None:
         shown = recs.df.select(C.ITEM_ID).distinct().withColumn("_rec", F.lit(True))
         pop = pop.join(shown, C.ITEM_ID, "left")
@@ -97,10 +97,10 @@ def long_tail(spark: SparkSession, cfg: Config, recs_version: int | None) -> str
 
 
 def score_histogram(spark: SparkSession, cfg: Config, recs_version: int | None) -> str:
-    recs = io.read_table(spark, cfg, C.RECOMMENDATIONS, required=False, version=recs_version)
+    recs = tables.read_table(spark, cfg, C.RECOMMENDATIONS, required=False, version=recs_version)
     if recs is None:
         return "<p>No recommendations table.</p>"
-    als = recs.df.where(F.col(C.SOURCE) == C.SOURCE_ALS).where(F.col(C.SCORE).isNotNull())
+    als = recs.df.where(F.col(C.REC_SOURCE) == C.SOURCE_ALS).where(F.col(C.SCORE).isNotNull())
     lo, hi = als.agg(F.min(C.SCORE), F.max(C.SCORE)).first()
     if lo is None:
         return "<p>No model scores in this table.</p>"
@@ -140,8 +140,7 @@ def metrics_table(metrics: dict[str, float]) -> str:
 
 
 def write_report(spark: SparkSession, cfg: Config, run_id: str, out: str) -> None:
-    runs = io.read_table(spark, cfg, C.RUNS)
-    assert runs is not None
+    runs = tables.read_required(spark, cfg, C.RUNS)
     rows = {r["stage"]: r for r in runs.df.where(F.col(C.RUN_ID) == run_id).orderBy("started_at").collect()}
     if not rows:
         raise StageError(f"run {run_id!r} is not in the runs table; `sparkrec runs` lists recent runs")

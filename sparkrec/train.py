@@ -7,6 +7,7 @@ sum. MLlib ALS with `implicitPrefs=True` then turns confidence into factors.
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 
 from pyspark.ml.recommendation import ALS, ALSModel
@@ -15,6 +16,9 @@ from pyspark.sql import functions as F
 
 from sparkrec import columns as C
 from sparkrec.config import AlsConfig, TrainConfig
+from sparkrec.errors import StageError
+
+log = logging.getLogger(__name__)
 
 
 def event_weight(weights: dict[str, float]) -> Column:
@@ -107,3 +111,27 @@ def largest_user_share(matrix: DataFrame) -> tuple[int | None, float]:
     if row is None or not row["_all"]:
         return None, 0.0
     return row["_u"], float(row["_max"]) / float(row["_all"])
+
+
+def decay_reference(interactions: DataFrame, train: TrainConfig) -> datetime | None:
+    """The newest event time, which recency decay measures age from; None when there is no decay to apply."""
+    if train.recency_half_life_days is None:
+        return None
+    return interactions.agg(F.max(C.EVENT_TS)).first()[0]
+
+
+def require_pairs(pairs: int, train: TrainConfig) -> int:
+    """`pairs` when the matrix has any; an error naming the weights when it has none."""
+    if pairs == 0:
+        raise StageError(
+            "the training matrix is empty: no interaction has a positive weight "
+            f"(train.event_weights = {train.event_weights})"
+        )
+    return pairs
+
+
+def warn_skew(user_ids: DataFrame, heavy: int | None, share: float, run_id: str) -> None:
+    """Log the heaviest user by key (one row looked up), so an operator can find it in the shop's data."""
+    who = user_ids.where(F.col(C.USER_IDX) == heavy).select(C.USER_ID).first()
+    log.warning("run %s: user %s holds %.1f%% of all training weight (more than %.0f%%): a bot or a test account? "
+                "see clean.bots", run_id, who[0] if who else heavy, 100 * share, 100 * SKEW_WARN_SHARE)

@@ -1,8 +1,4 @@
-"""Fitting on a split, judging against baselines, and searching ALS and feedback settings.
-
-`Protocol` fixes what every list on one split is judged by (training
-interactions, evaluated users, relevant items, exclusions), so the model and
-each baseline are compared on exactly the same terms.
+"""Searching ALS and feedback settings on a validation split.
 
 Tuning never sees the test period: it carves a validation split out of the
 training period with the same split kind, picks the best trial there, and
@@ -18,97 +14,19 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from sparkrec import columns as C
-from sparkrec import evaluate, recommend, train
-from sparkrec.config import Config, EvaluateConfig, RecommendConfig, TrainConfig, TuneConfig
+from sparkrec import evaluate, train
+from sparkrec.config import Config, TrainConfig, TuneConfig
+from sparkrec.gate import metric_key
+from sparkrec.protocol import make_protocol, model_lists, split_of
 from sparkrec.errors import StageError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Protocol:
-    train: DataFrame  # interactions before the cut
-    history: DataFrame  # the same with integer ids (user_idx, item_idx, event_type, event_ts)
-    relevant: DataFrame  # (user_id, item_id)
-    users: DataFrame  # (user_idx) evaluated users
-    user_ids: DataFrame
-    item_ids: DataFrame
-    description: str
-    n_users: int
-
-    def release(self) -> None:
-        self.history.unpersist()
-        self.train.unpersist()
-
-    def keyed(self, lists: DataFrame) -> DataFrame:
-        """(user_idx, item_idx, rank) lists with the original keys, materialised: (user_id, item_id, rank)."""
-        return lists.join(self.user_ids, C.USER_IDX).join(self.item_ids, C.ITEM_IDX).select(C.USER_ID, C.ITEM_ID, C.RANK).localCheckpoint()
-
-
-def split_of(interactions: DataFrame, ev: EvaluateConfig) -> evaluate.Split:
-    if ev.split == "time":
-        return evaluate.time_split(interactions, ev.test_days)
-    if ev.split == "leave_last_n":
-        return evaluate.leave_last_n_split(interactions, ev.leave_last_n)
-    return evaluate.random_split(interactions, ev.test_fraction, ev.seed)
-
-
-def make_protocol(split: evaluate.Split, ev: EvaluateConfig, user_ids: DataFrame, item_ids: DataFrame) -> Protocol:
-    """Materialise the split's fixed parts once: every list on it (model trials and baselines) reads them."""
-    tr = split.train.persist(StorageLevel.MEMORY_AND_DISK)
-    history = recommend.indexed_history(tr, user_ids, item_ids).persist(StorageLevel.MEMORY_AND_DISK)
-    relevant = evaluate.relevant_items(tr, split.test, ev.relevant_event_types, ev.repeat_relevant).localCheckpoint()
-    users = relevant.select(C.USER_ID).distinct().join(user_ids, C.USER_ID).select(C.USER_IDX).localCheckpoint()
-    n = users.count()
-    log.info("evaluation protocol %s: %s evaluated users", split.description, f"{n:,}")
-    return Protocol(tr, history, relevant, users, user_ids, item_ids, split.description, n)
-
-
-def _eval_rec_cfg(rec: RecommendConfig, k: int) -> RecommendConfig:
-    """The production list logic at the evaluated depth, without the parts that cost but do not rank."""
-    return rec.model_copy(update={"n": k, "explain": False, "exploration_slots": 0})
-
-
-def model_lists(proto: Protocol, matrix: DataFrame, tcfg: TrainConfig, rec: RecommendConfig, k: int) -> DataFrame:
-    """Fit ALS on a materialised matrix and list the evaluated users' top k: (user_id, item_id, rank)."""
-    model = train.fit_als(matrix, tcfg.als)
-    uf = model.userFactors.select(F.col("id").alias(C.USER_IDX), F.col("features").alias(C.FEATURES))
-    itf = model.itemFactors.select(F.col("id").alias(C.ITEM_IDX), F.col("features").alias(C.FEATURES))
-    return proto.keyed(recommend.recommend_all(proto.history, uf, itf, _eval_rec_cfg(rec, k), users=proto.users))
-
-
-def baseline_lists(proto: Protocol, ev: EvaluateConfig, k: int, bought: list[str]) -> dict[str, DataFrame]:
-    """Most popular, recently popular and (optionally) buy again, on the same users and exclusions.
-
-    The popular lists are built by the very code that fills a cold-start
-    user's list in production, so the baseline is what a shop would get anyway.
-    """
-    h = proto.history
-    meta = recommend.default_meta(h, h)
-    out = {"popular": proto.keyed(recommend.popular_lists(h, proto.users, meta, k, bought))}
-    latest = proto.train.agg(F.max(C.EVENT_TS)).first()[0]
-    if latest is not None:
-        since = F.lit(latest - timedelta(days=ev.recent_days))
-        out["recent_popular"] = proto.keyed(recommend.popular_lists(h, proto.users, meta, k, bought, since=since))
-    if ev.buy_again:
-        # Its point is the user's own past items, so the bought-item exclusion does not apply to it.
-        users = proto.users.join(proto.user_ids, C.USER_IDX).select(C.USER_ID)
-        out["buy_again"] = evaluate.buy_again_lists(users, proto.train, bought, k)
-    return out
-
-
-def metric_key(ev: EvaluateConfig) -> str:
-    return f"{ev.metric}@{ev.k}"
-
-
-# --------------------------------------------------------------------------- tuning
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from sparkrec import columns as C
-from sparkrec import io
+from sparkrec import tables
 from sparkrec.config import load_config
 from sparkrec.generate import GenerateParams, generate
 from tests.conftest import ROOT
@@ -116,12 +116,12 @@ def test_dags_test_runs_every_stage_for_one_interval(spark, airflow_env):
         env=env, capture_output=True, text=True, cwd=ROOT, timeout=1800,
     )
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
-    runs = io.read_table(spark, cfg, C.RUNS).df
+    runs = tables.read_table(spark, cfg, C.RUNS).df
     stages = {r["stage"]: r for r in runs.collect()}
     assert {"ingest", "clean", "ids", "evaluate", "train", "recommend"} <= set(stages)
     assert all(r["status"] == "succeeded" for r in stages.values())
     assert json.loads(stages["ingest"]["details"])["interval"] == ["2025-01-01T00:00:00+00:00", "2026-01-01T00:00:00+00:00"]
-    assert io.read_table(spark, cfg, C.RECOMMENDATIONS).df.count() > 0
+    assert tables.read_table(spark, cfg, C.RECOMMENDATIONS).df.count() > 0
 
 
 def test_a_refused_model_or_bad_input_fails_at_once_and_a_crash_is_retried(airflow_env):

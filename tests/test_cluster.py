@@ -31,7 +31,7 @@ from chispa import assert_df_equality
 from pyspark.sql import functions as F
 
 from sparkrec import columns as C
-from sparkrec import devcluster, io, pipeline
+from sparkrec import devcluster, pipeline, tables
 from sparkrec.cli import main
 from sparkrec.config import load_config
 from sparkrec.generate import GenerateParams, generate
@@ -140,7 +140,7 @@ def both_runs(spark, cluster, dist, shop, zip_only_python, tmp_path_factory):
 
 
 def read(spark, cfg, key):
-    return io.read_table(spark, cfg, key).df
+    return tables.read_table(spark, cfg, key).df
 
 
 def test_the_cluster_ran_the_job_on_both_workers(both_runs, cluster):
@@ -195,7 +195,7 @@ def test_training_survives_losing_a_worker(spark, dist, shop, tmp_path_factory):
     d = tmp_path_factory.mktemp("lose-a-worker")
     sets = [*overrides(d / "wh", shop), "train.als.max_iter=30"]
     cfg = load_config(ROOT / "conf" / "local.yaml", sets)
-    pipeline.run_all(RunContext(spark, cfg), ("ingest", "clean", "ids", "train"))
+    pipeline.run_stages(RunContext(spark, cfg), ("ingest", "clean", "ids", "train"))
     undisturbed = {
         key: {r[idx]: np.asarray(r[C.FEATURES]) for r in read(spark, cfg, key).select(idx, C.FEATURES).collect()}
         for key, idx in ((C.USER_FACTORS, C.USER_IDX), (C.ITEM_FACTORS, C.ITEM_IDX))
@@ -284,7 +284,7 @@ def test_a_task_that_fails_once_is_retried_and_the_stage_completes(spark, cluste
 
 def test_a_task_that_keeps_failing_fails_the_job_naming_the_stage(spark, cluster, dist, trained, tmp_path):
     _, cfg, _ = trained
-    before = io.current_version(spark, cfg.table_path(C.RECOMMENDATIONS))
+    before = tables.current_version(spark, cfg.table_path(C.RECOMMENDATIONS))
     python = _flaky_python(tmp_path, fail_times=None)
     log_path = tmp_path / "recommend.log"
     rc = _submit_recommend(cluster, dist, trained, python, log_path)
@@ -292,4 +292,4 @@ def test_a_task_that_keeps_failing_fails_the_job_naming_the_stage(spark, cluster
     assert rc == 1, text[-3000:]
     assert "sparkrec: failed in stage recommend:" in text, text[-3000:]
     assert len((tmp_path / "failures").read_text()) >= 4  # every attempt was made before giving up
-    assert io.current_version(spark, cfg.table_path(C.RECOMMENDATIONS)) == before  # nothing half-published
+    assert tables.current_version(spark, cfg.table_path(C.RECOMMENDATIONS)) == before  # nothing half-published

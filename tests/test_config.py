@@ -1,4 +1,4 @@
-"""Config loading and validation: no Spark needed, every error names its key."""
+"""Config loading and validation: no Spark needed (no-JVM tier), every error names its key."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from sparkrec.config import check_input_paths, load_config
 from sparkrec.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.nojvm
 
 
 def test_local_extends_base_and_overrides_apply():
@@ -134,3 +136,16 @@ def test_jvm_failures_are_described_by_their_root_cause():
 
     assert describe(Py4JLike("An error occurred while calling o726.collectToPython.")) == "java.lang.OutOfMemoryError: Java heap space"
     assert describe(ValueError("bad\nsecond line")) == "ValueError: bad"
+
+
+def test_a_naive_interval_is_read_as_utc():
+    """Regression: a zone-less interval.start/end failed with 'Instance is frozen'."""
+    from datetime import datetime, timezone
+
+    cfg = load_config(ROOT / "conf" / "local.yaml", ["interval.start=2025-01-01T00:00", "interval.end=2025-01-02T00:00"])
+    assert cfg.interval.start == datetime(2025, 1, 1, tzinfo=timezone.utc)
+    assert cfg.interval.end == datetime(2025, 1, 2, tzinfo=timezone.utc)
+    zoned = load_config(ROOT / "conf" / "local.yaml", ["interval.start=2025-01-01T01:00+01:00", "interval.end=2025-01-02T00:00Z"])
+    assert zoned.interval.start == cfg.interval.start  # an explicit zone is kept, not replaced
+    with pytest.raises(ConfigError, match="must be before interval.end"):
+        load_config(ROOT / "conf" / "local.yaml", ["interval.start=2025-01-02T00:00", "interval.end=2025-01-01T00:00"])

@@ -8,7 +8,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import Window
 
 from sparkrec import columns as C
-from sparkrec import io, pipeline
+from sparkrec import pipeline, tables
 from sparkrec.cli import main
 from sparkrec.generate import GenerateParams, generate
 from sparkrec.runs import RunContext
@@ -50,7 +50,7 @@ def first_run(spark, shop, tmp_path_factory):
 
 
 def table(spark, cfg, key):
-    return io.read_table(spark, cfg, key).df
+    return tables.read_table(spark, cfg, key).df
 
 
 def test_ledger_balances_exactly(spark, first_run):
@@ -95,13 +95,13 @@ def test_every_user_gets_exactly_n_valid_ranked_items(spark, first_run):
         F.count("*").alias("n"), F.countDistinct(C.ITEM_ID).alias("d"), F.min(C.RANK).alias("lo"), F.max(C.RANK).alias("hi")
     )
     assert per_user.where(f"n != {N} or d != {N} or lo != 1 or hi != {N}").count() == 0
-    w = Window.partitionBy(C.USER_ID, C.SOURCE).orderBy(C.RANK)
+    w = Window.partitionBy(C.USER_ID, C.REC_SOURCE).orderBy(C.RANK)
     rising = recs.withColumn("prev", F.lag(C.SCORE).over(w)).where(F.col(C.SCORE) > F.col("prev"))
     assert rising.count() == 0
     bought = inter.where(F.col(C.EVENT_TYPE) == "purchase").select(C.USER_ID, C.ITEM_ID)
     assert recs.join(bought, [C.USER_ID, C.ITEM_ID]).count() == 0
-    assert {r[C.SOURCE] for r in recs.select(C.SOURCE).distinct().collect()} <= {"als", "popular"}
-    assert recs.where(F.col(C.SOURCE) == "als").count() > 0
+    assert {r[C.REC_SOURCE] for r in recs.select(C.REC_SOURCE).distinct().collect()} <= {"als", "popular"}
+    assert recs.where(F.col(C.REC_SOURCE) == "als").count() > 0
 
 
 def test_no_unavailable_item_is_recommended_and_every_item_is_explained(spark, first_run):
@@ -110,8 +110,8 @@ def test_no_unavailable_item_is_recommended_and_every_item_is_explained(spark, f
     assert gone.count() > 0  # the generator marks some items out of stock
     assert recs.join(gone, C.ITEM_ID).count() == 0
     assert recs.where(F.col(C.EXPLANATION).isNull()).count() == 0
-    because = recs.where(F.col(C.SOURCE) == "als").where(F.col(C.BECAUSE_ITEM_ID).isNotNull())
-    assert because.count() > 0.9 * recs.where(F.col(C.SOURCE) == "als").count()
+    because = recs.where(F.col(C.REC_SOURCE) == "als").where(F.col(C.BECAUSE_ITEM_ID).isNotNull())
+    assert because.count() > 0.9 * recs.where(F.col(C.REC_SOURCE) == "als").count()
     # The explaining item is one the user really interacted with.
     inter = table(spark, first_run, C.INTERACTIONS).select(C.USER_ID, F.col(C.ITEM_ID).alias(C.BECAUSE_ITEM_ID)).distinct()
     assert because.join(inter, [C.USER_ID, C.BECAUSE_ITEM_ID], "left_anti").count() == 0
@@ -143,7 +143,7 @@ def test_rerunning_stages_changes_nothing(spark, first_run):
     before = {k: table(spark, cfg, k) for k in (C.EVENTS_RAW, C.INTERACTIONS, C.USER_IDS, C.ITEM_IDS)}
     before = {k: df.localCheckpoint() for k, df in before.items()}
     ctx = RunContext(spark, cfg)
-    pipeline.run_all(ctx, ("ingest", "clean", "ids"))
+    pipeline.run_stages(ctx, ("ingest", "clean", "ids"))
     ingest_run = table(spark, cfg, C.RUNS).where(f"run_id = '{ctx.run_id}' and stage = 'ingest'").first()
     assert ingest_run["rows_in"] == 12_000 and ingest_run["rows_out"] == 0
     for k, df in before.items():
@@ -155,14 +155,14 @@ def test_result_is_identical_when_shuffle_partitions_change(spark, first_run, tm
     old = spark.conf.get("spark.sql.shuffle.partitions")
     spark.conf.set("spark.sql.shuffle.partitions", "7")
     try:
-        pipeline.run_all(RunContext(spark, cfg))
+        pipeline.run_stages(RunContext(spark, cfg))
     finally:
         spark.conf.set("spark.sql.shuffle.partitions", old)
     for key in (C.INTERACTIONS, C.USER_IDS, C.ITEM_IDS):
         assert_df_equality(table(spark, cfg, key), table(spark, first_run, key), ignore_row_order=True)
     q_cols = [C.RAW_KEY, C.REASON, C.RAW_RECORD]
     assert_df_equality(table(spark, cfg, C.QUARANTINE).select(q_cols), table(spark, first_run, C.QUARANTINE).select(q_cols), ignore_row_order=True)
-    r_cols = [C.USER_ID, C.ITEM_ID, C.RANK, C.SOURCE]
+    r_cols = [C.USER_ID, C.ITEM_ID, C.RANK, C.REC_SOURCE]
     assert_df_equality(
         table(spark, cfg, C.RECOMMENDATIONS).select(r_cols), table(spark, first_run, C.RECOMMENDATIONS).select(r_cols), ignore_row_order=True
     )
@@ -172,13 +172,13 @@ def test_ids_are_stable_when_new_keys_arrive(spark, first_run, shop, tmp_path):
     """A second run over more data keeps every old id and appends the new keys."""
     cfg = first_run.model_copy(update={"warehouse": str(tmp_path / "wh3")})
     ctx = RunContext(spark, cfg)
-    pipeline.run_all(ctx, ("ingest", "clean", "ids"))
+    pipeline.run_stages(ctx, ("ingest", "clean", "ids"))
     old_users = table(spark, cfg, C.USER_IDS).localCheckpoint()
     extra = tmp_path / "extra.json"
     extra.write_text('{"event_id":"x1","user_id":"zz_new","item_id":"i000001","event_type":"view","timestamp":"2025-07-01T00:00:00Z"}\n')
     cfg2 = cfg.model_copy(update={"source": cfg.source.model_copy(update={"path": str(extra)})})
     ctx2 = RunContext(spark, cfg2)
-    pipeline.run_all(ctx2, ("ingest", "clean", "ids"))
+    pipeline.run_stages(ctx2, ("ingest", "clean", "ids"))
     ingest_run = table(spark, cfg, C.RUNS).where(f"run_id = '{ctx2.run_id}' and stage = 'ingest'").first()
     assert (ingest_run["rows_in"], ingest_run["rows_out"]) == (1, 1)  # counted by Delta's MERGE
     new_users = table(spark, cfg, C.USER_IDS)
@@ -224,12 +224,12 @@ def test_evaluation_is_recorded_for_the_model_and_every_baseline(spark, first_ru
 
 
 def test_a_losing_model_is_not_published_and_the_run_exits_3(spark, first_run, capsys):
-    before = {k: io.current_version(spark, first_run.table_path(k)) for k in (C.RECOMMENDATIONS, C.USER_FACTORS, C.ITEM_FACTORS)}
+    before = {k: tables.current_version(spark, first_run.table_path(k)) for k in (C.RECOMMENDATIONS, C.USER_FACTORS, C.ITEM_FACTORS)}
     code = main(["run", *cli_args(first_run), "--set", "evaluate.gate.margin=1000"], spark=spark)
     err = capsys.readouterr().err
     assert code == 3
     assert "quality gate" in err and "nothing was published" in err
-    after = {k: io.current_version(spark, first_run.table_path(k)) for k in before}
+    after = {k: tables.current_version(spark, first_run.table_path(k)) for k in before}
     assert after == before
     failed = table(spark, first_run, C.RUNS).where("stage = 'evaluate' and status = 'failed'").collect()
     assert len(failed) == 1 and "quality gate" in failed[0]["error"]

@@ -128,7 +128,7 @@ def test_popular_lists_skip_bought_items_and_buy_again_ranks_by_frequency(spark)
     lists = recommend.popular_lists(history, idx_users, recommend.default_meta(history, history), 2, ["purchase"])
     got = {}
     for r in lists.orderBy(C.USER_IDX, C.RANK).collect():
-        got.setdefault(r[C.USER_IDX], []).append((r[C.ITEM_IDX], r[C.SOURCE]))
+        got.setdefault(r[C.USER_IDX], []).append((r[C.ITEM_IDX], r[C.REC_SOURCE]))
     # a bought x, y, a1: only z is left; c gets y then a1 (tied with z, which c bought, and by id)
     assert got == {0: [(2, "popular")], 2: [(1, "popular"), (3, "popular")]}
     again = evaluate.buy_again_lists(users, train, ["purchase"], 2).orderBy(C.USER_ID, C.RANK).collect()

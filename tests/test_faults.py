@@ -21,7 +21,7 @@ import pytest
 from chispa import assert_df_equality
 
 from sparkrec import columns as C
-from sparkrec import io, pipeline
+from sparkrec import pipeline, tables
 from sparkrec.cli import main
 from sparkrec.config import load_config
 from sparkrec.generate import GenerateParams, generate
@@ -48,7 +48,7 @@ def setup_warehouse(spark, shops: Path, tmp: Path):
     shutil.copytree(shops / "a" / "events", src)
     sets = [f"warehouse={tmp / 'wh'}", f"source.path={src}", f"items.path={shops / 'a' / 'items'}", *FAST]
     cfg = load_config(ROOT / "conf" / "local.yaml", sets)
-    pipeline.run_all(RunContext(spark, cfg), ("ingest", "clean"))
+    pipeline.run_stages(RunContext(spark, cfg), ("ingest", "clean"))
     for f in (shops / "b" / "events").iterdir():
         if not f.name.startswith((".", "_")):
             shutil.copy(f, src / f"b-{f.name}")
@@ -56,7 +56,7 @@ def setup_warehouse(spark, shops: Path, tmp: Path):
 
 
 def versions(spark, cfg) -> dict[str, int | None]:
-    return {k: io.current_version(spark, cfg.table_path(k)) for k in (C.EVENTS_RAW, C.ITEMS, C.INTERACTIONS, C.QUARANTINE)}
+    return {k: tables.current_version(spark, cfg.table_path(k)) for k in (C.EVENTS_RAW, C.ITEMS, C.INTERACTIONS, C.QUARANTINE)}
 
 
 def data_files(table_dir: Path) -> set[str]:
@@ -101,23 +101,23 @@ def kill_mid_write(stage: str, sets: list[str], table_dir: Path, log_path: Path,
 def test_a_job_killed_mid_write_leaves_tables_readable_and_the_next_run_succeeds(spark, shops, tmp_path, stage, key):
     cfg, sets = setup_warehouse(spark, shops, tmp_path)
     if stage == "clean":  # the new batch is ingested; clean is the job that dies
-        pipeline.run_all(RunContext(spark, cfg), ("ingest",))
+        pipeline.run_stages(RunContext(spark, cfg), ("ingest",))
     before = versions(spark, cfg)
-    snapshot = {k: io.read_table(spark, cfg, k).df.localCheckpoint() for k in (C.EVENTS_RAW, C.INTERACTIONS, C.QUARANTINE)}
+    snapshot = {k: tables.read_table(spark, cfg, k).df.localCheckpoint() for k in (C.EVENTS_RAW, C.INTERACTIONS, C.QUARANTINE)}
     kill_mid_write(stage, sets, Path(cfg.table_path(key)), tmp_path / f"{stage}.log")
 
     # Every table is readable, at the version it had, with the content it had.
     assert versions(spark, cfg) == before
     for k, df in snapshot.items():
-        assert_df_equality(io.read_table(spark, cfg, k).df, df, ignore_row_order=True)
+        assert_df_equality(tables.read_table(spark, cfg, k).df, df, ignore_row_order=True)
 
     # The next run of the same stages succeeds, and the orphaned files of the dead job count for nothing.
     assert main(["ingest", *[a for s in sets for a in ("--set", s)], "--config", str(ROOT / "conf" / "local.yaml")], spark=spark) == 0
     assert main(["clean", *[a for s in sets for a in ("--set", s)], "--config", str(ROOT / "conf" / "local.yaml")], spark=spark) == 0
-    clean_row = io.read_table(spark, cfg, C.RUNS).df.where("stage = 'clean'").orderBy("started_at", ascending=False).first()
+    clean_row = tables.read_table(spark, cfg, C.RUNS).df.where("stage = 'clean'").orderBy("started_at", ascending=False).first()
     assert clean_row["rows_in"] == 170_000
     assert clean_row["rows_in"] == clean_row["rows_out"] + clean_row["rows_quarantined"] + clean_row["rows_duplicate"]
-    assert io.read_table(spark, cfg, C.EVENTS_RAW).df.count() == 170_000
+    assert tables.read_table(spark, cfg, C.EVENTS_RAW).df.count() == 170_000
 
 
 def test_the_same_input_three_times_leaves_the_tables_as_one_run(spark, shops, tmp_path):
@@ -125,26 +125,26 @@ def test_the_same_input_three_times_leaves_the_tables_as_one_run(spark, shops, t
     cfg = load_config(ROOT / "conf" / "local.yaml", sets)
     content = {
         C.EVENTS_RAW: None, C.INTERACTIONS: None, C.QUARANTINE: [C.RAW_KEY, C.REASON, C.RAW_RECORD], C.USER_IDS: None, C.ITEM_IDS: None,
-        C.ITEMS: None, C.RECOMMENDATIONS: [C.USER_ID, C.ITEM_ID, C.RANK, C.SCORE, C.SOURCE],
+        C.ITEMS: None, C.RECOMMENDATIONS: [C.USER_ID, C.ITEM_ID, C.RANK, C.SCORE, C.REC_SOURCE],
     }
 
     def snapshot():
         out = {}
         for k, cols in content.items():
-            df = io.read_table(spark, cfg, k).df
+            df = tables.read_table(spark, cfg, k).df
             if cols is None:  # everything but who wrote it
                 cols = [c for c in df.columns if c not in (C.INGEST_RUN_ID, C.RUN_ID)]
             out[k] = df.select(cols).localCheckpoint()
         return out
 
-    pipeline.run_all(RunContext(spark, cfg))
+    pipeline.run_stages(RunContext(spark, cfg))
     once = snapshot()
     for _ in range(2):
-        pipeline.run_all(RunContext(spark, cfg))
+        pipeline.run_stages(RunContext(spark, cfg))
     thrice = snapshot()
     for k in content:
         assert_df_equality(thrice[k], once[k], ignore_row_order=True, ignore_nullable=True)
-    runs = io.read_table(spark, cfg, C.RUNS).df
+    runs = tables.read_table(spark, cfg, C.RUNS).df
     assert runs.select(C.RUN_ID).distinct().count() == 3
     assert runs.where("stage = 'ingest'").orderBy("started_at").collect()[-1]["rows_out"] == 0
 
@@ -155,19 +155,19 @@ def test_long_training_checkpoints_and_does_not_overflow_the_stack(spark, shops,
             "train.als.max_iter=50", "train.als.checkpoint_interval=5"]
     cfg = load_config(ROOT / "conf" / "local.yaml", sets)
     ctx = RunContext(spark, cfg)
-    pipeline.run_all(ctx, ("ingest", "clean", "ids", "train"))
-    row = io.read_table(spark, cfg, C.RUNS).df.where(f"run_id = '{ctx.run_id}' and stage = 'train'").first()
+    pipeline.run_stages(ctx, ("ingest", "clean", "ids", "train"))
+    row = tables.read_table(spark, cfg, C.RUNS).df.where(f"run_id = '{ctx.run_id}' and stage = 'train'").first()
     assert row["status"] == "succeeded"
     details = json.loads(row["details"])
     assert details["checkpoints"] > 1, details  # the matrix, and ALS's latest factor checkpoints
-    assert io.read_table(spark, cfg, C.USER_FACTORS).df.count() > 0
+    assert tables.read_table(spark, cfg, C.USER_FACTORS).df.count() > 0
 
 
 def test_a_persistent_failure_names_the_stage_and_the_reason_and_exits_non_zero(spark, shops, tmp_path, capsys):
     """A data file of `interactions` is damaged on disk: every attempt of the task fails the same way."""
     sets = [f"warehouse={tmp_path / 'wh'}", f"source.path={shops / 'a' / 'events'}", f"items.path={shops / 'a' / 'items'}", *FAST]
     cfg = load_config(ROOT / "conf" / "local.yaml", sets)
-    pipeline.run_all(RunContext(spark, cfg), ("ingest", "clean"))
+    pipeline.run_stages(RunContext(spark, cfg), ("ingest", "clean"))
     victim = sorted(Path(cfg.table_path(C.INTERACTIONS)).glob("*.parquet"))[0]
     victim.write_bytes(b"not a parquet file at all" * 100)
     code = main(["train", "--config", str(ROOT / "conf" / "local.yaml"), *[a for s in sets for a in ("--set", s)]], spark=spark)
@@ -175,7 +175,7 @@ def test_a_persistent_failure_names_the_stage_and_the_reason_and_exits_non_zero(
     assert code == 1
     assert "failed in stage ids" in err  # train assigns ids first, and that is where the file is read
     assert victim.name in err or "parquet" in err.lower(), err
-    failed = io.read_table(spark, cfg, C.RUNS).df.where("status = 'failed'").collect()
+    failed = tables.read_table(spark, cfg, C.RUNS).df.where("status = 'failed'").collect()
     assert [r["stage"] for r in failed] == ["ids"] and failed[0]["error"]
 
 
@@ -194,8 +194,8 @@ def test_two_runs_racing_on_one_table_leave_it_whole(spark, shops, tmp_path):
     for code, out in zip(codes, outs):
         assert code == 0 or ("another writer" in out and code == 2), out[-3000:]
     cfg = load_config(ROOT / "conf" / "local.yaml", sets)
-    raw = io.read_table(spark, cfg, C.EVENTS_RAW).df
+    raw = tables.read_table(spark, cfg, C.EVENTS_RAW).df
     assert raw.count() == 20_000
     assert raw.select(C.RAW_KEY).distinct().count() == 20_000
-    ingests = io.read_table(spark, cfg, C.RUNS).df.where("stage = 'ingest' and status = 'succeeded'").collect()
+    ingests = tables.read_table(spark, cfg, C.RUNS).df.where("stage = 'ingest' and status = 'succeeded'").collect()
     assert sum(r["rows_out"] for r in ingests) == 20_000  # what one inserted, the other found present

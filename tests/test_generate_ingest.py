@@ -7,7 +7,7 @@ from chispa import assert_df_equality
 from pyspark.sql import functions as F
 
 from sparkrec import columns as C
-from sparkrec import io, pipeline
+from sparkrec import pipeline, sources, tables
 from sparkrec.generate import DIRT_RATES, GenerateParams, events_frame
 from sparkrec.runs import RunContext
 
@@ -52,10 +52,10 @@ def test_csv_source_ingests_once_and_cleans(spark, make_config, tmp_path):
         "e3,,i2,view,2025-06-01T10:06:00Z\n"
     )
     cfg = make_config("source.format=csv", f"source.path={src}", "items.path=null")
-    pipeline.run_all(RunContext(spark, cfg), ("ingest", "ingest", "clean"))
-    raw = io.read_table(spark, cfg, C.EVENTS_RAW)
+    pipeline.run_stages(RunContext(spark, cfg), ("ingest", "ingest", "clean"))
+    raw = tables.read_table(spark, cfg, C.EVENTS_RAW)
     assert raw.df.count() == 4 and raw.version == 0  # the second ingest committed nothing
-    runs = io.read_table(spark, cfg, C.RUNS).df
+    runs = tables.read_table(spark, cfg, C.RUNS).df
     assert sorted(r["rows_out"] for r in runs.where("stage = 'ingest'").collect()) == [0, 4]
     clean_run = runs.where("stage = 'clean'").first()
     assert (clean_run["rows_out"], clean_run["rows_quarantined"], clean_run["rows_duplicate"]) == (2, 1, 1)
@@ -70,9 +70,9 @@ def test_raw_table_keeps_column_names_with_spaces(spark, make_config, tmp_path):
         "source.columns.quantity=Quantity", "source.columns.price=Price", "source.columns.event_type=null",
         "source.columns.event_id=null", "source.columns.rating=null", "source.timestamp_format=yyyy-MM-dd HH:mm:ss", "items.path=null",
     )
-    pipeline.run_all(RunContext(spark, cfg), ("ingest", "clean"))
-    assert "Customer ID" in io.read_table(spark, cfg, C.EVENTS_RAW).df.columns
-    row = io.read_table(spark, cfg, C.INTERACTIONS).df.first()
+    pipeline.run_stages(RunContext(spark, cfg), ("ingest", "clean"))
+    assert "Customer ID" in tables.read_table(spark, cfg, C.EVENTS_RAW).df.columns
+    row = tables.read_table(spark, cfg, C.INTERACTIONS).df.first()
     assert (row[C.USER_ID], row[C.ITEM_ID], row[C.EVENT_TYPE], row[C.QUANTITY]) == ("12.0", "A", "purchase", 2.0)
 
 
@@ -84,7 +84,7 @@ def test_unreadable_source_is_an_input_error(spark, make_config, tmp_path):
     (bad / "x.parquet").write_text("this is not parquet")
     cfg = make_config("source.format=parquet", f"source.path={bad}", "items.path=null")
     with pytest.raises(InputError, match="cannot read source.path"):
-        io.read_source(spark, cfg.source)
+        sources.read_source(spark, cfg.source)
 
 
 def test_generate_command_writes_events_items_and_manifest(spark, tmp_path, capsys):

@@ -9,7 +9,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from sparkrec import columns as C
-from sparkrec import io, pipeline
+from sparkrec import pipeline, tables
 from sparkrec.config import load_config
 from sparkrec.runs import RunContext
 from tests.conftest import ROOT
@@ -25,16 +25,16 @@ def retail(spark, retail_path, tmp_path_factory):
         [f"warehouse={wh}", f"source.path={retail_path}", "train.als.rank=16", "train.als.max_iter=5", "recommend.n=10"],
     )
     ctx = RunContext(spark, cfg)
-    pipeline.run_all(ctx)
+    pipeline.run_stages(ctx)
     return cfg, ctx.run_id
 
 
 def test_ledger_on_real_data(spark, retail):
     cfg, run_id = retail
-    run = io.read_table(spark, cfg, C.RUNS).df.where(f"run_id = '{run_id}' and stage = 'clean'").first()
+    run = tables.read_table(spark, cfg, C.RUNS).df.where(f"run_id = '{run_id}' and stage = 'clean'").first()
     assert run["rows_in"] == 525_461
     assert run["rows_in"] == run["rows_out"] + run["rows_quarantined"] + run["rows_duplicate"]
-    reasons = dict(io.read_table(spark, cfg, C.QUARANTINE).df.groupBy(C.REASON).count().collect())
+    reasons = dict(tables.read_table(spark, cfg, C.QUARANTINE).df.groupBy(C.REASON).count().collect())
     assert reasons["missing_user_id"] == 107_927  # every null Customer ID, the first rule they fail
     assert 9_000 < reasons["cancellation"] <= 10_206  # cancellations with a known customer
     assert reasons["non_product_item"] > 500
@@ -44,7 +44,7 @@ def test_ledger_on_real_data(spark, retail):
 
 def test_shape_matches_the_reference_figures(spark, retail):
     cfg, _ = retail
-    inter = io.read_table(spark, cfg, C.INTERACTIONS).df
+    inter = tables.read_table(spark, cfg, C.INTERACTIONS).df
     users = inter.select(C.USER_ID).distinct().count()
     items = inter.select(C.ITEM_ID).distinct().count()
     pairs = inter.select(C.USER_ID, C.ITEM_ID).distinct().count()
@@ -54,8 +54,8 @@ def test_shape_matches_the_reference_figures(spark, retail):
 
 def test_recommendations_on_real_data(spark, retail):
     cfg, _ = retail
-    recs = io.read_table(spark, cfg, C.RECOMMENDATIONS).df
-    inter = io.read_table(spark, cfg, C.INTERACTIONS).df
+    recs = tables.read_table(spark, cfg, C.RECOMMENDATIONS).df
+    inter = tables.read_table(spark, cfg, C.INTERACTIONS).df
     per_user = recs.groupBy(C.USER_ID).agg(F.countDistinct(C.ITEM_ID).alias("d"), F.max(C.RANK).alias("hi"))
     assert per_user.count() == inter.select(C.USER_ID).distinct().count()
     assert per_user.where("d != 10 or hi != 10").count() == 0
@@ -70,8 +70,8 @@ def test_evaluation_reproduces_the_reference_protocol(spark, retail):
         update={"train": cfg.train.model_copy(update={"als": cfg.train.als.model_copy(update={"rank": 64, "reg_param": 0.1, "alpha": 1.0, "max_iter": 15})})}
     )
     ctx = RunContext(spark, ref)
-    pipeline.run_all(ctx, ("evaluate",))
-    row = io.read_table(spark, cfg, C.RUNS).df.where(f"run_id = '{ctx.run_id}' and stage = 'evaluate'").first()
+    pipeline.run_stages(ctx, ("evaluate",))
+    row = tables.read_table(spark, cfg, C.RUNS).df.where(f"run_id = '{ctx.run_id}' and stage = 'evaluate'").first()
     m = row["metrics"]
     assert 0.030 <= m["popular.ndcg@10"] <= 0.040
     assert 0.026 <= m["popular.precision@10"] <= 0.034

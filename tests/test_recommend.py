@@ -29,7 +29,7 @@ def history_df(spark, rows):
 def lists(recs):
     got = {}
     for r in recs.orderBy(C.USER_IDX, C.RANK).collect():
-        got.setdefault(r[C.USER_IDX], []).append((r[C.ITEM_IDX], r[C.SOURCE]))
+        got.setdefault(r[C.USER_IDX], []).append((r[C.ITEM_IDX], r[C.REC_SOURCE]))
     return got
 
 
@@ -165,7 +165,7 @@ def test_exploration_gives_the_last_slots_to_unseen_items(spark):
     )
     got = recommend.with_exploration(recs, ["new1", "new2"], n=3, slots=1).orderBy(C.RANK).collect()
     assert [r[C.ITEM_ID] for r in got][:2] == ["i1", "i2"]
-    assert got[2][C.SOURCE] == "exploration" and got[2][C.ITEM_ID] in {"new1", "new2"} and got[2][C.RANK] == 3
+    assert got[2][C.REC_SOURCE] == "exploration" and got[2][C.ITEM_ID] in {"new1", "new2"} and got[2][C.RANK] == 3
 
 
 def test_similar_items_by_cosine_never_itself_nor_unavailable(spark):

@@ -8,6 +8,8 @@ import pytest
 from sparkrec import topk
 from sparkrec.topk import ItemMatrix, explain, normalized, occurrence, top_k
 
+pytestmark = pytest.mark.nojvm
+
 
 def brute_force(queries, excluded, items: ItemMatrix, n, cap):
     """Sort every item by (-score, id), skip excluded and capped ones, take n: obviously right, slow."""

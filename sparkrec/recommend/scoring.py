@@ -1,0 +1,166 @@
+"""Model scores: exact top-N per user with faiss and numpy inside `mapInPandas`.
+
+Each Python worker scores a block of users against the broadcast item
+matrix, with the user's bought items and the per-category cap applied inside
+the top-k (`topk`), so a list is only short when too few valid items exist.
+No user factors come to the driver; item factors are broadcast only up to
+`recommend.max_broadcast_items` per chunk, and a larger catalogue is scored in
+item chunks whose candidates are merged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+from sparkrec import columns as C
+from sparkrec import topk
+from sparkrec.recommend.names import ALLOWED, BECAUSE_IDX, BECAUSE_TYPE, BOOST, CAT, EXCLUDED, HIST, HIST_TYPE, SCORED_SCHEMA
+
+log = logging.getLogger(__name__)
+
+# Users scored per pandas batch: bounds the Python worker's memory (batch x items floats).
+_BATCH_CELLS = 50_000_000
+
+
+def _collect_items(df: DataFrame, with_category: bool) -> topk.ItemMatrix:
+    """Bring one bounded chunk of item vectors to the driver, sorted by item id."""
+    cols = [C.ITEM_IDX, C.FEATURES] + ([CAT] if with_category else [])
+    pdf = df.select(*cols).orderBy(C.ITEM_IDX).toPandas()
+    vectors = np.stack(pdf[C.FEATURES].to_numpy()).astype(np.float32) if len(pdf) else np.zeros((0, 1), np.float32)
+    return topk.ItemMatrix(pdf[C.ITEM_IDX].to_numpy(), vectors, pdf[CAT].to_numpy() if with_category else None)
+
+
+def score_top_n(
+    queries: DataFrame,
+    candidates: DataFrame,
+    n: int,
+    *,
+    cap: int | None = None,
+    max_items: int = 500_000,
+    explain_items: DataFrame | None = None,
+) -> DataFrame:
+    """Exact top-`n` candidates per query row, never an excluded one, at most `cap` per category.
+
+    Args:
+        queries: (user_idx, features, _excluded array<int> or null[, _hist array<int>]).
+        candidates: (item_idx, features, _cat): the items allowed, boosts applied.
+        cap: per-category limit (`_cat` -1 is never capped).
+        max_items: items broadcast at once; a larger catalogue is scored in chunks and merged.
+        explain_items: (item_idx, features) of every item with factors; when given (and
+            within `max_items`), each result gets the history item most similar to it.
+    Returns:
+        (user_idx, item_idx, rank, score, _cat, _because_idx) with ranks 1..n.
+    """
+    n_items = candidates.count()
+    if n_items == 0:
+        return queries.sparkSession.createDataFrame([], SCORED_SCHEMA)
+    chunks = -(-n_items // max_items)
+    unit = None
+    if explain_items is not None:
+        if explain_items.count() <= max_items and chunks == 1:
+            m = _collect_items(explain_items, False)
+            unit = topk.ItemMatrix(m.item_idx, topk.normalized(m.vectors))
+        else:
+            log.warning("explanations skipped: more than recommend.max_broadcast_items=%d items", max_items)
+    if chunks == 1:
+        return _score_chunk(queries, _collect_items(candidates, True), n, cap, unit)
+    # Each chunk's capped top 2n contains every item of the global capped top n
+    # (a displaced item needs `cap` better items of its category, at most n of
+    # them in all); without a cap, each chunk's top n suffices.
+    depth = 2 * n if cap else n
+    log.info("scoring %d items in %d chunks of at most %d", n_items, chunks, max_items)
+    parts = None
+    for c in range(chunks):
+        chunk = _collect_items(candidates.where(F.pmod(C.ITEM_IDX, F.lit(chunks)) == c), True)
+        part = _score_chunk(queries, chunk, depth, cap, None)
+        parts = part if parts is None else parts.unionByName(part)
+    assert parts is not None
+    order = [F.col(C.SCORE).desc(), F.col(C.ITEM_IDX)]
+    merged = parts
+    if cap:
+        merged = merged.withColumn("_occ", F.row_number().over(Window.partitionBy(C.USER_IDX, CAT).orderBy(*order))).where(
+            (F.col(CAT) < 0) | (F.col("_occ") <= cap)
+        )
+    return (
+        merged.withColumn(C.RANK, F.row_number().over(Window.partitionBy(C.USER_IDX).orderBy(*order)).cast("int"))
+        .where(F.col(C.RANK) <= n)
+        .select(C.USER_IDX, C.ITEM_IDX, C.RANK, C.SCORE, CAT, BECAUSE_IDX, BECAUSE_TYPE)
+    )
+
+
+def _score_chunk(queries: DataFrame, items: topk.ItemMatrix, n: int, cap: int | None, unit: topk.ItemMatrix | None) -> DataFrame:
+    spark = queries.sparkSession
+    bc = spark.sparkContext.broadcast((items, unit))
+    batch_rows = max(1, _BATCH_CELLS // max(1, len(items.item_idx)))
+    explain = unit is not None and HIST in queries.columns
+    # One Spark task owns spark.task.cpus cores; faiss's OpenMP would otherwise
+    # start a thread per machine core in every Python worker and oversubscribe.
+    threads = int(spark.conf.get("spark.task.cpus", "1") or 1)
+
+    def score(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        topk.set_threads(threads)
+        mat, unit_m = bc.value
+        for batch in batches:
+            for start in range(0, len(batch), batch_rows):
+                part = batch.iloc[start : start + batch_rows]
+                q = np.stack(part[C.FEATURES].to_numpy()).astype(np.float32)
+                ex = [np.asarray(e if e is not None else [], dtype=np.int64) for e in part[EXCLUDED]]
+                sel = topk.top_k(q, ex, mat, n, cap)
+                item_ids = mat.item_idx[sel.pos]
+                because = np.full(len(sel.row), -1, dtype=np.int64)
+                because_type = np.full(len(sel.row), -1, dtype=np.int64)
+                if explain:
+                    hist = [np.asarray(h if h is not None else [], dtype=np.int64) for h in part[HIST]]
+                    because = topk.explain(sel.row, item_ids, hist, unit_m)
+                    because_type = _type_of(because, sel.row, hist, part[HIST_TYPE])
+                cats = mat.category[sel.pos] if mat.category is not None else np.full(len(sel.row), -1)
+                yield pd.DataFrame(
+                    {
+                        C.USER_IDX: part[C.USER_IDX].to_numpy()[sel.row].astype(np.int32),
+                        C.ITEM_IDX: item_ids.astype(np.int32),
+                        C.RANK: sel.rank,
+                        C.SCORE: sel.score,
+                        CAT: cats.astype(np.int32),
+                        BECAUSE_IDX: because.astype(np.int32),
+                        BECAUSE_TYPE: because_type.astype(np.int32),
+                    }
+                )
+
+    cols = [C.USER_IDX, C.FEATURES, EXCLUDED] + ([HIST, HIST_TYPE] if explain else [])
+    return queries.select(*cols).mapInPandas(score, SCORED_SCHEMA)
+
+
+def _type_of(because: np.ndarray, rows: np.ndarray, hist: list[np.ndarray], types) -> np.ndarray:
+    """The event strength the user had on each explaining item, looked up in the row's own history list."""
+    width = max((len(h) for h in hist), default=0)
+    if width == 0 or not len(because):
+        return np.full(len(because), -1, dtype=np.int64)
+    lens = np.fromiter((len(h) for h in hist), dtype=np.int64, count=len(hist))
+    filled = np.arange(width)[None, :] < lens[:, None]
+    ids = np.full((len(hist), width), -2, dtype=np.int64)
+    kinds = np.full((len(hist), width), -1, dtype=np.int64)
+    ids[filled] = np.concatenate(hist)
+    kinds[filled] = np.concatenate([np.asarray(t if t is not None else [], dtype=np.int64) for t in types])
+    match = ids[rows] == because[:, None]
+    first = np.argmax(match, axis=1)
+    found = match[np.arange(len(because)), first]
+    return np.where(found, kinds[rows, first], -1)
+
+
+def candidate_matrix(item_factors: DataFrame, meta: DataFrame) -> DataFrame:
+    """Allowed items with factors, each vector scaled by its boost."""
+    return (
+        item_factors.select(C.ITEM_IDX, C.FEATURES)
+        .join(meta.where(F.col(ALLOWED)).select(C.ITEM_IDX, CAT, BOOST), C.ITEM_IDX)
+        .select(
+            C.ITEM_IDX,
+            F.transform(C.FEATURES, lambda x: (x * F.col(BOOST)).cast("float")).alias(C.FEATURES),
+            CAT,
+        )
+    )

@@ -1,0 +1,112 @@
+"""The pure-Python parts (ledger, gate, stage table, CLI wiring): no Spark, no JVM, milliseconds each."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from sparkrec import gate, ledger, stages
+from sparkrec.config import EvaluateConfig
+from sparkrec.errors import StageError
+
+pytestmark = pytest.mark.nojvm
+
+
+def test_the_tier_really_needs_no_jvm():
+    """Importing the CLI and the pure modules must not import pyspark (so `--help` and config errors need no JVM)."""
+    code = (
+        "import sys, sparkrec.cli, sparkrec.config, sparkrec.gate, sparkrec.ledger, sparkrec.stages, sparkrec.topk;"
+        "print('pyspark' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------- ledger
+
+
+def test_tally_adds_up_outcomes_reasons_and_duplicate_kinds():
+    counts = [
+        {"outcome": "kept", "reason": None, "duplicate": None, "count": 90},
+        {"outcome": "quarantined", "reason": "missing_user_id", "duplicate": None, "count": 4},
+        {"outcome": "quarantined", "reason": "bot_user", "duplicate": None, "count": 2},
+        {"outcome": "duplicate", "reason": None, "duplicate": "exact", "count": 3},
+        {"outcome": "duplicate", "reason": None, "duplicate": "replay", "count": 1},
+    ]
+    t = ledger.tally(100, counts)
+    assert (t.rows_in, t.kept, t.quarantined, t.duplicates) == (100, 90, 6, 4)
+    assert t.reasons == {"missing_user_id": 4, "bot_user": 2}
+    assert t.duplicate_kinds == {"exact": 3, "replay": 1}
+    assert t.balanced
+    ledger.check(t, 90, 6)
+    ledger.check(t, None, None)  # Delta's counts unavailable: nothing to compare
+
+
+@pytest.mark.parametrize(("rows_in", "written"), [(101, (90, 6)), (100, (89, 6)), (100, (90, 7))])
+def test_a_ledger_that_does_not_balance_names_every_figure(rows_in, written):
+    t = ledger.tally(rows_in, [{"outcome": "kept", "count": 90}, {"outcome": "quarantined", "reason": "x", "count": 6},
+                               {"outcome": "duplicate", "duplicate": "exact", "count": 4}])
+    with pytest.raises(StageError, match=f"{rows_in:,} rows in, 90 kept \\({written[0]} written\\), 6 quarantined"):
+        ledger.check(t, *written)
+
+
+# --------------------------------------------------------------------------- gate
+
+
+def test_the_gate_needs_the_margin_over_the_best_baseline():
+    results = {"model": {"ndcg@10": 0.12}, "popular": {"ndcg@10": 0.05}, "recent_popular": {"ndcg@10": 0.10}}
+    v = gate.verdict(results, "ndcg@10", 0.1)
+    assert v.best_baseline == "recent_popular" and v.best_score == 0.10
+    assert v.needed == pytest.approx(0.11) and v.passed and v.ratio == pytest.approx(1.2)
+    assert not gate.verdict(results, "ndcg@10", 0.25).passed  # needs > 0.125
+
+
+def test_the_gate_with_every_baseline_at_zero_passes_any_positive_model():
+    assert gate.verdict({"model": {"m": 0.01}, "popular": {"m": 0.0}}, "m", 0.1).passed
+    assert not gate.verdict({"model": {"m": 0.0}, "popular": {"m": 0.0}}, "m", 0.1).passed
+
+
+def test_the_gate_refuses_to_judge_without_a_baseline():
+    with pytest.raises(ValueError, match="no baseline"):
+        gate.verdict({"model": {"m": 1.0}}, "m", 0.1)
+
+
+def test_metric_key_and_evaluation_line():
+    ev = EvaluateConfig(metric="recall", k=20, ks=[10, 20])
+    assert gate.metric_key(ev) == "recall@20"
+    line = gate.evaluation_line(
+        {"model.recall@20": 0.3, "popular.recall@20": 0.2},
+        {"metric": "recall@20", "best_baseline": "popular", "gate": {"enabled": True, "passed": True}},
+    )
+    assert line == "model recall@20 0.3000 vs best baseline popular 0.2000 (x1.50); gate passed"
+
+
+# --------------------------------------------------------------------------- the stage table
+
+
+def test_run_skips_tune_and_evaluate_unless_enabled():
+    assert stages.stages_of("run", {"tune": False, "evaluate": False}) == stages.CORE
+    assert stages.stages_of("run", {"tune": True, "evaluate": True}) == stages.PIPELINE
+    assert stages.stages_of("train") == ("ids", "train")
+    assert stages.stages_of("tune", {"tune": False}) == ("ids", "tune")  # asked for by name: runs
+
+
+def test_every_command_is_a_cli_subcommand_and_every_stage_is_dispatched():
+    from sparkrec.cli import _parser
+
+    sub = next(a for a in _parser()._actions if a.dest == "command")
+    assert set(stages.COMMANDS) <= set(sub.choices)
+    assert all(s in stages.PIPELINE for cmd in stages.COMMANDS.values() for s in cmd)
+    assert [s for s in stages.PIPELINE if s != "tune" and s != "ids"] == list(stages.SCHEDULED)
+
+
+def test_the_dag_schedules_the_stage_tables_commands():
+    """The DAG reads stages.SCHEDULED from the file (the scheduler has no sparkrec installed)."""
+    from pathlib import Path
+
+    dag = (Path(__file__).resolve().parents[1] / "jobs" / "sparkrec_dag.py").read_text()
+    assert 'spec_from_file_location("sparkrec_stages", HOME / "sparkrec" / "stages.py")' in dag
+    for cmd in stages.SCHEDULED:
+        assert (Path(__file__).resolve().parents[1] / "jobs" / f"{cmd}.py").is_file()
