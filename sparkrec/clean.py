@@ -33,6 +33,8 @@ DUPLICATE = "_duplicate"
 MALFORMED = "malformed_line"
 MISSING_USER = "missing_user_id"
 MISSING_ITEM = "missing_item_id"
+INVALID_USER = "invalid_user_id"
+INVALID_ITEM = "invalid_item_id"
 CANCELLATION = "cancellation"
 UNKNOWN_EVENT_TYPE = "unknown_event_type"
 BAD_TIMESTAMP = "unparsable_timestamp"
@@ -60,6 +62,8 @@ INTERACTION_COLUMNS = [
 
 # Raw text kept beside the parsed value, so a rule can tell "absent" from "unparsable".
 _RAW_TS, _RAW_TYPE, _RAW_QTY, _RAW_PRICE, _RAW_RATING = "_ts_raw", "_type_raw", "_qty_raw", "_price_raw", "_rating_raw"
+# The item's name as the input line gave it (not an interactions column: it goes to `items`).
+_ITEM_NAME = "_item_name"
 
 
 # --------------------------------------------------------------------------- column helpers
@@ -143,6 +147,10 @@ def normalize(raw: DataFrame, src: InputConfig) -> DataFrame:
     rating, rating_raw = _to_double(raw, cols.rating)
     event_id = clean_id(F.col(f"`{cols.event_id}`"), is_num(cols.event_id)) if cols.event_id else F.lit(None).cast("string")
     corrupt = F.col(C.CORRUPT_RECORD) if C.CORRUPT_RECORD in raw.columns else F.lit(None).cast("string")
+    item_name = F.lit(None).cast("string")
+    if cols.item_name and cols.item_name in raw.columns:
+        name = F.trim(F.col(f"`{cols.item_name}`").cast("string"))
+        item_name = F.when(name == "", None).otherwise(name)
     return raw.select(
         clean_id(F.col(f"`{cols.user_id}`"), is_num(cols.user_id)).alias(C.USER_ID),
         clean_id(F.col(f"`{cols.item_id}`"), is_num(cols.item_id)).alias(C.ITEM_ID),
@@ -164,7 +172,23 @@ def normalize(raw: DataFrame, src: InputConfig) -> DataFrame:
         F.col(C.ROW_HASH),
         F.col(C.RAW_KEY),
         F.col(C.SOURCE_FILE),
+        item_name.alias(_ITEM_NAME),
     )
+
+
+def _invalid_id(col: Column, max_length: int) -> Column:
+    """An id no shop would issue: a JSON object or array (a nested field mapped as an id),
+    control characters or NUL, or longer than `clean.max_id_length`."""
+    return (
+        col.rlike(r"(?s)^\s*(\{.*\}|\[.*\])\s*$")
+        | col.rlike(r"[\x00-\x1F\x7F]")
+        | (F.length(col) > max_length)
+    )
+
+
+def _not_finite(col: Column) -> Column:
+    """NaN or an infinity (text such as 'NaN', 'inf' or '1e400' parses to these)."""
+    return F.isnan(col) | (F.abs(col) == F.lit(float("inf")))
 
 
 def reject_rules(
@@ -177,7 +201,9 @@ def reject_rules(
     rules: list[tuple[str, Column]] = [
         (MALFORMED, F.col(C.CORRUPT_RECORD).isNotNull()),
         (MISSING_USER, F.col(C.USER_ID).isNull()),
+        (INVALID_USER, _invalid_id(F.col(C.USER_ID), clean.max_id_length)),
         (MISSING_ITEM, F.col(C.ITEM_ID).isNull()),
+        (INVALID_ITEM, _invalid_id(F.col(C.ITEM_ID), clean.max_id_length)),
     ]
     if src.kind == "transactions":
         rules.append((CANCELLATION, F.col(C.EVENT_TYPE) == C.CANCELLATION))
@@ -188,8 +214,8 @@ def reject_rules(
             TIMESTAMP_OUT_OF_RANGE,
             (ts < F.lit(as_utc(clean.min_event_time)).cast(TimestampType())) | (ts > F.lit(latest).cast(TimestampType())),
         ),
-        (BAD_QUANTITY, qty.isNull() & F.col(_RAW_QTY).isNotNull()),
-        (BAD_PRICE, price.isNull() & F.col(_RAW_PRICE).isNotNull()),
+        (BAD_QUANTITY, (qty.isNull() & F.col(_RAW_QTY).isNotNull()) | _not_finite(qty)),
+        (BAD_PRICE, (price.isNull() & F.col(_RAW_PRICE).isNotNull()) | _not_finite(price)),
     ]
     if clean.reject_non_positive_quantity:
         rules.append((NON_POSITIVE_QUANTITY, qty <= 0))
@@ -197,7 +223,8 @@ def reject_rules(
         rules.append((NON_POSITIVE_PRICE, price <= 0))
     is_rating = F.col(C.EVENT_TYPE) == C.RATING_EVENT
     rules.append(
-        (BAD_RATING, is_rating & (rating.isNull() | (rating < clean.rating_min) | (rating > clean.rating_max)))
+        (BAD_RATING, (is_rating & (rating.isNull() | (rating < clean.rating_min) | (rating > clean.rating_max)))
+         | _not_finite(rating))
     )
     if clean.non_product_items:
         pattern = "^(?:" + "|".join(f"(?:{p})" for p in clean.non_product_items) + ")$"
@@ -318,6 +345,11 @@ def interactions_of(classified: DataFrame) -> DataFrame:
     return classified.where(F.col(OUTCOME) == KEPT).select(*INTERACTION_COLUMNS)
 
 
+def kept_with_names(classified: DataFrame) -> DataFrame:
+    """Kept rows with the item name the input gave, for `items_from_interactions`."""
+    return classified.where(F.col(OUTCOME) == KEPT).select(*INTERACTION_COLUMNS, _ITEM_NAME)
+
+
 def quarantine_of(classified: DataFrame, run_id: str) -> DataFrame:
     return classified.where(F.col(OUTCOME) == QUARANTINED).select(
         F.col(C.RAW_RECORD),
@@ -340,20 +372,31 @@ def ledger_rows(counts: list) -> list[dict]:
 
 
 def items_from_interactions(interactions: DataFrame) -> DataFrame:
-    """An item table when the shop gave none: every item seen, its latest price, available."""
-    w = Window.partitionBy(C.ITEM_ID).orderBy(F.col(C.EVENT_TS).desc(), F.col(C.RAW_KEY))
-    return (
+    """An item table when the shop gave none: every item seen, its latest price and name, available."""
+    latest = Window.partitionBy(C.ITEM_ID).orderBy(F.col(C.EVENT_TS).desc(), F.col(C.RAW_KEY))
+    price = (
         interactions.where(F.col(C.PRICE).isNotNull())
-        .withColumn("_rn", F.row_number().over(w))
+        .withColumn("_rn", F.row_number().over(latest))
         .where("_rn = 1")
         .select(C.ITEM_ID, C.PRICE)
-        .join(interactions.select(C.ITEM_ID).distinct(), C.ITEM_ID, "right")
-        .select(
-            C.ITEM_ID,
-            F.lit(None).cast("string").alias(C.CATEGORY),
-            F.col(C.PRICE),
-            F.lit(True).alias(C.AVAILABLE),
+    )
+    out = interactions.select(C.ITEM_ID).distinct().join(price, C.ITEM_ID, "left")
+    if _ITEM_NAME in interactions.columns:
+        name = (
+            interactions.where(F.col(_ITEM_NAME).isNotNull())
+            .withColumn("_rn", F.row_number().over(latest))
+            .where("_rn = 1")
+            .select(C.ITEM_ID, F.col(_ITEM_NAME).alias(C.ITEM_NAME))
         )
+        out = out.join(name, C.ITEM_ID, "left")
+    else:
+        out = out.withColumn(C.ITEM_NAME, F.lit(None).cast("string"))
+    return out.select(
+        C.ITEM_ID,
+        F.lit(None).cast("string").alias(C.CATEGORY),
+        F.col(C.PRICE),
+        F.lit(True).alias(C.AVAILABLE),
+        F.col(C.ITEM_NAME),
     )
 
 
@@ -367,11 +410,16 @@ def normalize_items(items: DataFrame) -> DataFrame:
     else:
         available = F.lit(True)
     category = F.trim(F.col(C.CATEGORY).cast("string")) if C.CATEGORY in cols else F.lit(None).cast("string")
+    named = []
+    if C.ITEM_NAME in cols:  # only when the shop's item file maps a name (items.columns.name)
+        name = F.trim(F.col(C.ITEM_NAME).cast("string"))
+        named = [F.when(name == "", None).otherwise(name).alias(C.ITEM_NAME)]
     out = items.select(
         clean_id(F.col(C.ITEM_ID), isinstance(items.schema[C.ITEM_ID].dataType, NumericType)).alias(C.ITEM_ID),
         category.alias(C.CATEGORY),
         price.alias(C.PRICE),
         available.alias(C.AVAILABLE),
+        *named,
     ).where(F.col(C.ITEM_ID).isNotNull())
     w = Window.partitionBy(C.ITEM_ID).orderBy(F.col(C.CATEGORY).asc_nulls_last(), F.col(C.PRICE).asc_nulls_last())
     return out.withColumn("_rn", F.row_number().over(w)).where("_rn = 1").drop("_rn")

@@ -15,16 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from datetime import date
+from pathlib import Path
 
 from typing import TYPE_CHECKING
 
 from sparkrec import __version__
 from sparkrec import columns as C
 from sparkrec import stages
-from sparkrec.config import Config, SparkConfig, check_input_paths, load_config
+from sparkrec.config import Config, SparkConfig, check_input_paths, check_warehouse, load_config
 from sparkrec.errors import ConfigError, SparkrecError
 from sparkrec.gate import evaluation_line
 
@@ -32,6 +34,26 @@ if TYPE_CHECKING:  # pyspark is imported only by commands that start Spark
     from pyspark.sql import SparkSession
 
 log = logging.getLogger("sparkrec")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
+def report_path(run_id: str, out: str | None) -> Path:
+    """Where `report` writes, checked before any work: a file whose directory exists."""
+    path = Path(out or f"report-{run_id}.html")
+    if (out or "").endswith(("/", os.sep)) or path.is_dir():
+        raise ConfigError(f"--out {out!r} is a directory; give a file name, e.g. --out {path / f'report-{run_id}.html'}")
+    if not path.parent.exists():
+        raise ConfigError(f"--out {out!r}: directory {str(path.parent)!r} does not exist")
+    return path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
         with_config(sub.add_parser(name, help=text))
     runs = sub.add_parser("runs", help="list recent runs")
     with_config(runs)
-    runs.add_argument("--limit", type=int, default=10)
+    runs.add_argument("--limit", type=_positive_int, default=10, help="runs to list (default 10)")
     rb = sub.add_parser("rollback", help="restore recommendations, similar_items and factors to what a run wrote")
     with_config(rb)
     rb.add_argument("--to", required=True, metavar="RUN_ID")
@@ -79,12 +101,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _spark(cfg_spark: SparkConfig, spark: SparkSession | None) -> SparkSession:
+def _spark(cfg_spark: SparkConfig, spark: SparkSession | None, verbose: bool = False) -> SparkSession:
     if spark is not None:
         return spark
-    from sparkrec.session import build_session
+    from sparkrec import session
 
-    return build_session(cfg_spark)
+    if cfg_spark.master is not None and not verbose:
+        # Local mode: this process starts the JVM, so its warnings can go to a file.
+        path = session.divert_jvm_output(session.spark_log_path(time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"))
+        log.info("Spark's own output: %s (-v shows it here)", path)
+    return session.build_session(cfg_spark)
 
 
 def summary(spark: SparkSession, cfg: Config, run_id: str, rows: list[dict]) -> str:
@@ -139,7 +165,7 @@ def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> in
             params = GenerateParams(events=args.events, seed=args.seed, start=args.start, days=args.days)
             if params.events < 1 or params.days < 1:
                 raise ConfigError("--events and --days must be at least 1")
-            manifest = generate(_spark(spark_cfg, spark), params, args.out)
+            manifest = generate(_spark(spark_cfg, spark, getattr(args, "verbose", False)), params, args.out)
             print(
                 f"generated {params.events:,} events ({manifest['users']:,} users, {manifest['items']:,} items) "
                 f"in {args.out} in {time.monotonic() - started:.1f}s"
@@ -147,19 +173,25 @@ def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> in
             return 0
 
         cfg = load_config(args.config, args.overrides)
+        check_warehouse(cfg)
         if args.command in ("ingest", "run"):
             check_input_paths(cfg)
+        out = report_path(args.run_id, args.out) if args.command == "report" else None
         from sparkrec import pipeline
         from sparkrec.runs import RunContext
 
-        session = _spark(cfg.spark, spark)
+        session = _spark(cfg.spark, spark, args.verbose)
         ctx = RunContext(session, cfg, now=cfg.interval.end)
         log.info("run %s: %s with config %s (hash %s)", ctx.run_id, args.command, args.config, cfg.digest())
         if args.command in stages.COMMANDS:
+            interrupted = False
             try:
                 settings = pipeline.run_command(ctx, args.command)
+            except KeyboardInterrupt:
+                interrupted = True
+                raise
             finally:
-                if args.command == "run":
+                if args.command == "run" and not interrupted:
                     try:
                         print(summary(session, cfg, ctx.run_id, ctx.written))
                     except Exception:  # the run's own error matters more than its summary
@@ -177,11 +209,16 @@ def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> in
         elif args.command == "report":
             from sparkrec import report
 
-            out = args.out or f"report-{args.run_id}.html"
-            report.write_report(session, cfg, args.run_id, out)
+            report.write_report(session, cfg, args.run_id, str(out))
             print(f"report written to {out}")
         log.info("run %s: %s done in %.1fs", ctx.run_id, args.command, time.monotonic() - started)
         return 0
+    except KeyboardInterrupt:
+        # The JVM got the same Ctrl-C: Py4J's errors after it are noise, not the cause.
+        where = f" in stage {ctx.failed_stage}" if ctx is not None and ctx.failed_stage else ""
+        print(f"sparkrec: interrupted{where}; every table is at its last committed version "
+              "(a Delta write is all or nothing): run the command again to finish", file=sys.stderr)
+        return 130
     except SparkrecError as exc:
         print(f"sparkrec: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -40,6 +40,8 @@ REASON = "reason"
 CATEGORY = "category"
 AVAILABLE = "available"
 DESCRIPTION = "description"
+# The item's name for people (explanations read "because you bought <name>"); null when unknown.
+ITEM_NAME = "name"
 
 # Recommendations.
 RANK = "rank"

@@ -39,6 +39,57 @@ def as_utc(dt: datetime) -> datetime:
     return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt
 
 
+# Python regex syntax that Java's java.util.regex rejects or reads differently.
+_PYTHON_ONLY_REGEX = (
+    ("(?P<", "write a named group as (?<name>...)"),
+    ("(?P=", "write a back-reference to a named group as \\k<name>"),
+    ("(?(", "conditional groups have no Java equivalent"),
+    ("(?#", "Java has no inline comments; remove the comment"),
+)
+
+# Spark's datetime pattern letters for parsing (Spark 3+; week-based letters Y w W u e c are
+# rejected by Spark when parsing), with the most repeats Spark accepts.
+_DATETIME_LETTERS = {
+    "G": 5, "y": 6, "D": 3, "M": 5, "L": 5, "d": 2, "Q": 5, "q": 5, "E": 4, "F": 1, "a": 1, "h": 2, "K": 2,
+    "k": 2, "H": 2, "m": 2, "s": 2, "S": 9, "V": 2, "z": 4, "O": 4, "X": 5, "x": 5, "Z": 5,
+}
+
+
+def check_datetime_pattern(pattern: str) -> str:
+    """Reject a pattern Spark would refuse at parse time, naming the offending letter.
+
+    A static check of the letters and their repeats (quoted text is skipped); the
+    clean stage also asks Spark itself before reading a row.
+    """
+    if not pattern.strip():
+        raise ValueError("empty datetime pattern")
+    i, n = 0, len(pattern)
+    while i < n:
+        ch = pattern[i]
+        if ch == "'":
+            end = pattern.find("'", i + 1)
+            if end < 0:
+                raise ValueError(f"datetime pattern {pattern!r} has an unclosed quote")
+            i = end + 1
+            continue
+        if ch.isalpha():
+            j = i
+            while j < n and pattern[j] == ch:
+                j += 1
+            count = j - i
+            if ch not in _DATETIME_LETTERS:
+                raise ValueError(
+                    f"datetime pattern {pattern!r}: {ch!r} is not a pattern letter Spark can parse with "
+                    "(quote literal text: 'T'; see Spark's 'Datetime Patterns')"
+                )
+            if count > _DATETIME_LETTERS[ch]:
+                raise ValueError(f"datetime pattern {pattern!r}: too many {ch!r} letters ({count}, at most {_DATETIME_LETTERS[ch]})")
+            i = j
+            continue
+        i += 1
+    return pattern
+
+
 class _Strict(BaseModel):
     """Unknown keys are errors: a misspelt key must never be silently ignored."""
 
@@ -64,6 +115,15 @@ class SparkConfig(_Strict):
 
 
 class SourceColumns(_Strict):
+    """The input's column names for each canonical field (`source.columns`)."""
+
+    @field_validator("*")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        if v is not None and ("`" in v or not v.strip()):
+            raise ValueError(f"column name {v!r} must be non-empty and contain no backtick")
+        return v
+
     user_id: str
     item_id: str
     timestamp: str
@@ -73,6 +133,9 @@ class SourceColumns(_Strict):
     price: str | None = None
     rating: str | None = None
     invoice: str | None = None
+    item_name: str | None = Field(
+        default=None, description="A column naming the item (e.g. Description on transaction lines): used in explanations."
+    )
 
 
 class InputConfig(_Strict):
@@ -103,6 +166,11 @@ class InputConfig(_Strict):
         }
     )
     cancellation_prefix: str = "C"
+
+    @field_validator("timestamp_format")
+    @classmethod
+    def _spark_pattern(cls, v: str | None) -> str | None:
+        return None if v is None else check_datetime_pattern(v)
 
     @field_validator("timezone")
     @classmethod
@@ -139,6 +207,7 @@ class InputConfig(_Strict):
 
 class ItemColumns(_Strict):
     item_id: str
+    name: str | None = Field(default=None, description="The item's name for people, used in explanations.")
     category: str | None = None
     price: str | None = None
     available: str | None = None
@@ -159,12 +228,19 @@ class BotsConfig(_Strict):
 
 class CleanConfig(_Strict):
     min_event_time: datetime = datetime(2000, 1, 1)
-    max_future_hours: float = Field(default=24.0, ge=0)
+    max_future_hours: float = Field(default=24.0, ge=0, le=24 * 366 * 100, description="At most 100 years.")
     non_product_items: list[str] = Field(
         default_factory=list, description="Regular expressions (full match) of item ids that are not products."
     )
+    max_id_length: int = Field(default=256, ge=1, le=65536, description="Longer user or item ids are invalid_user_id / invalid_item_id.")
     reject_non_positive_quantity: bool = True
     reject_non_positive_price: bool = False
+    min_kept_ratio: float | None = Field(
+        default=0.5, ge=0, le=1,
+        description="Refuse to publish when this run keeps a share of its rows below this fraction of the previous "
+        "clean's kept share (a bad rule or config, not bad data); null turns the check off. A run that would keep "
+        "nothing is always refused.",
+    )
     rating_min: float = 1.0
     rating_max: float = 5.0
     bots: BotsConfig = BotsConfig()
@@ -177,6 +253,12 @@ class CleanConfig(_Strict):
                 re.compile(p)
             except re.error as exc:
                 raise ValueError(f"invalid regular expression {p!r}: {exc}") from exc
+            # Spark matches with Java's regex engine: Python-only syntax would fail
+            # there, minutes later, as a PatternSyntaxException.
+            for construct, java in _PYTHON_ONLY_REGEX:
+                if construct in p:
+                    raise ValueError(f"regular expression {p!r} uses {construct!r}, which Java's regex engine "
+                                     f"(Spark's rlike) does not accept; {java}")
         return v
 
     @model_validator(mode="after")
@@ -477,8 +559,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r} has an empty key part")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
+    except yaml.YAMLError as exc:
+        # Never fall back to the raw text: `!!python/...` or a broken quote would
+        # silently become a literal string (a warehouse directory of that name).
+        reason = str(exc).splitlines()[0]
+        raise ConfigError(
+            f"override {key.strip()!r}: value {raw!r} is not a valid YAML value ({reason}); "
+            "quote it if you meant a string: --set 'key=\"text\"'"
+        ) from None
     return parts, value
 
 
@@ -532,6 +620,20 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 def is_local_path(path: str) -> bool:
     return not _REMOTE_SCHEMES.match(path) or path.startswith("file://")
+
+
+def check_warehouse(cfg: Config) -> None:
+    """Fail early when a local warehouse (or checkpoint) path is a file, or lies under one."""
+    for key, path in (("warehouse", cfg.warehouse), ("checkpoint_dir", cfg.checkpoint_dir)):
+        if not path or not is_local_path(path):
+            continue
+        local = Path(path.removeprefix("file://")).expanduser()
+        for p in (local, *local.parents):
+            if p.exists():
+                if not p.is_dir():
+                    where = "is a file" if p == local else f"lies under {p}, which is a file"
+                    raise ConfigError(f"config key '{key}': {path} {where}; it must be a directory (created if missing)")
+                break
 
 
 def check_input_paths(cfg: Config) -> None:

@@ -65,3 +65,33 @@ def check(ledger: Ledger, written_kept: int | None, written_quarantined: int | N
         f"ledger does not balance: {ledger.rows_in:,} rows in, {ledger.kept:,} kept ({written_kept} written), "
         f"{ledger.quarantined:,} quarantined ({written_quarantined} written), {ledger.duplicates:,} duplicates"
     )
+
+
+def guard(ledger: Ledger, previous_share: float | None, min_ratio: float | None, table: str = "interactions") -> None:
+    """Refuse, before anything is written, a clean that would throw away the data the warehouse has.
+
+    A run that keeps nothing of a non-empty input, or whose kept share falls
+    below `min_ratio` x the previous clean's, is far likelier a wrong rule or
+    config (a `min_event_time` in the future, a too-wide `non_product_items`)
+    than bad data: publishing it would replace `table` with (almost) nothing.
+
+    Raises:
+        StageError: naming the shares and the main quarantine reasons.
+    """
+    if ledger.rows_in == 0:
+        return
+    share = ledger.kept / ledger.rows_in
+    if ledger.kept == 0:
+        why = f"this run would keep none of its {ledger.rows_in:,} rows"
+    elif previous_share and min_ratio is not None and share < previous_share * min_ratio:
+        why = (f"this run would keep {share:.1%} of its rows against {previous_share:.1%} in the previous clean "
+               f"(below clean.min_kept_ratio={min_ratio:g} of it)")
+    else:
+        return
+    top = sorted(ledger.reasons.items(), key=lambda kv: -kv[1])[:3]
+    reasons = ", ".join(f"{reason} {n:,}" for reason, n in top) or "none"
+    raise StageError(
+        f"clean refused to publish: {why}; main quarantine reasons: {reasons}. "
+        f"'{table}' and 'quarantine' were left as they were. Check the clean.* settings "
+        "(set clean.min_kept_ratio=null to publish such a run anyway)"
+    )

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pyspark import StorageLevel
 from pyspark.sql import functions as F
 
-from sparkrec import clean, gate, ids, ingest, ledger, protocol, recommend, sources, stages, train, tune
+from sparkrec import clean, gate, ids, ingest, ledger, protocol, recommend, runs, sources, stages, train, tune
 from sparkrec import columns as C
 from sparkrec.config import TrainConfig
 from sparkrec.errors import GateError, StageError
@@ -62,15 +62,16 @@ def run_clean(ctx: RunContext) -> ledger.Ledger:
         deduped = clean.deduplicated(raw, cfg.source, cfg.clean, ctx.now).persist(StorageLevel.MEMORY_AND_DISK)
         classified = clean.finish(deduped, cfg.clean)
         try:
-            counts = clean.ledger_rows(clean.ledger(classified).collect())
+            tally = ledger.tally(raw.count(), clean.ledger_rows(clean.ledger(classified).collect()))
+            ledger.guard(tally, runs.previous_kept_share(ctx.spark, cfg), cfg.clean.min_kept_ratio,
+                         cfg.table_name(C.INTERACTIONS))
             kept = clean.interactions_of(classified)
             rec.overwrite(kept, C.INTERACTIONS, properties=clean.INTERACTIONS_PROPERTIES)
             rec.overwrite(clean.quarantine_of(classified, ctx.run_id), C.QUARANTINE)
             if cfg.items.path is None:  # no item file: derive items from what was kept, still cached
-                rec.overwrite(clean.items_from_interactions(kept), C.ITEMS)
+                rec.overwrite(clean.items_from_interactions(clean.kept_with_names(classified)), C.ITEMS)
         finally:
             deduped.unpersist()
-        tally = ledger.tally(raw.count(), counts)
         ledger.check(tally, rec.rows_written(C.INTERACTIONS), rec.rows_written(C.QUARANTINE))
         rec.rows_in, rec.rows_out = tally.rows_in, tally.kept
         rec.rows_quarantined, rec.rows_duplicate = tally.quarantined, tally.duplicates
@@ -168,6 +169,12 @@ def run_recommend(ctx: RunContext) -> None:
             rec.overwrite(keyed.select(*keyed.columns, *stamp), C.RECOMMENDATIONS,
                           properties={"delta.dataSkippingStatsColumns": C.USER_ID})
             rec.rows_out = rec.rows_written(C.RECOMMENDATIONS)
+            lengths = recommend.list_lengths(rec.read_output(C.RECOMMENDATIONS), r.n)
+            rec.details["list_lengths"] = lengths
+            if lengths["short"]:
+                log.warning("run %s: %s of %s users have fewer than recommend.n=%d items (shortest %d): the shop's "
+                            "rules, exclusions and catalogue allow no more for them", ctx.run_id, f"{lengths['short']:,}",
+                            f"{lengths['users']:,}", r.n, lengths["shortest"])
             if r.similar_items.enabled:
                 sim = recommend.similar_items(itf, meta, r.similar_items.k, r.max_broadcast_items)
                 rec.overwrite(recommend.with_item_keys(sim, meta).select("*", *stamp), C.SIMILAR_ITEMS,

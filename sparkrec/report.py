@@ -51,8 +51,11 @@ def metric_curves(metrics: dict[str, float]) -> str:
         ax.set_title(f"{m}@k")
         ax.set_xticks(ks)
         ax.grid(alpha=0.3)
-    axes.flat[0].legend()
+    # One legend for all panels, below them: inside a panel it covered the curves.
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), frameon=False)
     fig.suptitle("Model against baselines on the test period (higher is better)")
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
     return _png(fig)
 
 
@@ -70,8 +73,9 @@ def trials_plot(trials: list[dict], key: str) -> str:
     return _png(fig)
 
 
-def long_tail(spark: SparkSession, cfg: Config, recs_version: int | None) -> str:
-    inter = tables.read_required(spark, cfg, C.INTERACTIONS).df
+def long_tail(spark: SparkSession, cfg: Config, recs_version: int, inter_version: int | None) -> str:
+    """Item popularity (in the interactions the run's recommend stage read) and which items its lists show."""
+    inter = tables.read_required(spark, cfg, C.INTERACTIONS, version=inter_version).df
     pop = inter.groupBy(C.ITEM_ID).agg(F.countDistinct(C.USER_ID).alias("_users"))
     recs = tables.read_table(spark, cfg, C.RECOMMENDATIONS, required=False, version=recs_version)
     if recs is not None:
@@ -96,7 +100,7 @@ def long_tail(spark: SparkSession, cfg: Config, recs_version: int | None) -> str
     return _png(fig)
 
 
-def score_histogram(spark: SparkSession, cfg: Config, recs_version: int | None) -> str:
+def score_histogram(spark: SparkSession, cfg: Config, recs_version: int) -> str:
     recs = tables.read_table(spark, cfg, C.RECOMMENDATIONS, required=False, version=recs_version)
     if recs is None:
         return "<p>No recommendations table.</p>"
@@ -128,15 +132,44 @@ def ledger_table(row) -> str:
 
 
 def metrics_table(metrics: dict[str, float]) -> str:
+    """One row per metric@k, one column per list: narrow enough for any page, however many ks."""
     names = sorted({k.split(".", 1)[0] for k in metrics if "@" in k}, key=lambda n: (n != "model", n))
-    cols = sorted({k.split(".", 1)[1] for k in metrics if "@" in k})
-    head = "<tr><th></th>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>"
+    keys = sorted({k.split(".", 1)[1] for k in metrics if "@" in k}, key=lambda k: (k.split("@")[0], int(k.split("@")[1])))
+    head = "<tr><th></th>" + "".join(f"<th>{html.escape(n)}</th>" for n in names) + "</tr>"
     body = ""
-    for n in names:
-        body += f"<tr><td>{html.escape(n)}</td>" + "".join(
-            f"<td class=n>{metrics[f'{n}.{c}']:.4f}</td>" if f"{n}.{c}" in metrics else "<td></td>" for c in cols
+    for key in keys:
+        body += f"<tr><td>{html.escape(key)}</td>" + "".join(
+            f"<td class=n>{metrics[f'{n}.{key}']:.4f}</td>" if f"{n}.{key}" in metrics else "<td></td>" for n in names
         ) + "</tr>"
-    return f"<table>{head}{body}</table>"
+    return f"<div class=wide><table>{head}{body}</table></div>"
+
+
+def _without(metrics: dict[str, float], name: str) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if not k.startswith(f"{name}.")}
+
+
+def _count(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
+def settings_section(rows: dict, run_config: dict) -> str:
+    """The ALS and feedback settings the run trained (or evaluated) with, and the whole effective config."""
+    used = None
+    for stage in ("train", "evaluate"):
+        r = rows.get(stage)
+        if r is not None:
+            d = json.loads(r["details"] or "{}")
+            used = d.get("als") or (d.get("train") or {}).get("als")
+            if used:
+                break
+    parts = ["<h2>Settings</h2>"]
+    if used:
+        cells = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in sorted(used.items()))
+        parts.append(f"<p>ALS as trained:</p><table>{cells}</table>")
+    if run_config:
+        text = html.escape(json.dumps(run_config, indent=2, sort_keys=True))
+        parts.append(f"<details><summary>Effective configuration</summary><pre>{text}</pre></details>")
+    return "".join(parts)
 
 
 def write_report(spark: SparkSession, cfg: Config, run_id: str, out: str) -> None:
@@ -147,17 +180,26 @@ def write_report(spark: SparkSession, cfg: Config, run_id: str, out: str) -> Non
     parts = [f"<h1>sparkrec run {html.escape(run_id)}</h1>"]
     stage_rows = "".join(
         f"<tr><td>{html.escape(s)}</td><td>{html.escape(r['status'])}</td><td class=n>{r['duration_s']:.1f}s</td>"
-        f"<td class=n>{(r['rows_in'] or 0):,}</td><td class=n>{(r['rows_out'] or 0):,}</td></tr>"
+        f"<td class=n>{_count(r['rows_in'])}</td><td class=n>{_count(r['rows_out'])}</td></tr>"
         for s, r in rows.items()
     )
+    first = next(iter(rows.values()))
+    run_config = json.loads(first["config"]) if first["config"] else {}
     parts.append(f"<table><tr><th>stage</th><th>status</th><th>took</th><th>rows in</th><th>rows out</th></tr>{stage_rows}</table>")
     ev = rows.get("evaluate")
     if ev is not None and ev["metrics"]:
         d = json.loads(ev["details"] or "{}")
+        metrics = dict(ev["metrics"])
+        note = ""
+        if not (run_config.get("evaluate") or {}).get("repeat_relevant", False) and any(k.startswith("buy_again.") for k in metrics):
+            # Only items new to the user count as relevant, so a list of the user's own past items scores 0 by design.
+            metrics = _without(metrics, "buy_again")
+            note = (" <em>buy_again</em> is left out: with evaluate.repeat_relevant false only items new to a user "
+                    "count, so a list of the user's own past items scores 0 by design.")
         parts.append(f"<h2>Evaluation</h2><p>{html.escape(d.get('split', ''))}, {d.get('evaluated_users', 0):,} evaluated users. "
-                     f"{html.escape(evaluation_line(ev['metrics'], d))}</p>")
-        parts.append(metric_curves(ev["metrics"]))
-        parts.append(metrics_table(ev["metrics"]))
+                     f"{html.escape(evaluation_line(ev['metrics'], d))}.{note}</p>")
+        parts.append(metric_curves(metrics))
+        parts.append(metrics_table(metrics))
     else:
         parts.append("<h2>Evaluation</h2><p>This run did not evaluate.</p>")
     tu = rows.get("tune")
@@ -169,14 +211,24 @@ def write_report(spark: SparkSession, cfg: Config, run_id: str, out: str) -> Non
             parts.append(trials_plot(d["trials"], key))
     rec = rows.get("recommend")
     recs_version = (rec["output_versions"] or {}).get(cfg.table_name(C.RECOMMENDATIONS)) if rec is not None else None
-    parts.append("<h2>Popularity and coverage</h2>" + long_tail(spark, cfg, recs_version))
-    parts.append("<h2>Scores</h2>" + score_histogram(spark, cfg, recs_version))
+    if recs_version is None or rec["status"] != "succeeded":
+        # The current table is another run's output: never draw it as this run's.
+        parts.append("<h2>Popularity, coverage and scores</h2><p>This run published no recommendations "
+                     "(it did not run the recommend stage, or stopped before it finished), so there is "
+                     "nothing of its own to plot.</p>")
+    else:
+        inter_version = (rec["input_versions"] or {}).get(cfg.table_name(C.INTERACTIONS))
+        parts.append(f"<h2>Popularity and coverage</h2><p>Recommendations version {recs_version}, as this run wrote it.</p>"
+                     + long_tail(spark, cfg, recs_version, inter_version))
+        parts.append("<h2>Scores</h2>" + score_histogram(spark, cfg, recs_version))
     cl = rows.get("clean")
     parts.append("<h2>Cleaning ledger</h2>" + (ledger_table(cl) if cl is not None else "<p>This run did not clean.</p>"))
+    parts.append(settings_section(rows, run_config))
     style = (
         "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ddd;padding:4px 8px}"
-        ".n{text-align:right;font-variant-numeric:tabular-nums}img{max-width:100%}"
+        ".n{text-align:right;font-variant-numeric:tabular-nums}img{max-width:100%;height:auto}"
+        ".wide{overflow-x:auto;max-width:100%}pre{white-space:pre-wrap;word-break:break-word;max-width:100%}"
     )
     page = f"<!doctype html><html><head><meta charset=utf-8><title>sparkrec {html.escape(run_id)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
     Path(out).write_text(page, encoding="utf-8")

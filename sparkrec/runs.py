@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -121,6 +123,11 @@ class StageRecord:
         self.outputs[self.cfg.table_name(key)] = result.version
         return result
 
+    def read_output(self, key: str) -> DataFrame:
+        """The version of `key` this stage just wrote (not noted as an input)."""
+        version = self.outputs[self.cfg.table_name(key)]
+        return tables.read_required(self.spark, self.cfg, key, version=version).df
+
     def rows_written(self, key: str) -> int | None:
         """Delta's count of rows written by this stage's commit to `key` (None when it wrote none)."""
         version = self.outputs.get(self.cfg.table_name(key))
@@ -146,14 +153,19 @@ class RunContext:
         # (the run's summary is printed from these, not read back).
         self.written: list[dict] = []
         self.failed_stage: str | None = None
+        self._reaped = False
 
     @contextmanager
     def stage(self, name: str) -> Iterator[StageRecord]:
         rec = StageRecord(name, self.spark, self.cfg)
+        if not self._reaped:
+            self._reaped = True
+            reap_dead_stages(self)
         started = datetime.now(timezone.utc)
         t0 = time.monotonic()
         log.info("run %s: stage %s started", self.run_id, name)
         status, error = "succeeded", None
+        marker = self._mark_started(name, started)
         try:
             yield rec
         except BaseException as exc:
@@ -164,6 +176,7 @@ class RunContext:
         finally:
             duration = time.monotonic() - t0
             self._record(rec, status, started, duration, error)
+            _quietly(tables.remove_file, self.spark, marker)
         self.records.append(rec)
         log.info(
             "run %s: stage %s finished in %.1fs: rows in %s, out %s, quarantined %s, duplicates %s",
@@ -175,6 +188,14 @@ class RunContext:
             _fmt(rec.rows_quarantined),
             _fmt(rec.rows_duplicate),
         )
+
+    def _mark_started(self, stage: str, started: datetime) -> str:
+        """Leave a marker while the stage runs, so a killed stage is seen as started and never finished."""
+        path = f"{active_dir(self.cfg)}/{self.run_id}.{stage}.json"
+        marker = {"run_id": self.run_id, "stage": stage, "started_at": started.isoformat(), "pid": os.getpid(),
+                  "host": socket.gethostname(), "config_hash": self.cfg.digest()}
+        _quietly(tables.write_text, self.spark, path, json.dumps(marker))
+        return path
 
     @contextmanager
     def checkpoints(self) -> Iterator[str]:
@@ -226,7 +247,71 @@ class RunContext:
         except Exception:  # never hide the stage's own error behind a registry failure
             if error is None:
                 raise
-            log.exception("run %s: could not record the failed stage %s in the runs table", self.run_id, rec.stage)
+            log.error("run %s: could not record the failed stage %s in the runs table (-v for the traceback)", self.run_id, rec.stage)
+            log.debug("recording the failed stage", exc_info=True)
+
+
+def _quietly(fn, *args) -> None:
+    """Bookkeeping that must never hide or cause a stage's failure."""
+    try:
+        fn(*args)
+    except Exception as exc:  # noqa: BLE001 - a marker is a convenience, the runs row is the record
+        log.debug("run bookkeeping %s failed: %s", getattr(fn, "__name__", fn), exc)
+
+
+def active_dir(cfg: Config) -> str:
+    """Markers of stages in progress: <warehouse>/_runs_active/<run id>.<stage>.json."""
+    return f"{cfg.warehouse.rstrip('/')}/_runs_active"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def active_stages(spark: SparkSession, cfg: Config) -> list[dict]:
+    """Stages started and not finished: each marker, with `dead` true when its process is gone (same host only)."""
+    out = []
+    for name, text in sorted(tables.read_texts(spark, active_dir(cfg)).items()):
+        try:
+            m = json.loads(text)
+        except ValueError:
+            continue
+        m["dead"] = m.get("host") == socket.gethostname() and not _alive(int(m.get("pid", 0)))
+        m["file"] = f"{active_dir(cfg)}/{name}"
+        out.append(m)
+    return out
+
+
+def reap_dead_stages(ctx: RunContext) -> list[dict]:
+    """Record stages whose process died mid-stage (SIGKILL, OOM killer, a lost node) and remove what they left.
+
+    Each becomes a `runs` row with status `interrupted`, its run's checkpoint
+    directory is deleted, and its marker removed. Only processes on this host
+    can be seen to be dead; markers of other hosts stay until they finish.
+    """
+    reaped = []
+    for m in active_stages(ctx.spark, ctx.cfg):
+        if not m["dead"] or m["run_id"] == ctx.run_id:
+            continue
+        started = datetime.fromisoformat(m["started_at"])
+        now = datetime.now(timezone.utc)
+        error = (f"the process (pid {m['pid']} on {m['host']}) ended during this stage without finishing it "
+                 "(killed or crashed); every table is at its last committed version")
+        row = (m["run_id"], m["stage"], "interrupted", started, now, round((now - started).total_seconds(), 3),
+               None, None, None, None, {}, {}, __version__, m.get("config_hash", ""), "{}", error, {}, None)
+        tables.append_rows(ctx.spark.createDataFrame([row], RUNS_SCHEMA), ctx.cfg, C.RUNS)
+        tables.remove_dir(ctx.spark, tables.checkpoint_dir(ctx.cfg, m["run_id"]))
+        tables.remove_file(ctx.spark, m["file"])
+        log.warning("run %s: stage %s was interrupted (pid %s died); recorded in runs, its checkpoints removed",
+                    m["run_id"], m["stage"], m["pid"])
+        reaped.append(m)
+    return reaped
 
 
 def _fmt(n: int | None) -> str:
@@ -235,8 +320,16 @@ def _fmt(n: int | None) -> str:
 
 # --------------------------------------------------------------------------- reading the registry
 
-# What a rollback puts back: everything a reader of recommendations depends on.
-PUBLISHED = (C.RECOMMENDATIONS, C.SIMILAR_ITEMS, C.USER_FACTORS, C.ITEM_FACTORS)
+def previous_kept_share(spark: SparkSession, cfg: Config) -> float | None:
+    """Kept / rows in of the latest succeeded clean, or None when there is none (or it read nothing)."""
+    read = tables.read_table(spark, cfg, C.RUNS, required=False)
+    if read is None:
+        return None
+    row = (
+        read.df.where((F.col("stage") == "clean") & (F.col("status") == "succeeded") & (F.col("rows_in") > 0))
+        .orderBy(F.col("finished_at").desc()).select("rows_in", "rows_out").first()
+    )
+    return None if row is None else row["rows_out"] / row["rows_in"]
 
 
 def list_runs(spark: SparkSession, cfg: Config, limit: int = 10) -> str:
@@ -251,6 +344,9 @@ def list_runs(spark: SparkSession, cfg: Config, limit: int = 10) -> str:
     for r in rows:
         by_run.setdefault(r[C.RUN_ID], []).append(r)
     lines = [f"{'run id':<27} {'started (UTC)':<19} {'took':>7}  stages"]
+    for m in active_stages(spark, cfg):
+        state = "died: recorded at the next run's start" if m["dead"] else "running"
+        lines.append(f"{m['run_id']:<27} {m['started_at'][:19].replace('T', ' '):<19} {'':>7}  {m['stage']}({state})")
     for run_id, stages in by_run.items():
         first = stages[0]
         took = (first["end"] - first["start"]).total_seconds()
@@ -265,19 +361,23 @@ def list_runs(spark: SparkSession, cfg: Config, limit: int = 10) -> str:
 
 
 def rollback(ctx: RunContext, to_run: str) -> str:
-    """Restore the published tables to the versions `to_run` wrote, recorded as a `rollback` stage."""
+    """Restore every table `to_run` wrote to the version it wrote, recorded as a `rollback` stage.
+
+    Rows are ordered by start, so when the run wrote a table twice the later version wins.
+    """
     spark, cfg = ctx.spark, ctx.cfg
-    rows = tables.read_required(spark, cfg, C.RUNS).df.where((F.col(C.RUN_ID) == to_run) & (F.col("status") == "succeeded")).collect()
+    rows = tables.read_required(spark, cfg, C.RUNS).df.where((F.col(C.RUN_ID) == to_run) & (F.col("status") == "succeeded")).orderBy("started_at").collect()
     if not rows:
         raise StageError(f"no succeeded stage of run {to_run!r} in the runs table; `sparkrec runs` lists them")
-    wanted = {cfg.table_name(k): k for k in PUBLISHED}
+    # Every table the run wrote, whatever stage wrote it (its registry `runs` aside).
+    wanted = {cfg.table_name(k): k for k in C.TABLES if k != C.RUNS}
     versions: dict[str, int] = {}
     for r in rows:
         for table, version in (r["output_versions"] or {}).items():
             if table in wanted:
                 versions[table] = version
     if not versions:
-        raise StageError(f"run {to_run} wrote none of {sorted(wanted)}: nothing to roll back to")
+        raise StageError(f"run {to_run} wrote no table: nothing to roll back to")
     with ctx.stage("rollback") as rec:
         rec.details["to_run"] = to_run
         for table, version in sorted(versions.items()):

@@ -20,9 +20,13 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from pyspark.sql import SparkSession
+from typing import TYPE_CHECKING
 
 from sparkrec.config import SparkConfig
+from sparkrec.errors import SparkrecError
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +62,85 @@ LOCAL_CONF = {
 def build_session(cfg: SparkConfig) -> SparkSession:
     """Create (or reuse) the session described by `cfg`.
 
+    A session that cannot start (most often a Delta jar that a flaky download
+    left damaged in Ivy's cache) is retried once after the damaged files are
+    removed, and otherwise reported in one line with what to do.
+
     Example:
         spark = build_session(load_config("conf/local.yaml").spark)
     """
+    try:
+        return _build(cfg)
+    except Exception as exc:
+        if not _is_start_failure(exc):
+            raise
+        removed = remove_damaged_jars(ivy_dirs())
+        if removed:
+            log.warning("Spark could not start; removed %d damaged cached jar(s) (%s) and trying once more",
+                        len(removed), ", ".join(str(p) for p in removed))
+            try:
+                return _build(cfg)
+            except Exception as again:
+                if not _is_start_failure(again):
+                    raise
+                exc = again
+        raise SessionError(start_failure_message(exc, removed)) from exc
+
+
+class SessionError(SparkrecError):
+    """Spark could not start (its JVM exited): said in one line, with what to try."""
+
+
+def _is_start_failure(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__}: {exc}"
+    return "JAVA_GATEWAY_EXITED" in text or "Java gateway process exited" in text
+
+
+def ivy_dirs() -> list[Path]:
+    """Where Spark's Ivy resolver caches downloaded jars (~/.ivy2, ~/.ivy2.5.2, ...)."""
+    home = Path.home()
+    return sorted(p for p in home.glob(".ivy2*") if p.is_dir())
+
+
+def remove_damaged_jars(roots: list[Path]) -> list[Path]:
+    """Delete empty or truncated .jar files under the Ivy caches (a jar is a zip: it must open as one)."""
+    import zipfile
+
+    removed = []
+    for root in roots:
+        for jar in root.rglob("*.jar"):
+            try:
+                damaged = jar.stat().st_size == 0 or not zipfile.is_zipfile(jar)
+            except OSError:
+                continue
+            if damaged:
+                try:
+                    jar.unlink()
+                    removed.append(jar)
+                except OSError as exc:
+                    log.debug("could not remove %s: %s", jar, exc)
+    cache = _jar_cache_file()
+    if removed and cache is not None and cache.is_file():
+        cache.unlink()  # the remembered list may name a removed file
+    return removed
+
+
+def start_failure_message(exc: BaseException, removed: list[Path]) -> str:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    tried = (f"damaged cached jars were removed and the start retried once ({', '.join(p.name for p in removed)}); "
+             if removed else "")
+    caches = ", ".join(str(p) for p in ivy_dirs()) or "~/.ivy2*"
+    return (
+        f"Spark could not start ({first}); {tried}the usual cause is a Delta jar "
+        "(io.delta:delta-spark_4.2_2.13) that could not be downloaded from Maven Central or is damaged in the cache. "
+        f"Check the network, delete the cache ({caches} and ~/.cache/sparkrec) and try again, or run `make jars`; "
+        + (f"Spark's own output in {_diverted_to} names the artifact" if _diverted_to else "the lines above from Spark name the artifact")
+    )
+
+
+def _build(cfg: SparkConfig) -> SparkSession:
+    from pyspark.sql import SparkSession
+
     builder = SparkSession.builder.appName(cfg.app_name)
     local = cfg.master is not None
     if local:
@@ -97,6 +177,41 @@ def build_session(cfg: SparkConfig) -> SparkSession:
     return spark
 
 
+def divert_jvm_output(path: Path) -> Path:
+    """Send what the JVM and its Python workers print to `path`, keeping this process's own lines on the terminal.
+
+    In local mode the JVM inherits file descriptor 2 from this process, and
+    prints its own block of warnings at every start (incubator modules, the
+    loopback address, native Hadoop, the UI port, netlib BLAS, truncated
+    plans). Descriptor 2 is pointed at `path` before the JVM starts; Python's
+    `sys.stderr` and the logging handlers move to a copy of the terminal's
+    descriptor. Spark's errors still reach the user through sparkrec's
+    one-line messages, and the whole text is in the file (`-v` leaves all of it on the terminal).
+    """
+    global _diverted_to
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(target, 2)
+    os.close(target)
+    old = sys.stderr
+    sys.stderr = os.fdopen(terminal, "w", buffering=1, encoding=getattr(old, "encoding", None) or "utf-8", errors="backslashreplace")
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is old:
+            handler.setStream(sys.stderr)
+    _diverted_to = path
+    return path
+
+
+_diverted_to: Path | None = None
+
+
+def spark_log_path(run_id: str) -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "sparkrec" / "logs" / f"spark-{run_id}.log"
+
+
 def _jar_cache_file() -> Path | None:
     try:
         key = f"pyspark-{version('pyspark')}-delta-{version('delta-spark')}"
@@ -112,7 +227,7 @@ def _cached_delta_jars() -> list[str] | None:
     if path is None or not path.is_file():
         return None
     jars = [line for line in path.read_text().splitlines() if line.strip()]
-    if not jars or not all(Path(j).is_file() for j in jars):
+    if not jars or not all(Path(j).is_file() and Path(j).stat().st_size > 0 for j in jars):
         return None
     return jars
 

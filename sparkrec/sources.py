@@ -34,7 +34,9 @@ def _reader(spark: SparkSession, fmt: str, options: dict[str, str], schema: Stru
         reader = reader.schema(schema)
     if fmt == "csv":
         # Everything as strings: a bad value becomes a quarantined row, never a failed read.
-        reader = reader.option("header", "true").option("inferSchema", "false")
+        # A quote inside a quoted field is doubled ("he said ""hi"""), as Python's csv
+        # module and spreadsheets write it; Spark's default escape is a backslash.
+        reader = reader.option("header", "true").option("inferSchema", "false").option("escape", '"')
     if fmt == "json":
         reader = reader.option("primitivesAsString", "true")
     if fmt in ("csv", "json"):
@@ -59,7 +61,10 @@ def read_source(spark: SparkSession, src: InputConfig) -> DataFrame:
         mapped = list(dict.fromkeys(c for c in src.columns.model_dump().values() if c))
         schema = StructType([StructField(c, StringType()) for c in mapped] + [StructField(C.CORRUPT_RECORD, StringType())])
     try:
-        df = _reader(spark, src.format, src.options, schema).load(src.path)
+        if src.format == "csv":
+            df = _read_csv_counting_fields(spark, src)
+        else:
+            df = _reader(spark, src.format, src.options, schema).load(src.path)
         if schema is not None:
             _check_json_sample(spark, src)
     except SparkrecError:
@@ -81,6 +86,20 @@ def read_source(spark: SparkSession, src: InputConfig) -> DataFrame:
             log.warning("source %s has no column %r (optional): treating it as empty", src.path, c)
             df = df.withColumn(c, F.lit(None).cast(StringType()))
     return df.withColumn(C.SOURCE_FILE, F.col("_metadata.file_path"))
+
+
+def _read_csv_counting_fields(spark: SparkSession, src: InputConfig) -> DataFrame:
+    """Read a CSV source with every header column as text and `_corrupt_record` in the schema.
+
+    Without a corrupt-record column Spark's CSV reader pads a short line with
+    nulls and silently cuts a long one. With the column in the schema it puts
+    the whole line there whenever its field count differs from the header (a
+    shifted layout, an unclosed quote, a quoted field broken by a newline), and
+    clean quarantines such a line as `malformed_line`, text and all.
+    """
+    header = [c for c in _reader(spark, "csv", src.options).load(src.path).columns if c != C.CORRUPT_RECORD]
+    schema = StructType([StructField(c, StringType()) for c in [*header, C.CORRUPT_RECORD]])
+    return _reader(spark, "csv", src.options, schema).load(src.path)
 
 
 def _check_json_sample(spark: SparkSession, src: InputConfig, lines: int = 1000) -> None:

@@ -311,3 +311,37 @@ def restore_table(spark: SparkSession, cfg: Config, key: str, version: int) -> i
             f"cannot restore table '{cfg.table_name(key)}' to version {version}: {str(exc).splitlines()[0]}"
         ) from exc
     return _version_after_write(spark, path)
+
+
+def write_text(spark: SparkSession, path: str, text: str) -> None:
+    """Write a small text file through Hadoop's file system (local or remote alike), replacing it."""
+    fs, hpath = _hadoop(spark, path)
+    stream = fs.create(hpath, True)
+    try:
+        stream.write(bytearray(text.encode("utf-8")))
+    finally:
+        stream.close()
+
+
+def read_texts(spark: SparkSession, directory: str) -> dict[str, str]:
+    """{file name: text} of the small files directly under `directory` (empty when it does not exist)."""
+    fs, hdir = _hadoop(spark, directory)
+    if not fs.exists(hdir):
+        return {}
+    io_utils = spark.sparkContext._jvm.org.apache.commons.io.IOUtils
+    out = {}
+    for status in fs.listStatus(hdir):
+        if status.isDirectory():
+            continue
+        stream = fs.open(status.getPath())
+        try:
+            out[status.getPath().getName()] = str(io_utils.toString(stream, "UTF-8"))
+        finally:
+            stream.close()
+    return out
+
+
+def remove_file(spark: SparkSession, path: str) -> None:
+    fs, hpath = _hadoop(spark, path)
+    if fs.exists(hpath):
+        fs.delete(hpath, False)

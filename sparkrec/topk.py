@@ -263,7 +263,8 @@ def explain(
     """For each recommended (row, item id), the history item most similar to it (cosine), or -1.
 
     "Because you bought X": X is the item of the user's own history whose
-    factor is closest in direction to the recommended item's. Among equally
+    factor is closest in direction to the recommended item's, never the
+    recommended item itself (-1 when that is all the history has). Among equally
     close items the one listed first in `history` wins (callers list the
     strongest, then latest, first). History items without factors are ignored.
 
@@ -304,10 +305,12 @@ def explain(
     zero = np.zeros((1, dim), dtype=np.float32)
     vecs = np.vstack([unit.vectors, zero])  # index -1 -> the zero row
     sims = np.matmul(vecs[rec_grid], vecs[padded].transpose(0, 2, 1))  # [rows, n, width]
-    sims = np.where(mask[:, None, :], sims, -np.inf)
+    # An item never explains itself: "because you viewed X" on X says nothing.
+    usable = mask[:, None, :] & (padded[:, None, :] != rec_grid[:, :, None])
+    sims = np.where(usable, sims, -np.inf)
     best = np.argmax(sims, axis=2)  # first maximum: history order breaks ties
     chosen = padded[np.arange(rows)[:, None], best]
-    found = (rec_grid >= 0) & (hlen[:, None] > 0)
+    found = (rec_grid >= 0) & usable.any(axis=2)
     ids = np.where(found, unit.item_idx[np.maximum(chosen, 0)], -1)
     out[:] = ids[rec_rows, slot]
     return out

@@ -149,3 +149,53 @@ def test_a_naive_interval_is_read_as_utc():
     assert zoned.interval.start == cfg.interval.start  # an explicit zone is kept, not replaced
     with pytest.raises(ConfigError, match="must be before interval.end"):
         load_config(ROOT / "conf" / "local.yaml", ["interval.start=2025-01-02T00:00", "interval.end=2025-01-01T00:00"])
+
+
+# --------------------------------------------------------------------------- issue 13: exit 2 before Spark, naming the key
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("clean.non_product_items=['(?P<x>POST)']", "Java's regex engine"),
+        ("clean.non_product_items=['(?#note)POST']", "no inline comments"),
+        ("source.timestamp_format=yyyy-MM-dd bogus QQQQQ", "config key 'source.timestamp_format': datetime pattern"),
+        ("source.timestamp_format=yyyy-MM-dd HH:mm:ss.SSSSSSSSSS", "too many 'S' letters"),
+        ("source.timestamp_format=\"yyyy 'T\"", "unclosed quote"),
+        ("clean.max_future_hours=1e12", "config key 'clean.max_future_hours'"),
+        ("source.columns.user_id=user`id", "config key 'source.columns.user_id': column name 'user`id'"),
+    ],
+)
+def test_values_spark_would_reject_later_are_config_errors_now(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "conf" / "local.yaml", [override])
+    assert expected in str(err.value)
+
+
+def test_valid_spark_patterns_pass():
+    for fmt in ("yyyy-MM-dd HH:mm:ss", "dd/MM/yyyy H:mm", "yyyy-MM-dd'T'HH:mm:ss.SSSXXX", "M/d/yyyy h:mm a"):
+        assert load_config(ROOT / "conf" / "local.yaml", [f"source.timestamp_format={fmt}"]).source.timestamp_format == fmt
+
+
+@pytest.mark.parametrize("value", ['!!python/object/apply:os.system ["id"]', '"unclosed', "[1, 2"])
+def test_a_set_value_that_does_not_parse_is_an_error_naming_the_key(value):
+    with pytest.raises(ConfigError, match="override 'warehouse': value .* is not a valid YAML value"):
+        load_config(ROOT / "conf" / "local.yaml", [f"warehouse={value}"])
+
+
+def test_cli_exits_2_before_spark_for_a_file_warehouse_a_bad_limit_and_a_directory_report(capsys, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    conf = str(ROOT / "conf" / "local.yaml")
+    assert main(["runs", "--config", conf, "--set", f"warehouse={afile}"]) == 2
+    assert f"config key 'warehouse': {afile} is a file" in capsys.readouterr().err
+    assert main(["runs", "--config", conf, "--set", f"warehouse={afile}/wh"]) == 2
+    assert "lies under" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["runs", "--config", conf, "--limit", "-1"])
+    assert exc.value.code == 2 and "expected at least 1, got -1" in capsys.readouterr().err
+    wh = f"warehouse={tmp_path / 'wh'}"
+    assert main(["report", "R1", "--config", conf, "--set", wh, "--out", f"{tmp_path}/"]) == 2
+    assert "is a directory; give a file name" in capsys.readouterr().err
+    assert main(["report", "R1", "--config", conf, "--set", wh, "--out", f"{tmp_path}/nope/r.html"]) == 2
+    assert "does not exist" in capsys.readouterr().err

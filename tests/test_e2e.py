@@ -117,6 +117,17 @@ def test_no_unavailable_item_is_recommended_and_every_item_is_explained(spark, f
     assert because.join(inter, [C.USER_ID, C.BECAUSE_ITEM_ID], "left_anti").count() == 0
 
 
+def test_no_explanation_names_the_recommended_item_and_reminders_say_so(spark, first_run):
+    """Issue 13, item 6: "because you added to your cart X" on X itself was 28% of the demo's rows."""
+    recs = table(spark, first_run, C.RECOMMENDATIONS)
+    assert recs.where(F.col(C.BECAUSE_ITEM_ID) == F.col(C.ITEM_ID)).count() == 0
+    reminders = recs.where(F.col(C.EXPLANATION).isin("in your cart", "you viewed this", "you rated this"))
+    assert reminders.count() > 0  # the generated funnel views and carts items it has not bought
+    assert reminders.where(F.col(C.BECAUSE_ITEM_ID).isNotNull()).count() == 0
+    hist = table(spark, first_run, C.INTERACTIONS).select(C.USER_ID, C.ITEM_ID).distinct()
+    assert reminders.join(hist, [C.USER_ID, C.ITEM_ID], "left_anti").count() == 0  # a reminder is of the user's own item
+
+
 def test_similar_items_k_per_item_never_itself_nor_unavailable(spark, first_run):
     sim = table(spark, first_run, C.SIMILAR_ITEMS)
     k = first_run.recommend.similar_items.k
@@ -271,3 +282,46 @@ def test_rollback_restores_what_a_run_published(spark, first_run, capsys):
     assert_df_equality(table(spark, first_run, C.RECOMMENDATIONS), then, ignore_row_order=True)
     rb = table(spark, first_run, C.RUNS).where("stage = 'rollback'").collect()
     assert len(rb) == 1 and rb[0]["input_versions"]["recommendations"] == published
+
+
+# --------------------------------------------------------------------------- issue 13: refusing to lose data, honest reports
+
+
+def test_a_config_that_would_keep_nothing_is_refused_before_anything_is_written(spark, first_run, capsys):
+    """Item 1: a min_event_time in the future quarantined every row and replaced `interactions` with nothing."""
+    keys = (C.INTERACTIONS, C.QUARANTINE, C.ITEMS)
+    before = {k: tables.current_version(spark, first_run.table_path(k)) for k in keys}
+    code = main(["run", *cli_args(first_run), "--set", "clean.min_event_time=2030-01-01T00:00:00"], spark=spark)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "clean refused to publish: this run would keep none of its" in err
+    assert "main quarantine reasons: timestamp_out_of_range" in err
+    assert {k: tables.current_version(spark, first_run.table_path(k)) for k in keys} == before
+    failed = table(spark, first_run, C.RUNS).where("stage = 'clean' and status = 'failed'").collect()
+    assert len(failed) == 1 and "refused to publish" in failed[0]["error"]
+
+
+def test_a_report_of_a_run_without_recommend_draws_nothing_of_another_run(spark, first_run, capsys, tmp_path):
+    """Item 7: the report of a run that stopped before recommend showed the current table's plots."""
+    assert main(["clean", *cli_args(first_run)], spark=spark) == 0
+    run_id = table(spark, first_run, C.RUNS).where("stage = 'clean'").orderBy(F.col("started_at").desc()).first()[C.RUN_ID]
+    out = tmp_path / "clean-only.html"
+    assert main(["report", run_id, *cli_args(first_run), "--out", str(out)], spark=spark) == 0
+    page = out.read_text()
+    assert "This run published no recommendations" in page
+    assert "Long tail" not in page and "data:image/png" not in page
+    assert "Cleaning ledger" in page and "Effective configuration" in page
+
+
+def test_rollback_restores_every_table_the_run_wrote(spark, first_run, capsys):
+    """Item 1: rollback covered the published tables only, not interactions or quarantine."""
+    runs = table(spark, first_run, C.RUNS)
+    first = runs.where("stage = 'clean' and status = 'succeeded'").orderBy("started_at").first()
+    written = first["output_versions"]
+    assert main(["clean", *cli_args(first_run), "--set", "clean.bots.max_events_per_user_day=5"], spark=spark) == 0
+    assert tables.current_version(spark, first_run.table_path(C.INTERACTIONS)) > written["interactions"]
+    assert main(["rollback", "--to", first[C.RUN_ID], *cli_args(first_run)], spark=spark) == 0
+    capsys.readouterr()
+    for key in (C.INTERACTIONS, C.QUARANTINE):
+        then = spark.read.format("delta").option("versionAsOf", written[key]).load(first_run.table_path(key))
+        assert_df_equality(table(spark, first_run, key), then, ignore_row_order=True)

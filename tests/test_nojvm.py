@@ -110,3 +110,58 @@ def test_the_dag_schedules_the_stage_tables_commands():
     assert 'spec_from_file_location("sparkrec_stages", HOME / "sparkrec" / "stages.py")' in dag
     for cmd in stages.SCHEDULED:
         assert (Path(__file__).resolve().parents[1] / "jobs" / f"{cmd}.py").is_file()
+
+
+# --------------------------------------------------------------------------- the clean guard (issue 13, item 1)
+
+
+def _tally(rows_in, kept, reasons):
+    counts = [{"outcome": "kept", "count": kept}] + [{"outcome": "quarantined", "reason": r, "count": n} for r, n in reasons.items()]
+    return ledger.tally(rows_in, counts)
+
+
+def test_a_clean_that_keeps_nothing_is_refused_naming_the_main_reasons():
+    t = _tally(1000, 0, {"timestamp_out_of_range": 990, "missing_user_id": 10})
+    with pytest.raises(StageError, match="keep none of its 1,000 rows; main quarantine reasons: timestamp_out_of_range 990, missing_user_id 10"):
+        ledger.guard(t, None, None)
+
+
+def test_a_clean_whose_kept_share_collapses_is_refused_unless_the_check_is_off():
+    t = _tally(1000, 300, {"non_product_item": 700})
+    with pytest.raises(StageError, match=r"keep 30.0% of its rows against 95.0% .*min_kept_ratio=0.5"):
+        ledger.guard(t, 0.95, 0.5)
+    ledger.guard(t, 0.95, None)  # turned off
+    ledger.guard(t, 0.55, 0.5)  # 30% >= 0.5 x 55%
+    ledger.guard(t, None, 0.5)  # first clean: nothing to compare with
+    ledger.guard(_tally(0, 0, {}), 0.9, 0.5)  # an empty input throws nothing away
+
+
+# --------------------------------------------------------------------------- session start (issue 13, item 14)
+
+
+def test_damaged_cached_jars_are_found_and_removed(tmp_path):
+    import zipfile
+
+    from sparkrec.session import remove_damaged_jars, start_failure_message
+
+    cache = tmp_path / ".ivy2.5.2" / "jars"
+    cache.mkdir(parents=True)
+    good = cache / "io.delta_delta-storage-4.4.0.jar"
+    with zipfile.ZipFile(good, "w") as z:
+        z.writestr("META-INF/MANIFEST.MF", "Manifest-Version: 1.0\n")
+    empty = cache / "io.delta_delta-spark_4.2_2.13-4.4.0.jar"
+    empty.write_bytes(b"")
+    truncated = cache / "org.antlr_antlr4-runtime-4.13.1.jar"
+    truncated.write_bytes(b"PK\x03\x04 cut short")
+    removed = remove_damaged_jars([tmp_path / ".ivy2.5.2"])
+    assert sorted(p.name for p in removed) == sorted([empty.name, truncated.name])
+    assert good.exists() and not empty.exists() and not truncated.exists()
+    msg = start_failure_message(RuntimeError("[JAVA_GATEWAY_EXITED] Java gateway process exited"), removed)
+    assert msg.count("\n") == 0
+    assert "Spark could not start ([JAVA_GATEWAY_EXITED]" in msg and empty.name in msg and "make jars" in msg
+
+
+def test_the_session_module_needs_no_jvm_to_import():
+    code = "import sys, sparkrec.session; print('pyspark' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

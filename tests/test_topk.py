@@ -101,9 +101,11 @@ def test_occurrence_numbers_equal_keys_in_order():
 
 def test_explain_picks_the_most_similar_history_item():
     unit = ItemMatrix(np.array([1, 2, 3, 4]), normalized(np.array([[1, 0], [0, 1], [1, 0.2], [0, 0]], dtype=np.float32)))
-    # Row 0 recommended 3 (close to 1) and 2 (equal to 2); row 1 has no history; 9 has no factors.
-    got = explain(np.array([0, 0, 1, 0]), np.array([3, 2, 3, 9]), [np.array([1, 2, 4]), np.array([])], unit)
-    assert got.tolist() == [1, 2, -1, -1]
+    # Row 0 recommended 3 (close to 1) and 2 (in its own history: never explained by itself, so the
+    # first of the equally distant others, 1); row 1 has no history; 9 has no factors; row 2's only
+    # history item is the one recommended.
+    got = explain(np.array([0, 0, 1, 0, 2]), np.array([3, 2, 3, 9, 4]), [np.array([1, 2, 4]), np.array([]), np.array([4])], unit)
+    assert got.tolist() == [1, 1, -1, -1, -1]
 
 
 @pytest.mark.parametrize("dense_depth", [None, 0], ids=["faiss-first", "dense-first"])

@@ -26,6 +26,7 @@ from sparkrec.recommend.lists import (
     PUBLISHED_COLUMNS,
     exploration_pool,
     explanation,
+    list_lengths,
     model_version_of,
     recommend_all,
     with_exploration,
@@ -39,7 +40,7 @@ __all__ = [
     "BECAUSE_IDX", "BECAUSE_TYPE", "CAT", "EXCLUDED", "HIST", "HIST_TYPE", "PUBLISHED_COLUMNS",
     "allowed_by", "candidate_matrix", "default_meta", "exclusions", "exploration_pool", "explanation",
     "fallback_rankings", "fill_lists", "history_lists", "history_sizes", "indexed_history", "item_meta",
-    "model_version_of",
+    "list_lengths", "model_version_of",
     "popular_lists", "popularity", "recommend_all", "score_top_n", "similar_items", "with_exploration",
     "with_item_keys", "with_keys",
 ]

@@ -78,12 +78,15 @@ def item_meta(item_ids: DataFrame, items: DataFrame | None, history: DataFrame, 
     """Per known item: its category (and a code for it), whether rules allow it, its boost.
 
     Returns:
-        (item_idx, item_id, category, _cat, _allowed, _boost); `_cat` is -1 for no category.
+        (item_idx, item_id, category, name, _cat, _allowed, _boost); `_cat` is -1 for no category,
+        `name` null when the shop gave none.
     """
     if items is not None:
-        meta = item_ids.join(items.select(C.ITEM_ID, C.CATEGORY, C.AVAILABLE), C.ITEM_ID, "left")
+        name = F.col(C.ITEM_NAME) if C.ITEM_NAME in items.columns else F.lit(None).cast("string")
+        meta = item_ids.join(items.select(C.ITEM_ID, C.CATEGORY, C.AVAILABLE, name.alias(C.ITEM_NAME)), C.ITEM_ID, "left")
     else:
-        meta = item_ids.select(C.ITEM_ID, C.ITEM_IDX, F.lit(None).cast("string").alias(C.CATEGORY), F.lit(True).alias(C.AVAILABLE))
+        meta = item_ids.select(C.ITEM_ID, C.ITEM_IDX, F.lit(None).cast("string").alias(C.CATEGORY), F.lit(True).alias(C.AVAILABLE),
+                               F.lit(None).cast("string").alias(C.ITEM_NAME))
     allowed = allowed_by(rules)
     b = rules.boost
     boosted = F.lit(False)
@@ -111,6 +114,7 @@ def item_meta(item_ids: DataFrame, items: DataFrame | None, history: DataFrame, 
         F.col(C.ITEM_IDX).cast("int"),
         C.ITEM_ID,
         C.CATEGORY,
+        C.ITEM_NAME,
         F.coalesce(F.col(CAT), F.lit(-1)).alias(CAT),
         allowed.alias(ALLOWED),
         F.when(boosted, F.lit(float(b.factor))).otherwise(F.lit(1.0)).alias(BOOST),
@@ -124,6 +128,7 @@ def default_meta(item_factors: DataFrame, history: DataFrame) -> DataFrame:
         F.col(C.ITEM_IDX).cast("int"),
         F.col(C.ITEM_IDX).cast("string").alias(C.ITEM_ID),
         F.lit(None).cast("string").alias(C.CATEGORY),
+        F.lit(None).cast("string").alias(C.ITEM_NAME),
         F.lit(-1).alias(CAT),
         F.lit(True).alias(ALLOWED),
         F.lit(1.0).alias(BOOST),

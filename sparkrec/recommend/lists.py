@@ -16,11 +16,22 @@ from sparkrec.config import RecommendConfig, RulesConfig
 from sparkrec.errors import StageError
 from sparkrec.recommend.catalogue import allowed_by, default_meta, exclusions, history_lists, history_sizes
 from sparkrec.recommend.fallbacks import category_candidates, fallback_rankings, fill_lists
-from sparkrec.recommend.names import BECAUSE_IDX, BECAUSE_TYPE, CAT, EXCLUDED, HAVE, VERBS
+from sparkrec.recommend.names import BECAUSE_IDX, BECAUSE_NAME, BECAUSE_TYPE, CAT, EXCLUDED, HAVE, OWN_TYPE, REMINDERS, VERBS
 from sparkrec.recommend.scoring import candidate_matrix, score_top_n
 
 # The published table's columns before the run's stamp (model_version, run_id, generated_at).
 PUBLISHED_COLUMNS = (C.USER_ID, C.ITEM_ID, C.RANK, C.SCORE, C.REC_SOURCE, C.BECAUSE_ITEM_ID, C.EXPLANATION)
+
+
+def list_lengths(recs: DataFrame, n: int) -> dict[str, int]:
+    """Users listed, users with fewer than `n` items, and the shortest list (one aggregate row)."""
+    per_user = recs.groupBy(C.USER_ID).agg(F.count("*").alias("_len"))
+    row = per_user.agg(
+        F.count("*").alias("users"),
+        F.sum(F.when(F.col("_len") < n, 1).otherwise(0)).alias("short"),
+        F.min("_len").alias("shortest"),
+    ).first()
+    return {"users": int(row["users"] or 0), "short": int(row["short"] or 0), "shortest": int(row["shortest"] or 0)}
 
 
 def model_version_of(user_factors: DataFrame) -> str:
@@ -97,29 +108,40 @@ def recommend_all(
         max_gone = gone.groupBy(C.USER_IDX).count().agg(F.max("count")).first()[0] or 0
         per_user = category_candidates(history, meta, ranking, n + int(max_gone))
     filled = fill_lists(short, present, excluded, ranking, n, cap, per_user=per_user)
-    return als.unionByName(filled.withColumn(BECAUSE_IDX, F.lit(-1)).withColumn(BECAUSE_TYPE, F.lit(-1)))
+    return als.unionByName(filled.select(*filled.columns, *[F.lit(-1).alias(c) for c in (BECAUSE_IDX, BECAUSE_TYPE, OWN_TYPE)]))
 
 
 def with_keys(recs: DataFrame, user_ids: DataFrame, meta: DataFrame, trending_days: float) -> DataFrame:
     """Swap integer ids back for the shop's keys and say why each item is there."""
     # The catalogue is bounded (one row per item) and broadcast; users are not.
-    because = F.broadcast(meta.select(F.col(C.ITEM_IDX).alias(BECAUSE_IDX), F.col(C.ITEM_ID).alias(C.BECAUSE_ITEM_ID)))
+    because = F.broadcast(meta.select(F.col(C.ITEM_IDX).alias(BECAUSE_IDX), F.col(C.ITEM_ID).alias(C.BECAUSE_ITEM_ID),
+                                      F.col(C.ITEM_NAME).alias(BECAUSE_NAME)))
     out = (
         recs.join(F.broadcast(meta.select(C.ITEM_IDX, C.ITEM_ID, C.CATEGORY)), C.ITEM_IDX)
         .join(because, BECAUSE_IDX, "left")
         .join(user_ids, C.USER_IDX)
     )
-    return out.withColumn(C.EXPLANATION, explanation(trending_days))
+    # An item from the user's own history is a reminder: it says so, and names no "because" item.
+    reminder = (F.col(C.REC_SOURCE) == C.SOURCE_ALS) & (F.col(OWN_TYPE) >= 0)
+    return out.withColumn(C.EXPLANATION, explanation(trending_days)).withColumn(
+        C.BECAUSE_ITEM_ID, F.when(reminder, F.lit(None).cast("string")).otherwise(F.col(C.BECAUSE_ITEM_ID))
+    )
 
 
 def explanation(trending_days: float) -> Column:
+    """Why an item is in a list, from its source, the user's own event on it, and the explaining item."""
     src = F.col(C.REC_SOURCE)
     verb = F.lit(None).cast("string")
     for strength, text in VERBS.items():
         verb = F.when(F.col(BECAUSE_TYPE) == strength, F.lit(text)).otherwise(verb)
+    remind = F.lit(None).cast("string")
+    for strength, text in REMINDERS.items():
+        remind = F.when(F.col(OWN_TYPE) == strength, F.lit(text)).otherwise(remind)
     days = f"{trending_days:g}"
     return (
-        F.when((src == C.SOURCE_ALS) & F.col(C.BECAUSE_ITEM_ID).isNotNull(), F.concat(F.lit("because you "), verb, F.lit(" "), F.col(C.BECAUSE_ITEM_ID)))
+        F.when((src == C.SOURCE_ALS) & (F.col(OWN_TYPE) >= 0), remind)
+        .when((src == C.SOURCE_ALS) & F.col(C.BECAUSE_ITEM_ID).isNotNull(),
+              F.concat(F.lit("because you "), verb, F.lit(" "), F.coalesce(F.col(BECAUSE_NAME), F.col(C.BECAUSE_ITEM_ID))))
         .when(src == C.SOURCE_ALS, F.lit("matches your tastes"))
         .when(src == C.SOURCE_TRENDING, F.lit(f"trending in the last {days} days"))
         .when((src == C.SOURCE_CATEGORY_POPULAR) & F.col(C.CATEGORY).isNotNull(), F.concat(F.lit("popular in "), F.col(C.CATEGORY)))

@@ -20,11 +20,17 @@ HAVE = "_have"
 POS = "_pos"
 BECAUSE_IDX = "_because_idx"
 BECAUSE_TYPE = "_because_type"
+BECAUSE_NAME = "_because_name"
+# The user's own strongest event on the recommended item itself (-1: none): a reminder, not a discovery.
+OWN_TYPE = "_own_type"
 SCORED_SCHEMA = (
-    f"{C.USER_IDX} int, {C.ITEM_IDX} int, {C.RANK} int, {C.SCORE} float, {CAT} int, {BECAUSE_IDX} int, {BECAUSE_TYPE} int"
+    f"{C.USER_IDX} int, {C.ITEM_IDX} int, {C.RANK} int, {C.SCORE} float, {CAT} int, {BECAUSE_IDX} int, "
+    f"{BECAUSE_TYPE} int, {OWN_TYPE} int"
 )
 # Strength of an event type, to say "bought" rather than "viewed" when a user did both.
 TYPE_STRENGTH = {C.PURCHASE: 3, C.CART: 2, C.RATING_EVENT: 1, C.VIEW: 0}
 VERBS = {3: "bought", 2: "added to your cart", 1: "rated", 0: "viewed"}
+# What a reminder says, by the user's own strongest event on the item.
+REMINDERS = {3: "you bought this before", 2: "in your cart", 1: "you rated this", 0: "you viewed this"}
 # History items per user considered for an explanation (strongest and latest first).
 EXPLAIN_HISTORY = 50

@@ -20,7 +20,18 @@ from pyspark.sql import functions as F
 
 from sparkrec import columns as C
 from sparkrec import topk
-from sparkrec.recommend.names import ALLOWED, BECAUSE_IDX, BECAUSE_TYPE, BOOST, CAT, EXCLUDED, HIST, HIST_TYPE, SCORED_SCHEMA
+from sparkrec.recommend.names import (
+    ALLOWED,
+    BECAUSE_IDX,
+    BECAUSE_TYPE,
+    BOOST,
+    CAT,
+    EXCLUDED,
+    HIST,
+    HIST_TYPE,
+    OWN_TYPE,
+    SCORED_SCHEMA,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +101,7 @@ def score_top_n(
     return (
         merged.withColumn(C.RANK, F.row_number().over(Window.partitionBy(C.USER_IDX).orderBy(*order)).cast("int"))
         .where(F.col(C.RANK) <= n)
-        .select(C.USER_IDX, C.ITEM_IDX, C.RANK, C.SCORE, CAT, BECAUSE_IDX, BECAUSE_TYPE)
+        .select(C.USER_IDX, C.ITEM_IDX, C.RANK, C.SCORE, CAT, BECAUSE_IDX, BECAUSE_TYPE, OWN_TYPE)
     )
 
 
@@ -115,10 +126,12 @@ def _score_chunk(queries: DataFrame, items: topk.ItemMatrix, n: int, cap: int | 
                 item_ids = mat.item_idx[sel.pos]
                 because = np.full(len(sel.row), -1, dtype=np.int64)
                 because_type = np.full(len(sel.row), -1, dtype=np.int64)
+                own_type = np.full(len(sel.row), -1, dtype=np.int64)
                 if explain:
                     hist = [np.asarray(h if h is not None else [], dtype=np.int64) for h in part[HIST]]
                     because = topk.explain(sel.row, item_ids, hist, unit_m)
                     because_type = _type_of(because, sel.row, hist, part[HIST_TYPE])
+                    own_type = _type_of(item_ids, sel.row, hist, part[HIST_TYPE])
                 cats = mat.category[sel.pos] if mat.category is not None else np.full(len(sel.row), -1)
                 yield pd.DataFrame(
                     {
@@ -129,6 +142,7 @@ def _score_chunk(queries: DataFrame, items: topk.ItemMatrix, n: int, cap: int | 
                         CAT: cats.astype(np.int32),
                         BECAUSE_IDX: because.astype(np.int32),
                         BECAUSE_TYPE: because_type.astype(np.int32),
+                        OWN_TYPE: own_type.astype(np.int32),
                     }
                 )
 
