@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 EVENTS ?= 100000
 DELTA_ARTIFACT := io.delta:delta-spark_4.2_2.13:4.4.0
 
-.PHONY: airflow-setup setup demo test test-unit test-fast test-cluster retail bench jars dist dist-env cluster-up cluster-down clean
+.PHONY: airflow-setup browser setup demo test test-unit test-fast test-cluster retail bench jars dist dist-env cluster-up cluster-down clean
 
 setup: $(VENV)/.installed
 
@@ -26,8 +26,15 @@ demo: setup
 retail: setup
 	$(BIN)/sparkrec run --config conf/online_retail.yaml
 
-test: setup airflow-setup
+test: setup airflow-setup browser
 	$(BIN)/python -m pytest
+
+# Headless Chromium for the report test (Debian's package; needs root or sudo the first time).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		{ echo "installing Debian's chromium for the report test"; \
+		  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
+		  DEBIAN_FRONTEND=noninteractive $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq chromium >/dev/null; }
 
 # Airflow in a virtual environment of its own (its pins clash with ours); the DAG tests drive it.
 # pyspark is pinned to ours so the provider does not pull a second, newer Spark.

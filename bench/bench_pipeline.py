@@ -83,7 +83,7 @@ def main() -> None:
             print(f"skipping Online Retail II: {RETAIL} not found")
     for n in args.events:
         data = OUT / f"gen_{n}"
-        if args.reuse and (data / "manifest").exists():
+        if args.reuse and (data / "manifest.json").exists():
             gen_s = None  # the generator is deterministic: the same seed and size give the same files
         else:
             gen_s = run([*SPARKREC, "generate", "--events", str(n), "--seed", "42", "--out", str(data)], OUT / f"gen_{n}.log")

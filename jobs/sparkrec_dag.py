@@ -16,6 +16,8 @@ Set in the environment of the scheduler and workers (all optional):
     SPARKREC_SPARK_CONN  Airflow connection of the Spark master (default: spark_default)
     SPARKREC_PY_FILES  the --py-files archive built by `make dist`
     SPARKREC_PACKAGES  --packages (default: the Delta jar matching the pinned delta-spark)
+    SPARKREC_JARS      comma-separated jar files for --jars instead of --packages (no Ivy resolution
+                       at each task's start; for clusters without access to Maven Central)
     SPARKREC_SET       extra overrides, `key=value` separated by ';'
     SPARKREC_SCHEDULE  cron or preset (default: @daily)
     SPARKREC_RETRY_DELAY_MINUTES  first retry delay, doubled each time (default: 5)
@@ -41,7 +43,8 @@ HOME = Path(os.environ.get("SPARKREC_HOME", Path(__file__).resolve().parents[1])
 CONFIG = os.environ.get("SPARKREC_CONFIG", str(HOME / "conf" / "cluster.yaml"))
 CONN_ID = os.environ.get("SPARKREC_SPARK_CONN", "spark_default")
 PY_FILES = os.environ.get("SPARKREC_PY_FILES") or None
-PACKAGES = os.environ.get("SPARKREC_PACKAGES", "io.delta:delta-spark_4.2_2.13:4.4.0")
+JARS = os.environ.get("SPARKREC_JARS") or None
+PACKAGES = None if JARS else os.environ.get("SPARKREC_PACKAGES", "io.delta:delta-spark_4.2_2.13:4.4.0")
 EXTRA = [s.strip() for s in os.environ.get("SPARKREC_SET", "").split(";") if s.strip()]
 
 
@@ -112,6 +115,7 @@ with DAG(
             application=str(HOME / "jobs" / f"{stage}.py"),
             application_args=job_args(stage),
             packages=PACKAGES,
+            jars=JARS,
             py_files=PY_FILES,
             name=f"sparkrec-{stage}",
             conf={"spark.task.maxFailures": "4"},

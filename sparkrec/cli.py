@@ -161,11 +161,12 @@ def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> in
         if args.command == "generate":
             from sparkrec.generate import GenerateParams, generate
 
-            spark_cfg = load_config(args.config, args.overrides).spark if args.config else SparkConfig()
+            if args.config:  # accepted for symmetry with the other commands; validated, not needed
+                load_config(args.config, args.overrides)
             params = GenerateParams(events=args.events, seed=args.seed, start=args.start, days=args.days)
             if params.events < 1 or params.days < 1:
                 raise ConfigError("--events and --days must be at least 1")
-            manifest = generate(_spark(spark_cfg, spark, getattr(args, "verbose", False)), params, args.out)
+            manifest = generate(params, args.out)  # files only: no Spark, no JVM
             print(
                 f"generated {params.events:,} events ({manifest['users']:,} users, {manifest['items']:,} items) "
                 f"in {args.out} in {time.monotonic() - started:.1f}s"

@@ -31,13 +31,22 @@ STAGES = ["ingest", "clean", "evaluate", "train", "recommend"]
 FAST = "train.als.rank=8;train.als.max_iter=4;recommend.n=5;spark.driver_memory=2g;spark.shuffle_partitions=2;evaluate.test_days=14"
 
 
+def _resolved_delta_jars(spark) -> str:
+    from urllib.parse import unquote, urlparse
+
+    listed = spark.sparkContext.getConf().get("spark.jars") or ""
+    jars = [unquote(urlparse(u).path) if u.startswith("file:") else u for u in listed.split(",") if u]
+    assert jars and all(Path(j).is_file() for j in jars), listed
+    return ",".join(jars)
+
+
 @pytest.fixture(scope="module")
 def airflow_env(tmp_path_factory, spark):
     if not AIRFLOW_PY.exists():
         pytest.fail(f"{AIRFLOW_VENV} is missing: run `make airflow-setup` (make test does it)")
     home = tmp_path_factory.mktemp("airflow-home")
     shop = tmp_path_factory.mktemp("airflow-shop")
-    generate(spark, GenerateParams(events=12_000, seed=11), str(shop))
+    generate(GenerateParams(events=12_000, seed=11), str(shop))
     wh = home / "warehouse"
     env = {
         **os.environ,
@@ -56,6 +65,8 @@ def airflow_env(tmp_path_factory, spark):
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYSPARK_PYTHON": sys.executable,
         "PYSPARK_DRIVER_PYTHON": sys.executable,
+        # The jars this suite's session already resolved: no Ivy resolution at each task's start.
+        "SPARKREC_JARS": _resolved_delta_jars(spark),
     }
     migrate = subprocess.run([str(AIRFLOW_VENV / "bin" / "airflow"), "db", "migrate"], env=env, capture_output=True, text=True)
     assert migrate.returncode == 0, migrate.stderr[-3000:]

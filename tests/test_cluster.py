@@ -69,7 +69,7 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def shop(spark, tmp_path_factory):
     out = tmp_path_factory.mktemp("cluster-shop")
-    generate(spark, GenerateParams(events=8_000, seed=5), str(out))
+    generate(GenerateParams(events=8_000, seed=5), str(out))
     return out
 
 

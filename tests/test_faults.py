@@ -37,8 +37,8 @@ FAST = ["train.als.rank=8", "train.als.max_iter=4", "recommend.n=5", "evaluate.e
 def shops(spark, tmp_path_factory):
     """Two batches of one shop's events: the first is ingested, the second arrives later."""
     base = tmp_path_factory.mktemp("fault-shops")
-    generate(spark, GenerateParams(events=20_000, seed=3), str(base / "a"))
-    generate(spark, GenerateParams(events=150_000, seed=4), str(base / "b"))
+    generate(GenerateParams(events=20_000, seed=3), str(base / "a"))
+    generate(GenerateParams(events=150_000, seed=4), str(base / "b"))
     return base
 
 

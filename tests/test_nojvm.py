@@ -165,3 +165,31 @@ def test_the_session_module_needs_no_jvm_to_import():
     code = "import sys, sparkrec.session; print('pyspark' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_generate_writes_files_without_a_jvm(tmp_path):
+    """Issue 13, item 15: `sparkrec generate` started Spark and resolved Delta's jars to write three files."""
+    import json
+
+    code = (
+        "import sys; from sparkrec.cli import main; "
+        f"rc = main(['generate', '--events', '3000', '--seed', '3', '--out', {str(tmp_path / 'shop')!r}]); "
+        "print('RESULT', rc, 'pyspark' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "RESULT 0 False" in out.stdout, out.stderr[-2000:]
+    lines = (tmp_path / "shop" / "events" / "part-00000.json").read_text().splitlines()
+    assert len(lines) == 3_000
+    parsed = [json.loads(x) for x in lines if "<truncated" not in x]
+    assert len(parsed) > 2_950 and {"event_id", "item_id", "event_type", "timestamp", "price"} <= set(parsed[0])
+    assert json.loads((tmp_path / "shop" / "manifest.json").read_text())["users"] == 75
+    items = (tmp_path / "shop" / "items" / "part-00000.csv").read_text().splitlines()
+    assert items[0] == "item_id,category,price,available" and len(items) == 41
+
+
+def test_generated_lines_do_not_depend_on_how_they_are_chunked():
+    from sparkrec.generate import GenerateParams, event_lines
+
+    p = GenerateParams(events=2_000, seed=9)
+    assert event_lines(p) == event_lines(p, 0, 700) + event_lines(p, 700, 1_999) + event_lines(p, 1_999)
+    assert event_lines(p) != event_lines(GenerateParams(events=2_000, seed=10))
