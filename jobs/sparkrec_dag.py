@@ -66,6 +66,7 @@ RETRY_DELAY = timedelta(minutes=float(os.environ.get("SPARKREC_RETRY_DELAY_MINUT
 FINAL_EXITS = {
     2: "bad config or input, or a missing upstream table (see the task log for the one-line reason)",
     3: "quality gate: the new model does not beat the best baseline; nothing was published",
+    4: "quality gate: the model lost, so the best baseline's lists were published instead (see `sparkrec runs`)",
 }
 
 

@@ -367,6 +367,12 @@ class RecommendConfig(_Strict):
 class GateConfig(_Strict):
     enabled: bool = True
     margin: float = Field(default=0.1, ge=0, description="Model must reach best baseline x (1 + margin).")
+    on_fail: Literal["auto", "keep", "baseline"] = Field(
+        default="auto",
+        description="When the model loses: 'keep' publishes nothing (exit 3, the previous lists stay); 'baseline' "
+        "publishes the best baseline's lists instead (exit 4); 'auto' is 'baseline' while no list was ever "
+        "published (a shop is never left with nothing) and 'keep' after.",
+    )
 
 
 class EvaluateConfig(_Strict):

@@ -43,3 +43,9 @@ class GateError(SparkrecError):
     """The new model does not beat the best baseline by the configured margin: nothing is published."""
 
     exit_code = 3
+
+
+class BaselinePublished(SparkrecError):
+    """The model lost the gate and the best baseline's lists were published instead (see `evaluate.gate.on_fail`)."""
+
+    exit_code = 4

@@ -53,6 +53,41 @@ def verdict(results: dict[str, dict[str, float]], metric: str, margin: float) ->
     return Verdict(metric, model_score, best, best_score, needed, passed)
 
 
+# Baselines the recommend stage can publish, and how: (fallback strategy, source of its rows).
+PUBLISHABLE = ("recent_popular", "popular")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a run publishes after the gate: `model`, `baseline` (which one) or `nothing`."""
+
+    publish: str
+    baseline: str | None
+    reason: str
+
+
+def decide(v: Verdict, results: dict[str, dict[str, float]], enabled: bool, on_fail: str, published_before: bool) -> Decision:
+    """From the verdict to what is published.
+
+    A losing model publishes the best baseline the recommend stage can build
+    (buy-again lists are a measure, not a shop's list) when `on_fail` is
+    'baseline', or 'auto' on a warehouse that never published a list.
+    """
+    if not enabled or v.passed:
+        return Decision("model", None, "the gate is off" if not enabled else f"the model beat {v.best_baseline} by the margin")
+    lost = (f"model {v.metric} {v.model_score:.4f} does not beat the best baseline "
+            f"({v.best_baseline} {v.best_score:.4f}) by the margin (needed > {v.needed:.4f})")
+    if on_fail == "keep" or (on_fail == "auto" and published_before):
+        why = "" if on_fail == "keep" else " (evaluate.gate.on_fail=auto keeps what was published before)"
+        return Decision("nothing", None, lost + why)
+    candidates = [n for n in PUBLISHABLE if n in results]
+    if not candidates:
+        return Decision("nothing", None, lost + "; no publishable baseline was measured")
+    best = max(candidates, key=lambda n: results[n][v.metric])
+    first = "" if published_before else "; no list was ever published in this warehouse"
+    return Decision("baseline", best, lost + first)
+
+
 def evaluation_line(metrics: dict[str, float], details: dict) -> str:
     """The model against the best baseline on the gate's metric, and the verdict, in one line."""
     key, best = details.get("metric"), details.get("best_baseline")
@@ -62,4 +97,6 @@ def evaluation_line(metrics: dict[str, float], details: dict) -> str:
     ratio = f"x{model / base:.2f}" if base else "baseline 0"
     gate = details.get("gate", {})
     verdict = "passed" if gate.get("passed") else "FAILED"
-    return f"model {key} {model:.4f} vs best baseline {best} {base:.4f} ({ratio}); gate {verdict}" + ("" if gate.get("enabled") else " (gate off)")
+    published = f"; published the {gate['baseline']} baseline instead" if gate.get("publish") == "baseline" else ""
+    return (f"model {key} {model:.4f} vs best baseline {best} {base:.4f} ({ratio}); gate {verdict}"
+            + ("" if gate.get("enabled") else " (gate off)") + published)

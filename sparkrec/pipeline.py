@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from pyspark import StorageLevel
 from pyspark.sql import functions as F
 
-from sparkrec import clean, gate, ids, ingest, ledger, protocol, recommend, runs, sources, stages, train, tune
+from sparkrec import clean, gate, ids, ingest, ledger, protocol, recommend, runs, sources, stages, tables, train, tune
 from sparkrec import columns as C
 from sparkrec.config import TrainConfig
-from sparkrec.errors import GateError, StageError
+from sparkrec.errors import BaselinePublished, GateError, StageError
 from sparkrec.runs import RunContext
 
 log = logging.getLogger(__name__)
@@ -141,15 +141,26 @@ def run_train(ctx: RunContext, settings: TrainConfig | None = None) -> str:
         return model_version
 
 
-def run_recommend(ctx: RunContext) -> None:
-    """Factors + history + rules -> `recommendations` and `similar_items`, each replaced atomically."""
+def run_recommend(ctx: RunContext, baseline: str | None = None) -> None:
+    """Factors + history + rules -> `recommendations` and `similar_items`, each replaced atomically.
+
+    Args:
+        baseline: publish this baseline's lists (`gate.PUBLISHABLE`) instead of the model's: no factors are
+            read, every user is listed from the baseline ranking with the same rules, and no similar items are written.
+    """
     cfg = ctx.cfg
     r = cfg.recommend
     with ctx.stage("recommend") as rec:
         inter, uids, iids = rec.read(C.INTERACTIONS), rec.read(C.USER_IDS), rec.read(C.ITEM_IDS)
-        uf, itf = rec.read(C.USER_FACTORS), rec.read(C.ITEM_FACTORS)
         items = rec.read_optional(C.ITEMS)
-        model_version = recommend.model_version_of(uf)
+        if baseline is not None:
+            uf, itf = recommend.no_factors(ctx.spark), recommend.no_factors(ctx.spark, C.ITEM_IDX)
+            r = recommend.as_baseline(r, baseline, cfg.evaluate.recent_days)
+            model_version = f"baseline:{baseline}"
+            rec.details["baseline"] = baseline
+        else:
+            uf, itf = rec.read(C.USER_FACTORS), rec.read(C.ITEM_FACTORS)
+            model_version = recommend.model_version_of(uf)
         # Read by exclusions, sizes, rankings and explanations: joined once, kept.
         history = recommend.indexed_history(inter, uids, iids).persist(StorageLevel.MEMORY_AND_DISK)
         # One row per item (bounded by the catalogue) and read by five jobs: the
@@ -160,6 +171,9 @@ def run_recommend(ctx: RunContext) -> None:
                  F.lit(ctx.now).cast("timestamp").alias(C.GENERATED_AT)]
         try:
             recs = recommend.recommend_all(history, uf, itf, r, meta)
+            if baseline == "recent_popular":  # the trending fallback is that baseline: name it so
+                recs = recs.withColumn(C.REC_SOURCE, F.when(F.col(C.REC_SOURCE) == C.SOURCE_TRENDING, F.lit(baseline))
+                                       .otherwise(F.col(C.REC_SOURCE)))
             keyed = recommend.with_keys(recs, uids, meta, r.trending_days).select(*recommend.PUBLISHED_COLUMNS)
             if r.exploration_slots and items is not None:
                 pool = recommend.exploration_pool(items, history, iids, r.rules, r.max_exploration_items)
@@ -175,7 +189,7 @@ def run_recommend(ctx: RunContext) -> None:
                 log.warning("run %s: %s of %s users have fewer than recommend.n=%d items (shortest %d): the shop's "
                             "rules, exclusions and catalogue allow no more for them", ctx.run_id, f"{lengths['short']:,}",
                             f"{lengths['users']:,}", r.n, lengths["shortest"])
-            if r.similar_items.enabled:
+            if r.similar_items.enabled and baseline is None:
                 sim = recommend.similar_items(itf, meta, r.similar_items.k, r.max_broadcast_items)
                 rec.overwrite(recommend.with_item_keys(sim, meta).select("*", *stamp), C.SIMILAR_ITEMS,
                               properties={"delta.dataSkippingStatsColumns": C.ITEM_ID})
@@ -210,11 +224,12 @@ def run_tune(ctx: RunContext) -> TrainConfig:
         return best.train
 
 
-def run_evaluate(ctx: RunContext, settings: TrainConfig | None = None) -> dict[str, float]:
-    """Fit on the training period, list the evaluated users' top k, and judge model and baselines alike.
+def run_evaluate(ctx: RunContext, settings: TrainConfig | None = None) -> gate.Decision:
+    """Fit on the training period, list the evaluated users' top k, judge model and baselines alike, and decide
+    what the run publishes (`gate.decide`).
 
     Raises:
-        GateError: the gate is on and the model does not beat the best baseline by the margin.
+        GateError: the model lost and nothing is to be published (`evaluate.gate.on_fail`).
     """
     cfg = ctx.cfg
     ev, settings = cfg.evaluate, settings or cfg.train
@@ -236,21 +251,28 @@ def run_evaluate(ctx: RunContext, settings: TrainConfig | None = None) -> dict[s
             for k, v in metrics.items():
                 rec.metrics[f"{name}.{k}"] = v
         verdict = gate.verdict(results, gate.metric_key(ev), ev.gate.margin)
+        published_before = tables.current_version(ctx.spark, cfg.table_path(C.RECOMMENDATIONS)) is not None
+        decision = gate.decide(verdict, results, ev.gate.enabled, ev.gate.on_fail, published_before)
         rec.details.update(
             split=proto.description, evaluated_users=proto.n_users, metric=verdict.metric, best_baseline=verdict.best_baseline,
-            gate={"enabled": ev.gate.enabled, "margin": ev.gate.margin, "passed": verdict.passed, "needed": verdict.needed},
+            gate={"enabled": ev.gate.enabled, "margin": ev.gate.margin, "passed": verdict.passed, "needed": verdict.needed,
+                  "on_fail": ev.gate.on_fail, "publish": decision.publish, "baseline": decision.baseline,
+                  "reason": decision.reason},
             train=settings.model_dump(),
         )
         rec.rows_in = proto.n_users
         log.info("run %s: model %s %.4f vs best baseline %s %.4f (x%.2f)", ctx.run_id, verdict.metric,
                  verdict.model_score, verdict.best_baseline, verdict.best_score, verdict.ratio)
-        if ev.gate.enabled and not verdict.passed:
+        if decision.publish == "nothing":
             raise GateError(
                 f"quality gate: model {verdict.metric} {verdict.model_score:.4f} does not beat the best baseline "
                 f"({verdict.best_baseline} {verdict.best_score:.4f}) by the margin {ev.gate.margin:.0%} "
                 f"(needed > {verdict.needed:.4f}); nothing was published: the previous factors and recommendations stay in place"
             )
-        return results["model"]
+        if decision.publish == "baseline":
+            log.warning("run %s: %s: publishing the %s baseline's lists instead of the model's", ctx.run_id,
+                        decision.reason, decision.baseline)
+        return decision
 
 
 def run_command(ctx: RunContext, command: str) -> TrainConfig:
@@ -276,7 +298,15 @@ def run_stages(ctx: RunContext, names: Sequence[str] = stages.CORE) -> TrainConf
         elif name == "tune":
             settings = run_tune(ctx)
         elif name == "evaluate":
-            run_evaluate(ctx, settings)
+            decision = run_evaluate(ctx, settings)
+            if decision.publish == "baseline":
+                # The model lost on a warehouse that must not be left with nothing: the best baseline's
+                # lists, under the same rules, are published instead, and the run stops (no training).
+                run_recommend(ctx, baseline=decision.baseline)
+                raise BaselinePublished(
+                    f"published the {decision.baseline} baseline's lists instead of the model's: {decision.reason} "
+                    "(evaluate.gate.on_fail; `sparkrec runs` and the report show it)"
+                )
         elif name == "train":
             run_train(ctx, settings)
         elif name == "recommend":

@@ -279,7 +279,7 @@ window.addEventListener('load', () => {
   for (const el of document.body.querySelectorAll('*')) widest = Math.max(widest, el.getBoundingClientRect().right);
   const p = document.createElement('pre');
   p.id = 'probe';
-  p.textContent = 'PROBE' + JSON.stringify({imgs, widest, scroll: document.documentElement.scrollWidth, inner: window.innerWidth});
+  p.textContent = JSON.stringify({imgs, widest, scroll: document.documentElement.scrollWidth, inner: window.innerWidth});
   document.body.appendChild(p);
 });
 </script>"""
@@ -304,7 +304,8 @@ def test_the_report_reads_well_in_a_browser(spark, first_run, capsys, tmp_path):
          "--window-size=1280,900", "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
         capture_output=True, text=True, timeout=120,
     ).stdout
-    got = json.loads(dom.split("PROBE", 1)[1].split("</pre>", 1)[0].replace("&quot;", '"'))
+    assert '<pre id="probe">' in dom, dom[-2000:]
+    got = json.loads(dom.split('<pre id="probe">', 1)[1].split("</pre>", 1)[0].replace("&quot;", '"'))
     assert got["inner"] == 1280
     assert len(got["imgs"]) >= 3 and all(done and width > 0 for done, width in got["imgs"]), got["imgs"]
     assert got["scroll"] <= 1280 and got["widest"] <= 1280, got
@@ -366,3 +367,32 @@ def test_rollback_restores_every_table_the_run_wrote(spark, first_run, capsys):
     for key in (C.INTERACTIONS, C.QUARANTINE):
         then = spark.read.format("delta").option("versionAsOf", written[key]).load(first_run.table_path(key))
         assert_df_equality(table(spark, first_run, key), then, ignore_row_order=True)
+
+
+def test_a_first_run_whose_model_loses_publishes_the_best_baseline(spark, shop, tmp_path, capsys):
+    """Issue 17: the first run in a warehouse whose model lost the gate left the shop with no lists at all."""
+    from sparkrec.config import load_config
+
+    wh = tmp_path / "wh"
+    code = main(["run", *cli_args(wh, shop), "--set", "evaluate.gate.margin=1000"], spark=spark)
+    out = capsys.readouterr()
+    assert code == 4, out.err[-2000:]
+    assert "baseline's lists instead of the model's" in out.err and "no list was ever published" in out.err
+    assert "published the" in out.out  # the summary's evaluation line says so too
+    cfg = load_config(ROOT / "conf" / "local.yaml", [f"warehouse={wh}", f"source.path={shop}/events", f"items.path={shop}/items", *FAST_ALS])
+    recs = table(spark, cfg, C.RECOMMENDATIONS)
+    inter = table(spark, cfg, C.INTERACTIONS)
+    assert recs.groupBy(C.USER_ID).count().where(F.col("count") != N).count() == 0
+    assert recs.select(C.USER_ID).distinct().count() == inter.select(C.USER_ID).distinct().count()
+    assert {r[0] for r in recs.select(C.REC_SOURCE).distinct().collect()} <= {"recent_popular", "popular"}
+    assert {r[0] for r in recs.select(C.MODEL_VERSION).distinct().collect()} == {"baseline:recent_popular"}
+    gone = table(spark, cfg, C.ITEMS).where(~F.col(C.AVAILABLE)).select(C.ITEM_ID)
+    bought = inter.where(F.col(C.EVENT_TYPE) == "purchase").select(C.USER_ID, C.ITEM_ID)
+    assert recs.join(gone, C.ITEM_ID).count() == 0 and recs.join(bought, [C.USER_ID, C.ITEM_ID]).count() == 0
+    runs = table(spark, cfg, C.RUNS)
+    import json
+
+    ev = runs.where("stage = 'evaluate'").first()
+    assert json.loads(ev["details"])["gate"]["publish"] == "baseline"
+    assert runs.where("stage = 'train'").count() == 0  # nothing trained: the model lost
+    assert tables.current_version(spark, cfg.table_path(C.USER_FACTORS)) is None

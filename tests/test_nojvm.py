@@ -193,3 +193,18 @@ def test_generated_lines_do_not_depend_on_how_they_are_chunked():
     p = GenerateParams(events=2_000, seed=9)
     assert event_lines(p) == event_lines(p, 0, 700) + event_lines(p, 700, 1_999) + event_lines(p, 1_999)
     assert event_lines(p) != event_lines(GenerateParams(events=2_000, seed=10))
+
+
+def test_a_losing_model_publishes_a_baseline_only_where_nothing_was_published_unless_told():
+    results = {"model": {"m": 0.05}, "popular": {"m": 0.04}, "recent_popular": {"m": 0.06}, "buy_again": {"m": 0.09}}
+    v = gate.verdict(results, "m", 0.1)
+    assert not v.passed and v.best_baseline == "buy_again"
+    first = gate.decide(v, results, True, "auto", published_before=False)
+    assert (first.publish, first.baseline) == ("baseline", "recent_popular")  # buy-again is a measure, not a shop list
+    assert "no list was ever published" in first.reason
+    assert gate.decide(v, results, True, "auto", published_before=True).publish == "nothing"
+    assert gate.decide(v, results, True, "keep", published_before=False).publish == "nothing"
+    assert gate.decide(v, results, True, "baseline", published_before=True).baseline == "recent_popular"
+    assert gate.decide(v, results, False, "keep", published_before=True).publish == "model"  # gate off
+    won = {"model": {"m": 0.2}, "popular": {"m": 0.04}}
+    assert gate.decide(gate.verdict(won, "m", 0.1), won, True, "auto", False).publish == "model"

@@ -24,10 +24,12 @@ from sparkrec.recommend.catalogue import (
 from sparkrec.recommend.fallbacks import fallback_rankings, fill_lists, popular_lists, popularity
 from sparkrec.recommend.lists import (
     PUBLISHED_COLUMNS,
+    as_baseline,
     exploration_pool,
     explanation,
     list_lengths,
     model_version_of,
+    no_factors,
     recommend_all,
     with_exploration,
     with_keys,
@@ -38,9 +40,9 @@ from sparkrec.recommend.similar import similar_items, with_item_keys
 
 __all__ = [
     "BECAUSE_IDX", "BECAUSE_TYPE", "CAT", "EXCLUDED", "HIST", "HIST_TYPE", "PUBLISHED_COLUMNS",
-    "allowed_by", "candidate_matrix", "default_meta", "exclusions", "exploration_pool", "explanation",
+    "allowed_by", "as_baseline", "candidate_matrix", "default_meta", "exclusions", "exploration_pool", "explanation",
     "fallback_rankings", "fill_lists", "history_lists", "history_sizes", "indexed_history", "item_meta",
-    "list_lengths", "model_version_of",
+    "list_lengths", "model_version_of", "no_factors",
     "popular_lists", "popularity", "recommend_all", "score_top_n", "similar_items", "with_exploration",
     "with_item_keys", "with_keys",
 ]

@@ -34,6 +34,22 @@ def list_lengths(recs: DataFrame, n: int) -> dict[str, int]:
     return {"users": int(row["users"] or 0), "short": int(row["short"] or 0), "shortest": int(row["shortest"] or 0)}
 
 
+def no_factors(spark, idx: str = C.USER_IDX) -> DataFrame:
+    """An empty factor table: with it `recommend_all` lists every user from the fallback rankings."""
+    return spark.createDataFrame([], f"{idx} int, {C.FEATURES} array<float>")
+
+
+def as_baseline(cfg: RecommendConfig, baseline: str, recent_days: float) -> RecommendConfig:
+    """The recommend settings that build a gate baseline's lists (the same rules, exclusions and N).
+
+    `recent_popular` is the trending fallback over the evaluation's `recent_days`, backfilled
+    from overall popularity; `popular` is overall popularity.
+    """
+    strategy = C.SOURCE_TRENDING if baseline == "recent_popular" else C.SOURCE_POPULAR
+    return cfg.model_copy(update={"fallback": strategy, "trending_days": recent_days, "explain": False,
+                                  "min_history": 1})
+
+
 def model_version_of(user_factors: DataFrame) -> str:
     """The model the factors came from (one row read). Raises StageError when there are none."""
     first = user_factors.select(C.MODEL_VERSION).first()
@@ -144,6 +160,7 @@ def explanation(trending_days: float) -> Column:
               F.concat(F.lit("because you "), verb, F.lit(" "), F.coalesce(F.col(BECAUSE_NAME), F.col(C.BECAUSE_ITEM_ID))))
         .when(src == C.SOURCE_ALS, F.lit("matches your tastes"))
         .when(src == C.SOURCE_TRENDING, F.lit(f"trending in the last {days} days"))
+        .when(src == "recent_popular", F.lit(f"popular in the last {days} days"))
         .when((src == C.SOURCE_CATEGORY_POPULAR) & F.col(C.CATEGORY).isNotNull(), F.concat(F.lit("popular in "), F.col(C.CATEGORY)))
         .when(src == C.SOURCE_EXPLORATION, F.lit("new in the shop"))
         .otherwise(F.lit("popular with other shoppers"))
