@@ -132,6 +132,10 @@ def summary(spark: SparkSession, cfg: Config, run_id: str, rows: list[dict]) -> 
         lines.append("  " + ", ".join(parts))
         if r["stage"] == "evaluate" and r["metrics"]:
             lines.append("    " + evaluation_line(r["metrics"], json.loads(r["details"] or "{}")))
+        if r["stage"] == "tune" and r["status"] == "succeeded":
+            d = json.loads(r["details"] or "{}")
+            lines.append("    " + (f"reused the settings tuned by run {d['reused_from']} (tune.reuse_days)" if d.get("reused_from")
+                                  else f"tuned: {json.dumps(d.get('best', {}), sort_keys=True)}"))
     recs = tables.read_table(spark, cfg, C.RECOMMENDATIONS, required=False)
     if recs is not None:
         agg = recs.df.groupBy(C.REC_SOURCE).agg(F.countDistinct(C.USER_ID).alias("users")).collect()

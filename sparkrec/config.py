@@ -441,6 +441,12 @@ class TuneConfig(_Strict):
     feedback_settings: int = Field(default=3, ge=1, description="Distinct feedback constructions tried (each matrix built once).")
     seed: int = 7
     space: TuneSpace = TuneSpace()
+    reuse_days: float | None = Field(
+        default=7.0, gt=0,
+        description="Inside `sparkrec run`, settings tuned by an earlier run for the same search (same space, "
+        "split, metric and base settings) within this many days are reused instead of searching again; "
+        "null searches every time. `sparkrec tune` always searches.",
+    )
 
 
 class IntervalConfig(_Strict):
@@ -514,6 +520,20 @@ class Config(_Strict):
 
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def search_key(self) -> str:
+        """What a tuning result depends on: the search, the split and metric it is judged by, the base settings.
+
+        Two runs with the same key would search the same space on the same terms,
+        so one's winner can stand for the other's (`tune.reuse_days`).
+        """
+        parts = {
+            "tune": self.tune.model_dump(mode="json", exclude={"reuse_days", "max_minutes"}),
+            "evaluate": self.evaluate.model_dump(mode="json", exclude={"enabled", "gate"}),
+            "train": self.train.model_dump(mode="json"),
+            "recommend": self.recommend.model_dump(mode="json"),
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
     def digest(self) -> str:
         """A short hash of the effective config, recorded with every run."""

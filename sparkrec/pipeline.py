@@ -202,21 +202,35 @@ def run_recommend(ctx: RunContext, baseline: str | None = None) -> None:
         rec.details["model_version"] = model_version
 
 
-def run_tune(ctx: RunContext) -> TrainConfig:
+def run_tune(ctx: RunContext, reuse: bool = False) -> TrainConfig:
     """Search ALS and feedback settings on a validation split of the training period.
 
+    Args:
+        reuse: take the winner of an earlier tuning of the same search younger than
+            `tune.reuse_days` instead of searching (what `run` does; `sparkrec tune` always searches).
     Returns:
-        The winning settings; `run_all` hands them to `evaluate` and `train`.
+        The winning settings; `run_stages` hands them to `evaluate` and `train`.
     """
     cfg = ctx.cfg
+    key = gate.metric_key(cfg.evaluate)
     with ctx.stage("tune") as rec:
+        rec.details["search_key"] = cfg.search_key()
+        earlier = runs.reusable_tuning(ctx.spark, cfg, cfg.tune.reuse_days) if reuse and cfg.tune.reuse_days else None
+        if earlier is not None:
+            found = earlier["details"]
+            rec.details.update(reused_from=earlier["run_id"], best=found.get("best"), train=found["train"])
+            rec.metrics.update(earlier["metrics"])
+            rec.rows_in = 0
+            log.info("run %s: reusing the settings tuned by run %s (%s; tune.reuse_days=%g)", ctx.run_id,
+                     earlier["run_id"], earlier["finished_at"], cfg.tune.reuse_days)
+            return TrainConfig.model_validate(found["train"])
         inter, uids, iids = rec.read(C.INTERACTIONS), rec.read(C.USER_IDS), rec.read(C.ITEM_IDS)
         training_period = protocol.split_of(inter, cfg.evaluate).train  # the test period is never seen
         with ctx.checkpoints():
             trials, best = tune.run_trials(cfg, training_period, uids, iids)
-        key = gate.metric_key(cfg.evaluate)
         rec.details["trials"] = [{"trial": t.number, **t.params(), key: t.metric, "seconds": t.seconds} for t in trials]
         rec.details["best"] = {"trial": best.number, **best.params()}
+        rec.details["train"] = best.train.model_dump(mode="json")
         rec.metrics[f"validation.{key}"] = best.metric or 0.0
         rec.metrics["trials"] = len(trials)
         rec.rows_in = len(trials)
@@ -282,11 +296,15 @@ def run_command(ctx: RunContext, command: str) -> TrainConfig:
         The training settings the run ended with (the tuning winner when `tune` ran).
     """
     enabled = {"tune": ctx.cfg.tune.enabled, "evaluate": ctx.cfg.evaluate.enabled}
-    return run_stages(ctx, stages.stages_of(command, enabled))
+    return run_stages(ctx, stages.stages_of(command, enabled), reuse_tuning=command == "run")
 
 
-def run_stages(ctx: RunContext, names: Sequence[str] = stages.CORE) -> TrainConfig:
-    """Run the named stages in order; a tuning winner is used by the stages after it."""
+def run_stages(ctx: RunContext, names: Sequence[str] = stages.CORE, *, reuse_tuning: bool = False) -> TrainConfig:
+    """Run the named stages in order; a tuning winner is used by the stages after it.
+
+    Args:
+        reuse_tuning: let `tune` reuse a recent winner of the same search (`tune.reuse_days`).
+    """
     settings = ctx.cfg.train
     for name in names:
         if name == "ingest":
@@ -296,7 +314,7 @@ def run_stages(ctx: RunContext, names: Sequence[str] = stages.CORE) -> TrainConf
         elif name == "ids":
             run_ids(ctx)
         elif name == "tune":
-            settings = run_tune(ctx)
+            settings = run_tune(ctx, reuse=reuse_tuning)
         elif name == "evaluate":
             decision = run_evaluate(ctx, settings)
             if decision.publish == "baseline":

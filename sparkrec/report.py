@@ -206,7 +206,8 @@ def write_report(spark: SparkSession, cfg: Config, run_id: str, out: str) -> Non
     if tu is not None:
         d = json.loads(tu["details"] or "{}")
         key = (json.loads(ev["details"] or "{}").get("metric") if ev is not None else None) or f"{cfg.evaluate.metric}@{cfg.evaluate.k}"
-        parts.append(f"<h2>Tuning</h2><p>Best: {html.escape(json.dumps(d.get('best', {})))}</p>")
+        reused = f" Reused from run {html.escape(str(d['reused_from']))} (tune.reuse_days)." if d.get("reused_from") else ""
+        parts.append(f"<h2>Tuning</h2><p>Best: {html.escape(json.dumps(d.get('best', {})))}.{reused}</p>")
         if d.get("trials"):
             parts.append(trials_plot(d["trials"], key))
     rec = rows.get("recommend")

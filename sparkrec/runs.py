@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -330,6 +330,27 @@ def previous_kept_share(spark: SparkSession, cfg: Config) -> float | None:
         .orderBy(F.col("finished_at").desc()).select("rows_in", "rows_out").first()
     )
     return None if row is None else row["rows_out"] / row["rows_in"]
+
+
+def reusable_tuning(spark: SparkSession, cfg: Config, max_age_days: float) -> dict | None:
+    """The latest succeeded tuning for this config's search (`Config.search_key`) younger than `max_age_days`.
+
+    Returns:
+        {"run_id", "finished_at", "details", "metrics"} of that tune stage, or None.
+    """
+    read = tables.read_table(spark, cfg, C.RUNS, required=False)
+    if read is None:
+        return None
+    since = datetime.now(timezone.utc) - timedelta(days=max_age_days)
+    rows = (
+        read.df.where((F.col("stage") == "tune") & (F.col("status") == "succeeded") & (F.col("finished_at") >= F.lit(since)))
+        .orderBy(F.col("finished_at").desc()).select(C.RUN_ID, "finished_at", "details", "metrics").limit(50).collect()
+    )
+    for r in rows:
+        details = json.loads(r["details"] or "{}")
+        if details.get("search_key") == cfg.search_key() and details.get("train") and not details.get("reused_from"):
+            return {"run_id": r[C.RUN_ID], "finished_at": r["finished_at"], "details": details, "metrics": dict(r["metrics"] or {})}
+    return None
 
 
 def list_runs(spark: SparkSession, cfg: Config, limit: int = 10) -> str:

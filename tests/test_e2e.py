@@ -396,3 +396,28 @@ def test_a_first_run_whose_model_loses_publishes_the_best_baseline(spark, shop, 
     assert json.loads(ev["details"])["gate"]["publish"] == "baseline"
     assert runs.where("stage = 'train'").count() == 0  # nothing trained: the model lost
     assert tables.current_version(spark, cfg.table_path(C.USER_FACTORS)) is None
+
+
+def test_run_reuses_recent_tuned_settings_of_the_same_search_and_searches_again_when_they_expire(spark, first_run):
+    """Issue 17: tuned settings are stored with the run that found them and reused until they expire."""
+    import json
+
+    from sparkrec.runs import RunContext as Ctx
+
+    tuned = first_run.model_copy(update={"tune": first_run.tune.model_copy(update={"max_trials": 2, "feedback_settings": 1, "seed": 99})})
+    searched = pipeline.run_tune(Ctx(spark, tuned), reuse=True)  # no earlier tuning of this search: it searches
+    again_ctx = Ctx(spark, tuned)
+    reused = pipeline.run_tune(again_ctx, reuse=True)
+    assert reused == searched
+    rows = {r[C.RUN_ID]: json.loads(r["details"]) for r in table(spark, first_run, C.RUNS).where("stage = 'tune'").collect()}
+    assert rows[again_ctx.run_id]["reused_from"] in rows and "trials" not in rows[again_ctx.run_id]
+    assert "trials" in rows[rows[again_ctx.run_id]["reused_from"]]
+    expired = tuned.model_copy(update={"tune": tuned.tune.model_copy(update={"reuse_days": 1e-9})})
+    fresh_ctx = Ctx(spark, expired)
+    pipeline.run_tune(fresh_ctx, reuse=True)
+    fresh = json.loads(table(spark, first_run, C.RUNS).where(f"run_id = '{fresh_ctx.run_id}' and stage = 'tune'").first()["details"])
+    assert "reused_from" not in fresh and len(fresh["trials"]) == 2
+    other = tuned.model_copy(update={"tune": tuned.tune.model_copy(update={"seed": 100})})  # another search: not reused
+    other_ctx = Ctx(spark, other)
+    pipeline.run_tune(other_ctx, reuse=True)
+    assert "reused_from" not in json.loads(table(spark, first_run, C.RUNS).where(f"run_id = '{other_ctx.run_id}' and stage = 'tune'").first()["details"])
