@@ -334,8 +334,17 @@ class SimilarItemsConfig(_Strict):
     k: int = Field(default=20, ge=1, le=1000)
 
 
+class BlendConfig(_Strict):
+    """A hybrid list: the model's score plus `weight` x the item's recent popularity (0..1, its share of the
+    most popular item's distinct users in the last `days` of history), ranked by the same exact top-N."""
+
+    weight: float = Field(default=0.0, ge=0, description="0 is the model alone.")
+    days: float = Field(default=30.0, gt=0)
+
+
 class RecommendConfig(_Strict):
     n: int = Field(default=20, ge=1, le=1000)
+    blend: BlendConfig = BlendConfig()
     exclude_event_types: list[str] = Field(default_factory=lambda: [C.PURCHASE])
     min_history: int = Field(default=1, ge=1, description="Distinct items a user needs for ALS recommendations.")
     max_broadcast_items: int = Field(default=500_000, ge=1)
@@ -418,6 +427,9 @@ class TuneSpace(_Strict):
     alpha: tuple[float, float] = (0.3, 30.0)
     max_iter: list[int] = Field(default_factory=lambda: [10, 15])
     recency_half_life_days: list[float | None] = Field(default_factory=lambda: [None, 30.0, 90.0, 365.0])
+    blend_weight: list[float] = Field(
+        default_factory=lambda: [0.0], description="Choices of recommend.blend.weight (0: the model alone)."
+    )
     event_weights: dict[str, list[float]] = Field(
         default_factory=lambda: {C.VIEW: [0.5, 1.0], C.CART: [2.0, 4.0], C.PURCHASE: [4.0, 8.0]},
         description="Choices per event type; types not listed keep train.event_weights.",

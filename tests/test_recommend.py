@@ -193,3 +193,23 @@ def test_chunked_scoring_equals_one_broadcast(spark):
     one = lists(recommend.recommend_all(history, user_f, item_f, c, meta))
     chunked = lists(recommend.recommend_all(history, user_f, item_f, cfg(n=6, rules={"max_per_category": 2}, max_broadcast_items=7), meta))
     assert one == chunked and all(len(v) == 6 for v in one.values())
+
+
+def test_a_blended_list_ranks_model_score_plus_weight_times_recent_popularity(spark):
+    """Issue 17 (groundwork): the hybrid list is one exact top-k over [factors, popularity] vectors."""
+    import numpy as np
+
+    item_f = spark.createDataFrame([(0, [1.0, 0.0]), (1, [0.8, 0.0]), (2, [0.5, 0.0]), (3, [0.0, 1.0])], ITEM_SCHEMA)
+    # User 0 bought item 3; recently, users 1-3 all viewed item 2, one viewed item 1; item 0 was popular long ago.
+    rows = [(0, 3, "purchase", 40), (1, 2, "view", 39), (2, 2, "view", 39), (3, 2, "view", 40), (1, 1, "view", 40),
+            (4, 0, "view", 0), (5, 0, "view", 0)]
+    history = history_df(spark, rows)
+    users = spark.createDataFrame([(0, [1.0, 0.0])], USER_SCHEMA)
+    alone = lists(recommend.recommend_all(history, users, item_f, cfg(n=3)))[0]
+    assert [i for i, _ in alone] == [0, 1, 2]
+    blended = recommend.recommend_all(history, users, item_f, cfg(n=3, blend={"weight": 0.6, "days": 7}))
+    got = [(r[C.ITEM_IDX], r[C.SCORE]) for r in blended.where("user_idx = 0").orderBy(C.RANK).collect()]
+    pop = {2: 1.0, 1: 1 / 3}  # distinct users in the last 7 days over the top item's 3; item 0's views are too old
+    expected = sorted(((i, [1.0, 0.8, 0.5][i] + 0.6 * pop.get(i, 0.0)) for i in (0, 1, 2)), key=lambda t: -t[1])
+    assert [i for i, _ in got] == [i for i, _ in expected] == [2, 0, 1]
+    assert np.allclose([s for _, s in got], [s for _, s in expected], atol=1e-6)

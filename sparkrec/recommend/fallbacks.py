@@ -13,7 +13,7 @@ from pyspark.sql import functions as F
 
 from sparkrec import columns as C
 from sparkrec.recommend.catalogue import exclusions
-from sparkrec.recommend.names import ALLOWED, BOOST, CAT, HAVE, POS, PRIO
+from sparkrec.recommend.names import ALLOWED, BLEND, BOOST, CAT, HAVE, POS, PRIO
 
 
 def popularity(history: DataFrame, meta: DataFrame, since: Column | None = None) -> DataFrame:
@@ -173,3 +173,14 @@ def category_candidates(history: DataFrame, meta: DataFrame, ranking: DataFrame,
     touched = touched.select(C.USER_IDX, CAT).distinct()
     per_cat = _top_per_category(ranking.drop(PRIO, C.REC_SOURCE).withColumn(PRIO, F.lit(0)), depth)
     return touched.join(F.broadcast(per_cat), CAT).withColumn(C.REC_SOURCE, F.lit(C.SOURCE_CATEGORY_POPULAR))
+
+
+def recent_popularity(history: DataFrame, days: float) -> DataFrame:
+    """(item_idx, _blend): distinct users in the last `days` of history over the most popular item's count (0..1]."""
+    latest = history.agg(F.max(C.EVENT_TS)).first()[0]
+    if latest is None:
+        return history.sparkSession.createDataFrame([], f"{C.ITEM_IDX} int, {BLEND} double")
+    since = F.lit(latest) - F.expr(f"make_dt_interval(0, 0, 0, {days * 86400})")
+    counts = history.where(F.col(C.EVENT_TS) >= since).groupBy(C.ITEM_IDX).agg(F.countDistinct(C.USER_IDX).alias("_users"))
+    top = counts.agg(F.max("_users")).first()[0] or 1
+    return counts.select(C.ITEM_IDX, (F.col("_users") / F.lit(float(top))).alias(BLEND))

@@ -15,9 +15,9 @@ from sparkrec import columns as C
 from sparkrec.config import RecommendConfig, RulesConfig
 from sparkrec.errors import StageError
 from sparkrec.recommend.catalogue import allowed_by, default_meta, exclusions, history_lists, history_sizes
-from sparkrec.recommend.fallbacks import category_candidates, fallback_rankings, fill_lists
+from sparkrec.recommend.fallbacks import category_candidates, fallback_rankings, fill_lists, recent_popularity
 from sparkrec.recommend.names import BECAUSE_IDX, BECAUSE_NAME, BECAUSE_TYPE, CAT, EXCLUDED, HAVE, OWN_TYPE, REMINDERS, VERBS
-from sparkrec.recommend.scoring import candidate_matrix, score_top_n
+from sparkrec.recommend.scoring import candidate_matrix, score_top_n, with_blend_weight
 
 # The published table's columns before the run's stamp (model_version, run_id, generated_at).
 PUBLISHED_COLUMNS = (C.USER_ID, C.ITEM_ID, C.RANK, C.SCORE, C.REC_SOURCE, C.BECAUSE_ITEM_ID, C.EXPLANATION)
@@ -87,6 +87,10 @@ def recommend_all(
     warm = sizes.where(F.col("_n_items") >= cfg.min_history).select(C.USER_IDX)
     per_user_ex = excluded.groupBy(C.USER_IDX).agg(F.collect_list(C.ITEM_IDX).alias(EXCLUDED))
     queries = user_factors.select(C.USER_IDX, C.FEATURES).join(warm, C.USER_IDX).join(per_user_ex, C.USER_IDX, "left")
+    blend = None
+    if cfg.blend.weight > 0:  # a hybrid list: model score + weight x recent popularity, one exact top-k
+        blend = recent_popularity(history, cfg.blend.days)
+        queries = with_blend_weight(queries, cfg.blend.weight)
     if cfg.explain:
         queries = queries.join(history_lists(history), C.USER_IDX, "left")
     # Scored once and kept: the lists are read three times below, and the
@@ -94,7 +98,7 @@ def recommend_all(
     als = (
         score_top_n(
             queries,
-            candidate_matrix(item_factors, meta),
+            candidate_matrix(item_factors, meta, blend),
             n,
             cap=cap,
             max_items=cfg.max_broadcast_items,

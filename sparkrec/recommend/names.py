@@ -21,6 +21,8 @@ POS = "_pos"
 BECAUSE_IDX = "_because_idx"
 BECAUSE_TYPE = "_because_type"
 BECAUSE_NAME = "_because_name"
+# An item's additive score in a hybrid list (recent popularity, 0..1).
+BLEND = "_blend"
 # The user's own strongest event on the recommended item itself (-1: none): a reminder, not a discovery.
 OWN_TYPE = "_own_type"
 SCORED_SCHEMA = (

@@ -29,6 +29,7 @@ from sparkrec.recommend.names import (
     EXCLUDED,
     HIST,
     HIST_TYPE,
+    BLEND,
     OWN_TYPE,
     SCORED_SCHEMA,
 )
@@ -167,14 +168,27 @@ def _type_of(because: np.ndarray, rows: np.ndarray, hist: list[np.ndarray], type
     return np.where(found, kinds[rows, first], -1)
 
 
-def candidate_matrix(item_factors: DataFrame, meta: DataFrame) -> DataFrame:
-    """Allowed items with factors, each vector scaled by its boost."""
-    return (
-        item_factors.select(C.ITEM_IDX, C.FEATURES)
-        .join(meta.where(F.col(ALLOWED)).select(C.ITEM_IDX, CAT, BOOST), C.ITEM_IDX)
-        .select(
-            C.ITEM_IDX,
-            F.transform(C.FEATURES, lambda x: (x * F.col(BOOST)).cast("float")).alias(C.FEATURES),
-            CAT,
-        )
+def candidate_matrix(item_factors: DataFrame, meta: DataFrame, blend: DataFrame | None = None) -> DataFrame:
+    """Allowed items with factors, each vector scaled by its boost.
+
+    Args:
+        blend: (item_idx, _blend) per-item additive scores; each vector gets it as one more
+            component, which the queries' extra component (the blend weight) multiplies, so
+            the same inner-product top-k ranks model score + weight x blend exactly.
+    """
+    allowed = meta.where(F.col(ALLOWED)).select(C.ITEM_IDX, CAT, BOOST)
+    vectors = item_factors.select(C.ITEM_IDX, C.FEATURES).join(allowed, C.ITEM_IDX)
+    features = F.col(C.FEATURES)
+    if blend is not None:
+        vectors = vectors.join(blend, C.ITEM_IDX, "left")
+        features = F.concat(features, F.array(F.coalesce(F.col(BLEND), F.lit(0.0)).cast("float")))
+    return vectors.select(
+        C.ITEM_IDX,
+        F.transform(features, lambda x: (x * F.col(BOOST)).cast("float")).alias(C.FEATURES),
+        CAT,
     )
+
+
+def with_blend_weight(queries: DataFrame, weight: float) -> DataFrame:
+    """Queries with the blend weight as one more component (see `candidate_matrix`)."""
+    return queries.withColumn(C.FEATURES, F.concat(F.col(C.FEATURES), F.array(F.lit(float(weight)).cast("float"))))
