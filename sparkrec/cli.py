@@ -234,15 +234,16 @@ def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> in
         return 1
 
 
-def tuned_settings(best) -> str:
+def tuned_settings(tuned) -> str:
     """The tuning winner as `--set` overrides a person can paste into the next command."""
+    best = tuned.train
     a = best.als
     half_life = best.recency_half_life_days if best.recency_half_life_days is not None else "null"
     return (
         "best settings (use as overrides):\n"
         f"  --set train.als.rank={a.rank} --set train.als.reg_param={a.reg_param:.5g} --set train.als.alpha={a.alpha:.5g} "
         f"--set train.als.max_iter={a.max_iter} --set train.recency_half_life_days={half_life} "
-        f"--set 'train.event_weights={json.dumps(best.event_weights)}'"
+        f"--set 'train.event_weights={json.dumps(best.event_weights)}' --set recommend.blend.weight={tuned.blend_weight:g}"
     )
 
 

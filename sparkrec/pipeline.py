@@ -141,7 +141,7 @@ def run_train(ctx: RunContext, settings: TrainConfig | None = None) -> str:
         return model_version
 
 
-def run_recommend(ctx: RunContext, baseline: str | None = None) -> None:
+def run_recommend(ctx: RunContext, baseline: str | None = None, blend_weight: float | None = None) -> None:
     """Factors + history + rules -> `recommendations` and `similar_items`, each replaced atomically.
 
     Args:
@@ -149,7 +149,7 @@ def run_recommend(ctx: RunContext, baseline: str | None = None) -> None:
             read, every user is listed from the baseline ranking with the same rules, and no similar items are written.
     """
     cfg = ctx.cfg
-    r = cfg.recommend
+    r = cfg.recommend if blend_weight is None else tune.with_blend(cfg.recommend, blend_weight)
     with ctx.stage("recommend") as rec:
         inter, uids, iids = rec.read(C.INTERACTIONS), rec.read(C.USER_IDS), rec.read(C.ITEM_IDS)
         items = rec.read_optional(C.ITEMS)
@@ -202,14 +202,14 @@ def run_recommend(ctx: RunContext, baseline: str | None = None) -> None:
         rec.details["model_version"] = model_version
 
 
-def run_tune(ctx: RunContext, reuse: bool = False) -> TrainConfig:
+def run_tune(ctx: RunContext, reuse: bool = False) -> tune.Tuned:
     """Search ALS and feedback settings on a validation split of the training period.
 
     Args:
         reuse: take the winner of an earlier tuning of the same search younger than
             `tune.reuse_days` instead of searching (what `run` does; `sparkrec tune` always searches).
     Returns:
-        The winning settings; `run_stages` hands them to `evaluate` and `train`.
+        The winning settings; `run_stages` hands them to `evaluate`, `train` and `recommend`.
     """
     cfg = ctx.cfg
     key = gate.metric_key(cfg.evaluate)
@@ -218,12 +218,13 @@ def run_tune(ctx: RunContext, reuse: bool = False) -> TrainConfig:
         earlier = runs.reusable_tuning(ctx.spark, cfg, cfg.tune.reuse_days) if reuse and cfg.tune.reuse_days else None
         if earlier is not None:
             found = earlier["details"]
-            rec.details.update(reused_from=earlier["run_id"], best=found.get("best"), train=found["train"])
+            rec.details.update(reused_from=earlier["run_id"], best=found.get("best"), train=found["train"],
+                               blend_weight=found.get("blend_weight", 0.0))
             rec.metrics.update(earlier["metrics"])
             rec.rows_in = 0
             log.info("run %s: reusing the settings tuned by run %s (%s; tune.reuse_days=%g)", ctx.run_id,
                      earlier["run_id"], earlier["finished_at"], cfg.tune.reuse_days)
-            return TrainConfig.model_validate(found["train"])
+            return tune.Tuned(TrainConfig.model_validate(found["train"]), float(found.get("blend_weight", 0.0)))
         inter, uids, iids = rec.read(C.INTERACTIONS), rec.read(C.USER_IDS), rec.read(C.ITEM_IDS)
         training_period = protocol.split_of(inter, cfg.evaluate).train  # the test period is never seen
         with ctx.checkpoints():
@@ -231,14 +232,15 @@ def run_tune(ctx: RunContext, reuse: bool = False) -> TrainConfig:
         rec.details["trials"] = [{"trial": t.number, **t.params(), key: t.metric, "seconds": t.seconds} for t in trials]
         rec.details["best"] = {"trial": best.number, **best.params()}
         rec.details["train"] = best.train.model_dump(mode="json")
+        rec.details["blend_weight"] = best.blend_weight
         rec.metrics[f"validation.{key}"] = best.metric or 0.0
         rec.metrics["trials"] = len(trials)
         rec.rows_in = len(trials)
         log.info("run %s: tuning chose trial %d %s (validation %s %.4f)", ctx.run_id, best.number, best.params(), key, best.metric)
-        return best.train
+        return best.tuned
 
 
-def run_evaluate(ctx: RunContext, settings: TrainConfig | None = None) -> gate.Decision:
+def run_evaluate(ctx: RunContext, settings: TrainConfig | None = None, blend_weight: float | None = None) -> gate.Decision:
     """Fit on the training period, list the evaluated users' top k, judge model and baselines alike, and decide
     what the run publishes (`gate.decide`).
 
@@ -256,7 +258,8 @@ def run_evaluate(ctx: RunContext, settings: TrainConfig | None = None) -> gate.D
                 raise StageError(f"evaluate: the split ({proto.description}) has no evaluated users: "
                                  "no user with training history acted in the test period")
             with ctx.checkpoints():
-                lists = protocol.all_lists(proto, uids, iids, settings, cfg.recommend, ev)
+                rec_cfg = cfg.recommend if blend_weight is None else tune.with_blend(cfg.recommend, blend_weight)
+                lists = protocol.all_lists(proto, uids, iids, settings, rec_cfg, ev)
                 results = protocol.measure(lists, proto, ev, categories)
         finally:
             proto.release()
@@ -289,23 +292,23 @@ def run_evaluate(ctx: RunContext, settings: TrainConfig | None = None) -> gate.D
         return decision
 
 
-def run_command(ctx: RunContext, command: str) -> TrainConfig:
+def run_command(ctx: RunContext, command: str) -> tune.Tuned:
     """Run a CLI command's stages (`stages.COMMANDS`; for `run`, tune and evaluate when enabled).
 
     Returns:
-        The training settings the run ended with (the tuning winner when `tune` ran).
+        The settings the run ended with (the tuning winner when `tune` ran).
     """
     enabled = {"tune": ctx.cfg.tune.enabled, "evaluate": ctx.cfg.evaluate.enabled}
     return run_stages(ctx, stages.stages_of(command, enabled), reuse_tuning=command == "run")
 
 
-def run_stages(ctx: RunContext, names: Sequence[str] = stages.CORE, *, reuse_tuning: bool = False) -> TrainConfig:
+def run_stages(ctx: RunContext, names: Sequence[str] = stages.CORE, *, reuse_tuning: bool = False) -> tune.Tuned:
     """Run the named stages in order; a tuning winner is used by the stages after it.
 
     Args:
         reuse_tuning: let `tune` reuse a recent winner of the same search (`tune.reuse_days`).
     """
-    settings = ctx.cfg.train
+    settings = tune.Tuned(ctx.cfg.train, ctx.cfg.recommend.blend.weight)
     for name in names:
         if name == "ingest":
             run_ingest(ctx)
@@ -316,7 +319,7 @@ def run_stages(ctx: RunContext, names: Sequence[str] = stages.CORE, *, reuse_tun
         elif name == "tune":
             settings = run_tune(ctx, reuse=reuse_tuning)
         elif name == "evaluate":
-            decision = run_evaluate(ctx, settings)
+            decision = run_evaluate(ctx, settings.train, settings.blend_weight)
             if decision.publish == "baseline":
                 # The model lost on a warehouse that must not be left with nothing: the best baseline's
                 # lists, under the same rules, are published instead, and the run stops (no training).
@@ -326,9 +329,9 @@ def run_stages(ctx: RunContext, names: Sequence[str] = stages.CORE, *, reuse_tun
                     "(evaluate.gate.on_fail; `sparkrec runs` and the report show it)"
                 )
         elif name == "train":
-            run_train(ctx, settings)
+            run_train(ctx, settings.train)
         elif name == "recommend":
-            run_recommend(ctx)
+            run_recommend(ctx, blend_weight=settings.blend_weight)
         else:
             raise StageError(f"unknown stage {name!r}; stages are {', '.join(stages.PIPELINE)}")
     return settings

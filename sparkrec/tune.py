@@ -21,7 +21,7 @@ from pyspark.sql import functions as F
 
 from sparkrec import columns as C
 from sparkrec import evaluate, train
-from sparkrec.config import Config, TrainConfig, TuneConfig
+from sparkrec.config import Config, RecommendConfig, TrainConfig, TuneConfig
 from sparkrec.gate import metric_key
 from sparkrec.protocol import make_protocol, model_lists, split_of
 from sparkrec.errors import StageError
@@ -36,20 +36,34 @@ class Trial:
     train: TrainConfig
     metric: float | None = None
     seconds: float | None = None
+    blend_weight: float = 0.0
 
     def params(self) -> dict[str, object]:
         a = self.train.als
         return {
             "rank": a.rank, "reg_param": round(a.reg_param, 5), "alpha": round(a.alpha, 4), "max_iter": a.max_iter,
             "recency_half_life_days": self.train.recency_half_life_days, "event_weights": self.train.event_weights,
+            "blend_weight": self.blend_weight,
         }
+
+    @property
+    def tuned(self) -> Tuned:
+        return Tuned(self.train, self.blend_weight)
+
+
+@dataclass(frozen=True)
+class Tuned:
+    """A tuning's winner: what `evaluate`, `train` and `recommend` use after it."""
+
+    train: TrainConfig
+    blend_weight: float
 
 
 def _log_uniform(rng: random.Random, lo: float, hi: float) -> float:
     return math.exp(rng.uniform(math.log(lo), math.log(hi)))
 
 
-def sample_trials(tune: TuneConfig, base: TrainConfig) -> list[Trial]:
+def sample_trials(tune: TuneConfig, base: TrainConfig, base_blend: float = 0.0) -> list[Trial]:
     """The configured settings first (tuning never loses to them on validation), then seeded random ones.
 
     Trials come grouped by feedback construction, the configured one first.
@@ -72,7 +86,7 @@ def sample_trials(tune: TuneConfig, base: TrainConfig) -> list[Trial]:
         cand = (weights, half_life)
         if cand not in feedbacks and any(w > 0 for w in weights.values()):
             feedbacks.append(cand)
-    trials = [Trial(0, 0, base)]
+    trials = [Trial(0, 0, base, blend_weight=base_blend)]
     for i in range(1, tune.max_trials):
         fb = i % len(feedbacks)
         weights, half_life = feedbacks[fb]
@@ -84,7 +98,10 @@ def sample_trials(tune: TuneConfig, base: TrainConfig) -> list[Trial]:
                 "max_iter": rng.choice(space.max_iter),
             }
         )
-        trials.append(Trial(i, fb, base.model_copy(update={"event_weights": weights, "recency_half_life_days": half_life, "als": als})))
+        # Drawn only when there is a choice, so a space without blending replays the same trials as before.
+        blend = rng.choice(space.blend_weight) if len(space.blend_weight) > 1 else space.blend_weight[0]
+        settings = base.model_copy(update={"event_weights": weights, "recency_half_life_days": half_life, "als": als})
+        trials.append(Trial(i, fb, settings, blend_weight=float(blend)))
     return sorted(trials, key=lambda t: (t.feedback, t.number))
 
 
@@ -96,7 +113,7 @@ def run_trials(
     proto = make_protocol(split_of(interactions, ev), ev, user_ids, item_ids)
     if proto.n_users == 0:
         raise StageError(f"tuning: the validation split ({proto.description}) has no evaluated users; use a longer history or another evaluate.split")
-    trials = sample_trials(tune_cfg, cfg.train)
+    trials = sample_trials(tune_cfg, cfg.train, cfg.recommend.blend.weight)
     key = metric_key(ev)
     deadline = time.monotonic() + tune_cfg.max_minutes * 60
     reference = proto.train.agg(F.max(C.EVENT_TS)).first()[0]
@@ -114,7 +131,7 @@ def run_trials(
                 matrix.count()
                 current_fb = t.feedback
             t0 = time.monotonic()
-            lists = model_lists(proto, matrix, t.train, cfg.recommend, ev.k)
+            lists = model_lists(proto, matrix, t.train, with_blend(cfg.recommend, t.blend_weight), ev.k)
             t.metric = evaluate.ranking_metrics(lists, proto.relevant, [ev.k])[key]
             t.seconds = time.monotonic() - t0
             done.append(t)
@@ -127,3 +144,8 @@ def run_trials(
         proto.release()
     best = max(done, key=lambda x: (x.metric or 0.0, -x.number))
     return done, best
+
+
+def with_blend(rec: RecommendConfig, weight: float) -> RecommendConfig:
+    """The recommend settings with another blend weight (the tuned one)."""
+    return rec.model_copy(update={"blend": rec.blend.model_copy(update={"weight": weight})})

@@ -9,7 +9,7 @@ import pytest
 
 from sparkrec import columns as C
 from sparkrec import evaluate, recommend, tune
-from sparkrec.config import EvaluateConfig, TrainConfig, TuneConfig
+from sparkrec.config import EvaluateConfig, RecommendConfig, TrainConfig, TuneConfig
 
 T0 = datetime(2025, 1, 1)
 INTER = "user_id string, item_id string, event_type string, event_ts timestamp"
@@ -149,3 +149,15 @@ def test_trials_start_with_the_configured_settings_and_group_by_feedback():
 def test_k_must_be_one_of_ks():
     with pytest.raises(ValueError, match="must be one of"):
         EvaluateConfig(k=5, ks=[10, 20])
+
+
+def test_trials_deal_out_blend_weights_only_when_the_space_offers_a_choice():
+    base = TrainConfig()
+    plain = tune.sample_trials(TuneConfig(max_trials=6, seed=3), base)
+    assert {t.blend_weight for t in plain} == {0.0}
+    spaced = TuneConfig(max_trials=12, seed=3, space={"blend_weight": [0.0, 0.5, 1.0]})
+    blended = tune.sample_trials(spaced, base, base_blend=0.25)
+    assert next(t for t in blended if t.number == 0).blend_weight == 0.25  # the configured settings come first
+    assert {t.blend_weight for t in blended if t.number} <= {0.0, 0.5, 1.0}
+    assert len({t.blend_weight for t in blended}) >= 3
+    assert tune.with_blend(RecommendConfig(), 0.5).blend.weight == 0.5
