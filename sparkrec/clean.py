@@ -23,6 +23,7 @@ from pyspark.sql.types import DoubleType, NumericType, StringType, TimestampType
 
 from sparkrec import columns as C
 from sparkrec.config import CleanConfig, InputConfig, as_utc
+from sparkrec.errors import ConfigError
 from sparkrec.columns import LINEAGE_COLUMNS
 from sparkrec.ledger import DUPLICATED, KEPT, QUARANTINED
 
@@ -111,6 +112,24 @@ def event_time(df: DataFrame, src: InputConfig) -> tuple[Column, Column]:
     return ts, col.cast(StringType())
 
 
+def check_timestamp_format(spark, src: InputConfig) -> None:
+    """Ask Spark itself whether it can parse with `source.timestamp_format`, before any row is read.
+
+    The config check knows the pattern letters; Spark's own parser is the last word
+    (a pattern it refuses would otherwise fail mid-stage with a cross-version message).
+
+    Raises:
+        ConfigError: naming the key and Spark's reason.
+    """
+    if not src.timestamp_format:
+        return
+    try:
+        spark.range(1).select(F.try_to_timestamp(F.lit("2000-01-01 00:00:00"), F.lit(src.timestamp_format))).collect()
+    except Exception as exc:  # Spark raises an AnalysisException/SparkUpgradeException subclass
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ConfigError(f"config key 'source.timestamp_format': Spark cannot parse with {src.timestamp_format!r}: {reason}") from None
+
+
 def _event_type(df: DataFrame, src: InputConfig) -> tuple[Column, Column]:
     if src.kind == "transactions":
         invoice = F.trim(F.col(f"`{src.columns.invoice}`").cast("string"))
@@ -176,14 +195,15 @@ def normalize(raw: DataFrame, src: InputConfig) -> DataFrame:
     )
 
 
-def _invalid_id(col: Column, max_length: int) -> Column:
+def _invalid_id(col: Column, max_length: int, json_source: bool) -> Column:
     """An id no shop would issue: a JSON object or array (a nested field mapped as an id),
-    control characters or NUL, or longer than `clean.max_id_length`."""
-    return (
-        col.rlike(r"(?s)^\s*(\{.*\}|\[.*\])\s*$")
-        | col.rlike(r"[\x00-\x1F\x7F]")
-        | (F.length(col) > max_length)
-    )
+    control characters or NUL, or longer than `clean.max_id_length`; in a JSON source also
+    `true` / `false` (Spark's JSON reader gives a boolean as that text, indistinguishable
+    from the string, and no shop keys customers or products by it)."""
+    bad = col.rlike(r"(?s)^\s*(\{.*\}|\[.*\])\s*$") | col.rlike(r"[\x00-\x1F\x7F]") | (F.length(col) > max_length)
+    if json_source:
+        bad = bad | F.lower(col).isin("true", "false")
+    return bad
 
 
 def _not_finite(col: Column) -> Column:
@@ -201,9 +221,9 @@ def reject_rules(
     rules: list[tuple[str, Column]] = [
         (MALFORMED, F.col(C.CORRUPT_RECORD).isNotNull()),
         (MISSING_USER, F.col(C.USER_ID).isNull()),
-        (INVALID_USER, _invalid_id(F.col(C.USER_ID), clean.max_id_length)),
+        (INVALID_USER, _invalid_id(F.col(C.USER_ID), clean.max_id_length, src.format == "json")),
         (MISSING_ITEM, F.col(C.ITEM_ID).isNull()),
-        (INVALID_ITEM, _invalid_id(F.col(C.ITEM_ID), clean.max_id_length)),
+        (INVALID_ITEM, _invalid_id(F.col(C.ITEM_ID), clean.max_id_length, src.format == "json")),
     ]
     if src.kind == "transactions":
         rules.append((CANCELLATION, F.col(C.EVENT_TYPE) == C.CANCELLATION))

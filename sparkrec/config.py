@@ -47,10 +47,10 @@ _PYTHON_ONLY_REGEX = (
     ("(?#", "Java has no inline comments; remove the comment"),
 )
 
-# Spark's datetime pattern letters for parsing (Spark 3+; week-based letters Y w W u e c are
-# rejected by Spark when parsing), with the most repeats Spark accepts.
+# Spark's datetime pattern letters for parsing (Spark 3+ rejects the week-based letters Y w W u e c
+# and the quarter letters Q q when parsing), with the most repeats Spark accepts.
 _DATETIME_LETTERS = {
-    "G": 5, "y": 6, "D": 3, "M": 5, "L": 5, "d": 2, "Q": 5, "q": 5, "E": 4, "F": 1, "a": 1, "h": 2, "K": 2,
+    "G": 5, "y": 6, "D": 3, "M": 5, "L": 5, "d": 2, "E": 4, "F": 1, "a": 1, "h": 2, "K": 2,
     "k": 2, "H": 2, "m": 2, "s": 2, "S": 9, "V": 2, "z": 4, "O": 4, "X": 5, "x": 5, "Z": 5,
 }
 

@@ -28,6 +28,8 @@ def run_ingest(ctx: RunContext) -> None:
     """Raw input -> `events_raw` (insert-only by row key), item file -> `items`."""
     cfg = ctx.cfg
     with ctx.stage("ingest") as rec:
+        if cfg.interval.enabled:  # ingest parses event times only to select the interval
+            clean.check_timestamp_format(ctx.spark, cfg.source)
         raw = sources.read_source(ctx.spark, cfg.source)
         selected = ingest.of_interval(raw, cfg.source, cfg.interval)
         result = rec.merge_new_rows(
@@ -56,6 +58,7 @@ def run_clean(ctx: RunContext) -> ledger.Ledger:
     """
     cfg = ctx.cfg
     with ctx.stage("clean") as rec:
+        clean.check_timestamp_format(ctx.spark, cfg.source)
         raw = rec.read(C.EVENTS_RAW)
         # Persisted before bot detection, which reads it twice; the outcome on
         # top is a cheap broadcast join, recomputed by each write from the cache.
@@ -171,9 +174,8 @@ def run_recommend(ctx: RunContext, baseline: str | None = None, blend_weight: fl
                  F.lit(ctx.now).cast("timestamp").alias(C.GENERATED_AT)]
         try:
             recs = recommend.recommend_all(history, uf, itf, r, meta)
-            if baseline == "recent_popular":  # the trending fallback is that baseline: name it so
-                recs = recs.withColumn(C.REC_SOURCE, F.when(F.col(C.REC_SOURCE) == C.SOURCE_TRENDING, F.lit(baseline))
-                                       .otherwise(F.col(C.REC_SOURCE)))
+            if baseline is not None:
+                recs = recommend.named_as_baseline(recs, baseline)
             keyed = recommend.with_keys(recs, uids, meta, r.trending_days).select(*recommend.PUBLISHED_COLUMNS)
             if r.exploration_slots and items is not None:
                 pool = recommend.exploration_pool(items, history, iids, r.rules, r.max_exploration_items)

@@ -161,6 +161,7 @@ def test_a_naive_interval_is_read_as_utc():
         ("clean.non_product_items=['(?#note)POST']", "no inline comments"),
         ("source.timestamp_format=yyyy-MM-dd bogus QQQQQ", "config key 'source.timestamp_format': datetime pattern"),
         ("source.timestamp_format=yyyy-MM-dd HH:mm:ss.SSSSSSSSSS", "too many 'S' letters"),
+        ("source.timestamp_format=QQQ yyyy", "'Q' is not a pattern letter Spark can parse with"),
         ("source.timestamp_format=\"yyyy 'T\"", "unclosed quote"),
         ("clean.max_future_hours=1e12", "config key 'clean.max_future_hours'"),
         ("source.columns.user_id=user`id", "config key 'source.columns.user_id': column name 'user`id'"),

@@ -73,11 +73,13 @@ def test_ids_that_are_objects_arrays_control_characters_or_too_long_are_invalid(
         ("f", "u1", "i" * 1_000_000, "view", OK_TS, None, None, None),
         ("g", "Robert'); DROP TABLE users;--", "../../etc/passwd", "view", OK_TS, None, None, None),
         ("h", "ü-😀", "[i1", "view", OK_TS, None, None, None),
+        ("i", "true", "i1", "view", OK_TS, None, None, None),  # a JSON boolean reads as this text
+        ("j", "u1", "FALSE", "view", OK_TS, None, None, None),
     ]
     got = _reasons(clean.classify(raw_events(spark, rows), cfg.source, cfg.clean, NOW))
     assert got == {
         "a": "invalid_user_id", "b": "invalid_user_id", "c": "invalid_user_id", "d": "invalid_item_id",
-        "e": "invalid_user_id", "f": "invalid_item_id", "g": None, "h": None,
+        "e": "invalid_user_id", "f": "invalid_item_id", "g": None, "h": None, "i": "invalid_user_id", "j": "invalid_item_id",
     }
 
 
@@ -228,3 +230,15 @@ def test_the_terminal_shows_sparkrecs_own_lines_and_the_jvm_output_goes_to_a_fil
     assert lines and all(" sparkrec" in line for line in lines), "\n".join(lines)
     diverted = next(line for line in lines if "Spark's own output:" in line).split("Spark's own output: ")[1].split(" (-v")[0]
     assert "WARN" in open(diverted).read()  # what Spark printed is kept, not lost
+
+
+def test_spark_itself_is_asked_about_the_timestamp_format_before_a_row_is_read(spark):
+    """Item 10: a pattern Spark refuses failed mid-stage with a truncated cross-version message."""
+    from sparkrec.errors import ConfigError
+
+    clean.check_timestamp_format(spark, CFG.source.model_copy(update={"timestamp_format": "yyyy-MM-dd HH:mm:ss"}))
+    unchecked = CFG.source.model_copy(update={"timestamp_format": "QQQQQ yyyy"})  # past the config check, as a file could be
+    import pytest
+
+    with pytest.raises(ConfigError, match="config key 'source.timestamp_format': Spark cannot parse with 'QQQQQ yyyy'"):
+        clean.check_timestamp_format(spark, unchecked)

@@ -29,6 +29,7 @@ from sparkrec.recommend.lists import (
     explanation,
     list_lengths,
     model_version_of,
+    named_as_baseline,
     no_factors,
     recommend_all,
     with_exploration,
@@ -42,7 +43,7 @@ __all__ = [
     "BECAUSE_IDX", "BECAUSE_TYPE", "CAT", "EXCLUDED", "HIST", "HIST_TYPE", "PUBLISHED_COLUMNS",
     "allowed_by", "as_baseline", "candidate_matrix", "default_meta", "exclusions", "exploration_pool", "explanation",
     "fallback_rankings", "fill_lists", "history_lists", "history_sizes", "indexed_history", "item_meta",
-    "list_lengths", "model_version_of", "no_factors",
+    "list_lengths", "model_version_of", "named_as_baseline", "no_factors",
     "popular_lists", "popularity", "recommend_all", "score_top_n", "similar_items", "with_exploration",
     "with_item_keys", "with_keys",
 ]

@@ -50,6 +50,14 @@ def as_baseline(cfg: RecommendConfig, baseline: str, recent_days: float) -> Reco
                                   "min_history": 1})
 
 
+def named_as_baseline(recs: DataFrame, baseline: str) -> DataFrame:
+    """Rows of a published baseline say so: the trending fallback that builds `recent_popular` is named after it."""
+    if baseline != "recent_popular":
+        return recs
+    src = F.col(C.REC_SOURCE)
+    return recs.withColumn(C.REC_SOURCE, F.when(src == C.SOURCE_TRENDING, F.lit(baseline)).otherwise(src))
+
+
 def model_version_of(user_factors: DataFrame) -> str:
     """The model the factors came from (one row read). Raises StageError when there are none."""
     first = user_factors.select(C.MODEL_VERSION).first()
