@@ -90,7 +90,8 @@ class Cluster:
         Path(self.directory, STATE).unlink(missing_ok=True)
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Whether a process of this host runs (a zombie counts as gone); also used by the run registry."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -103,6 +104,9 @@ def _running(pid: int) -> bool:
             return fh.read().split()[2] != "Z"
     except OSError:
         return True
+
+
+_running = process_running
 
 
 def _kill_group(pid: int, sig: int) -> None:

@@ -42,6 +42,7 @@ from sparkrec import __version__
 from sparkrec import columns as C
 from sparkrec import tables
 from sparkrec.config import Config
+from sparkrec.devcluster import process_running
 from sparkrec.errors import StageError
 from sparkrec.gate import evaluation_line
 
@@ -264,16 +265,6 @@ def active_dir(cfg: Config) -> str:
     return f"{cfg.warehouse.rstrip('/')}/_runs_active"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def active_stages(spark: SparkSession, cfg: Config) -> list[dict]:
     """Stages started and not finished: each marker, with `dead` true when its process is gone (same host only)."""
     out = []
@@ -282,7 +273,7 @@ def active_stages(spark: SparkSession, cfg: Config) -> list[dict]:
             m = json.loads(text)
         except ValueError:
             continue
-        m["dead"] = m.get("host") == socket.gethostname() and not _alive(int(m.get("pid", 0)))
+        m["dead"] = m.get("host") == socket.gethostname() and not process_running(int(m.get("pid", 0)))
         m["file"] = f"{active_dir(cfg)}/{name}"
         out.append(m)
     return out
