@@ -161,3 +161,22 @@ def test_trials_deal_out_blend_weights_only_when_the_space_offers_a_choice():
     assert {t.blend_weight for t in blended if t.number} <= {0.0, 0.5, 1.0}
     assert len({t.blend_weight for t in blended}) >= 3
     assert tune.with_blend(RecommendConfig(), 0.5).blend.weight == 0.5
+
+
+def test_spark_metrics_equal_the_plain_reference_on_random_lists(spark):
+    """`evaluate.ranking_metrics` (Spark aggregates) against `metrics.ranking_metrics` (the written-out definitions)."""
+    import numpy as np
+
+    from sparkrec import metrics
+
+    rng = np.random.default_rng(11)
+    lists = {f"u{u}": [f"i{x}" for x in rng.permutation(30)[: int(rng.integers(0, 12))]] for u in range(25)}
+    relevant = {f"u{u}": {f"i{x}" for x in rng.choice(30, size=int(rng.integers(1, 6)), replace=False)} for u in range(25)}
+    recs = spark.createDataFrame([(u, i, r + 1) for u, items in lists.items() for r, i in enumerate(items)],
+                                 "user_id string, item_id string, rank int")
+    rel = spark.createDataFrame([(u, i) for u, items in relevant.items() for i in items], "user_id string, item_id string")
+    got = evaluate.ranking_metrics(recs, rel, [5, 10])
+    want = metrics.ranking_metrics(lists, relevant, [5, 10])
+    assert got.keys() >= want.keys()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, abs=1e-9), key

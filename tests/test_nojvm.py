@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from sparkrec import gate, ledger, stages
@@ -208,3 +209,40 @@ def test_a_losing_model_publishes_a_baseline_only_where_nothing_was_published_un
     assert gate.decide(v, results, False, "keep", published_before=True).publish == "model"  # gate off
     won = {"model": {"m": 0.2}, "popular": {"m": 0.04}}
     assert gate.decide(gate.verdict(won, "m", 0.1), won, True, "auto", False).publish == "model"
+
+
+# --------------------------------------------------------------------------- ranking metrics (the reference)
+
+
+def test_ranking_metrics_match_a_plain_computation():
+    """Each metric worked out by hand for a small case, then random lists against a direct numpy loop."""
+    import math
+
+    from sparkrec import metrics
+
+    got = metrics.ranking_metrics({"u": ["a", "x", "b", "y"]}, {"u": {"a", "b", "c"}}, [2, 4])
+    dcg4 = 1 / math.log2(2) + 1 / math.log2(4)
+    idcg4 = 1 / math.log2(2) + 1 / math.log2(3) + 1 / math.log2(4)
+    assert got["precision@4"] == pytest.approx(2 / 4) and got["recall@4"] == pytest.approx(2 / 3)
+    assert got["ndcg@4"] == pytest.approx(dcg4 / idcg4)
+    assert got["ndcg@2"] == pytest.approx(1 / (1 + 1 / math.log2(3)))
+    assert got["map@4"] == pytest.approx((1 / 1 + 2 / 3) / 3) and got["map@2"] == pytest.approx(1 / 2)
+    assert got["hit_rate@2"] == 1.0 and got["mrr@4"] == 1.0 and got["users"] == 1.0
+
+    rng = np.random.default_rng(7)
+    lists = {u: list(rng.permutation(50)[:10]) for u in range(40)}
+    relevant = {u: set(rng.choice(50, size=int(rng.integers(1, 8)), replace=False)) for u in range(40)}
+    got = metrics.ranking_metrics(lists, relevant, [5, 10])
+    for k in (5, 10):
+        hits = np.array([[x in relevant[u] for x in lists[u][:k]] for u in range(40)], dtype=float)
+        r = np.array([len(relevant[u]) for u in range(40)], dtype=float)
+        disc = 1 / np.log2(np.arange(2, k + 2))
+        idcg = np.array([disc[: int(min(n, k))].sum() for n in r])
+        first = np.array([np.argmax(h) + 1 if h.any() else np.inf for h in hits])
+        ap = np.array([(np.cumsum(h) / np.arange(1, k + 1) * h).sum() for h in hits]) / np.minimum(r, k)
+        assert got[f"precision@{k}"] == pytest.approx(hits.sum(1).mean() / k)
+        assert got[f"recall@{k}"] == pytest.approx((hits.sum(1) / r).mean())
+        assert got[f"ndcg@{k}"] == pytest.approx(((hits * disc).sum(1) / idcg).mean())
+        assert got[f"map@{k}"] == pytest.approx(ap.mean())
+        assert got[f"hit_rate@{k}"] == pytest.approx((hits.sum(1) > 0).mean())
+        assert got[f"mrr@{k}"] == pytest.approx((1 / first).mean())
