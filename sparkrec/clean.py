@@ -65,13 +65,17 @@ INTERACTION_COLUMNS = [
 _RAW_TS, _RAW_TYPE, _RAW_QTY, _RAW_PRICE, _RAW_RATING = "_ts_raw", "_type_raw", "_qty_raw", "_price_raw", "_rating_raw"
 # The item's name as the input line gave it (not an interactions column: it goes to `items`).
 _ITEM_NAME = "_item_name"
+ITEM_NAME_COLUMN = _ITEM_NAME
 
 
 # --------------------------------------------------------------------------- column helpers
 
 
 # Statistics only where a reader filters: time splits select on event_ts.
-INTERACTIONS_PROPERTIES = {"delta.dataSkippingStatsColumns": C.EVENT_TS}
+# The change feed lets `ids` read only the rows added since its last run.
+INTERACTIONS_PROPERTIES = {"delta.dataSkippingStatsColumns": C.EVENT_TS, "delta.enableChangeDataFeed": "true"}
+# Statistics on the run id let the incremental clean's MERGE read only the files of the batch it applies.
+QUARANTINE_PROPERTIES = {"delta.dataSkippingStatsColumns": f"{C.RUN_ID},{C.RAW_KEY},{C.REASON}"}
 
 def clean_id(col: Column, is_numeric: bool) -> Column:
     """Trimmed string id; blank becomes null; 13085.0 read from a float column becomes '13085'."""
@@ -257,6 +261,18 @@ def with_reject_reason(df: DataFrame, rules: list[tuple[str, Column]]) -> DataFr
     return df.withColumn(C.REASON, F.coalesce(*[F.when(cond, F.lit(code)) for code, cond in rules], F.lit(None).cast("string")))
 
 
+def dedup_group() -> Column:
+    """The set a row competes in for survival: its event id when it has one, else its content.
+
+    Exact copies share their event id, so one group holds both a row's copies
+    and its replays. The incremental clean keeps one survivor per group
+    (`survivors_of`) and compares newcomers with it.
+    """
+    return F.when(F.col(C.EVENT_ID).isNotNull(), F.concat(F.lit("e:"), F.col(C.EVENT_ID))).otherwise(
+        F.concat(F.lit("h:"), F.col(C.ROW_HASH))
+    )
+
+
 def with_duplicate_flag(df: DataFrame) -> DataFrame:
     """Flag exact duplicates and replays among rows that passed the rules.
 
@@ -273,11 +289,7 @@ def with_duplicate_flag(df: DataFrame) -> DataFrame:
     first one's partitioning, so Spark sorts again but does not shuffle again.
     """
     ok = F.col(C.REASON).isNull()
-    group = (
-        F.when(ok & F.col(C.EVENT_ID).isNotNull(), F.concat(F.lit("e:"), F.col(C.EVENT_ID)))
-        .when(ok, F.concat(F.lit("h:"), F.col(C.ROW_HASH)))
-        .otherwise(F.concat(F.lit("x:"), F.col(C.RAW_KEY)))
-    )
+    group = F.when(ok, dedup_group()).otherwise(F.concat(F.lit("x:"), F.col(C.RAW_KEY)))
     first_w = Window.partitionBy("_dup_group").orderBy(C.EVENT_TS, C.RAW_KEY)
     copy_w = Window.partitionBy("_dup_group", C.ROW_HASH).orderBy(C.RAW_KEY)
     return (
@@ -359,6 +371,48 @@ def finish(deduped: DataFrame, clean: CleanConfig) -> DataFrame:
 def classify(raw: DataFrame, src: InputConfig, clean: CleanConfig, now: datetime) -> DataFrame:
     """The whole cleaning chain: raw rows in, every row with its outcome out."""
     return finish(deduplicated(raw, src, clean, now), clean)
+
+
+def alive(df: DataFrame) -> Column:
+    """Passed the rules (or failed only the bot rule, which comes after) and is not a duplicate."""
+    return (F.col(C.REASON).isNull() | (F.col(C.REASON) == BOT_USER)) & F.col(DUPLICATE).isNull()
+
+
+def survivors_of(classified: DataFrame) -> DataFrame:
+    """One row per dedup group: the row that won it (kept, or quarantined only as a bot's).
+
+    The incremental clean's memory of what it kept: a newcomer of the same
+    group is a duplicate unless it wins the tie-break, and then it replaces this row.
+    """
+    return classified.where(alive(classified)).select(*survivor_columns())
+
+
+def survivor_columns() -> list[Column]:
+    return [
+        dedup_group().alias(C.DEDUP_GROUP),
+        F.col(C.EVENT_TS),
+        F.col(C.RAW_KEY),
+        F.col(C.USER_ID),
+        F.to_date(C.EVENT_TS).alias(C.DAY),
+        F.xxhash64(C.ROW_HASH).alias(C.HASH_CODE),
+    ]
+
+
+def user_days_of(survivors: DataFrame) -> DataFrame:
+    """(user_id, day, events): the surviving events per user and day that the bot rule counts."""
+    return survivors.groupBy(C.USER_ID, C.DAY).agg(F.count(F.lit(1)).alias(C.EVENTS))
+
+
+def bot_flags(user_days: DataFrame, clean: CleanConfig) -> DataFrame:
+    """(user_id, bot): the bot rule of `bot_users`, judged from the per-day counts."""
+    limits = clean.bots
+    per_user = user_days.groupBy(C.USER_ID).agg(F.sum(C.EVENTS).alias("_total"), F.max(C.EVENTS).alias("_max_day"))
+    cond = F.lit(False)
+    if limits.max_events_per_user is not None:
+        cond = cond | (F.col("_total") > limits.max_events_per_user)
+    if limits.max_events_per_user_day is not None:
+        cond = cond | (F.col("_max_day") > limits.max_events_per_user_day)
+    return per_user.select(C.USER_ID, cond.alias("bot"))
 
 
 def interactions_of(classified: DataFrame) -> DataFrame:

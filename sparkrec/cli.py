@@ -87,7 +87,14 @@ def _parser() -> argparse.ArgumentParser:
         ("tune", "search ALS and feedback settings on a validation split; prints the winner"),
         ("run", "all stages in order (tune and evaluate when enabled), then a summary"),
     ):
-        with_config(sub.add_parser(name, help=text))
+        stage_parser = sub.add_parser(name, help=text)
+        with_config(stage_parser)
+        if name in ("clean", "run"):
+            stage_parser.add_argument(
+                "--full", action="store_true",
+                help="reclassify all of events_raw instead of only the rows no clean has seen (after a change of rules; "
+                "same as --set clean.full=true)",
+            )
     runs = sub.add_parser("runs", help="list recent runs")
     with_config(runs)
     runs.add_argument("--limit", type=_positive_int, default=10, help="runs to list (default 10)")
@@ -177,7 +184,8 @@ def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> in
             )
             return 0
 
-        cfg = load_config(args.config, args.overrides)
+        overrides = [*args.overrides, *(["clean.full=true"] if getattr(args, "full", False) else [])]
+        cfg = load_config(args.config, overrides)
         check_warehouse(cfg)
         if args.command in ("ingest", "run"):
             check_input_paths(cfg)

@@ -82,6 +82,13 @@ ITEM_FACTORS = "item_factors"
 RECOMMENDATIONS = "recommendations"
 SIMILAR_ITEMS = "similar_items"
 RUNS = "runs"
+# The maintained user-item feedback table (`train` builds its matrix from it) and the
+# state the incremental clean keeps so that a day's run reads only the day's rows.
+WEIGHTS = "user_item_weights"
+CLEAN_STATE = "clean_state"
+CLEAN_SURVIVORS = "clean_survivors"
+CLEAN_USER_DAYS = "clean_user_days"
+CLEAN_ITEM_LATEST = "clean_item_latest"
 TABLES = (
     EVENTS_RAW,
     INTERACTIONS,
@@ -93,5 +100,20 @@ TABLES = (
     ITEM_FACTORS,
     RECOMMENDATIONS,
     SIMILAR_ITEMS,
+    WEIGHTS,
+    CLEAN_STATE,
+    CLEAN_SURVIVORS,
+    CLEAN_USER_DAYS,
+    CLEAN_ITEM_LATEST,
     RUNS,
 )
+
+# Columns of the weight table and the clean state.
+EVENTS = "events"
+VALUE = "value"
+LOG2_DECAYED = "log2_decayed"
+DEDUP_GROUP = "dedup_group"
+DAY = "day"
+HASH_CODE = "hash_code"
+# On a change set applied by MERGE (`tables.upsert`, `tables.apply_changes`): true = delete the row with this key.
+DROP_FLAG = "_op_drop"

@@ -244,6 +244,12 @@ class CleanConfig(_Strict):
     rating_min: float = 1.0
     rating_max: float = 5.0
     bots: BotsConfig = BotsConfig()
+    full: bool = Field(
+        default=False,
+        description="Reclassify all of events_raw every run (`clean --full`). Off: each run classifies only the rows "
+        "no clean has seen, with tables equal to a full recompute; a change of the rules (source or clean settings) "
+        "makes the next run full by itself.",
+    )
 
     @field_validator("non_product_items")
     @classmethod
@@ -544,6 +550,18 @@ class Config(_Strict):
             "evaluate": self.evaluate.model_dump(mode="json", exclude={"enabled", "gate"}),
             "train": self.train.model_dump(mode="json"),
             "recommend": self.recommend.model_dump(mode="json"),
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+    def rules_key(self) -> str:
+        """What a row's classification depends on: the input mapping and the clean rules.
+
+        The incremental clean keeps earlier rows' outcomes; when this key
+        changes they would no longer be what the rules say, so it recomputes.
+        """
+        parts = {
+            "source": self.source.model_dump(mode="json", exclude={"path"}),
+            "clean": self.clean.model_dump(mode="json", exclude={"full", "min_kept_ratio"}),
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -22,6 +22,10 @@ RAW_TABLE_PROPERTIES = {
     "delta.minWriterVersion": "5",
     "delta.dataSkippingNumIndexedCols": "0",
 }
+# Clean reads only the rows inserted since its last run from the change feed. Set by a commit of
+# its own after the table exists: Delta refuses a write that turns on column mapping and the
+# change feed at once (DELTA_BLOCK_COLUMN_MAPPING_AND_CDC_OPERATION).
+CHANGE_FEED = {"delta.enableChangeDataFeed": "true"}
 
 
 def data_columns(df: DataFrame) -> list[str]:

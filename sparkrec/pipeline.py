@@ -9,13 +9,14 @@ of each step lives in its module (`ingest`, `clean`, `ids`, `train`,
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 
 from pyspark import StorageLevel
 from pyspark.sql import functions as F
 
-from sparkrec import clean, gate, ids, ingest, ledger, protocol, recommend, runs, sources, stages, tables, train, tune
+from sparkrec import clean, gate, ids, incremental, ingest, ledger, protocol, recommend, runs, sources, stages, tables, train, tune
 from sparkrec import columns as C
 from sparkrec.config import TrainConfig
 from sparkrec.errors import BaselinePublished, GateError, StageError
@@ -36,6 +37,8 @@ def run_ingest(ctx: RunContext) -> None:
             ingest.with_lineage(selected, ctx.run_id), C.EVENTS_RAW, on=[C.RAW_KEY],
             properties=ingest.RAW_TABLE_PROPERTIES, evolve_schema=True,
         )
+        if tables.ensure_properties(ctx.spark, cfg, C.EVENTS_RAW, ingest.CHANGE_FEED):
+            rec.outputs[cfg.table_name(C.EVENTS_RAW)] = tables.current_version(ctx.spark, cfg.table_path(C.EVENTS_RAW))
         # Delta counted the source while writing; count again only when nothing was committed.
         in_scope = result.source_rows if result.source_rows is not None else selected.count()
         rec.rows_in = raw.count() if cfg.interval.enabled else in_scope
@@ -51,31 +54,50 @@ def run_ingest(ctx: RunContext) -> None:
 
 
 def run_clean(ctx: RunContext) -> ledger.Ledger:
-    """`events_raw` -> `interactions` + `quarantine`, with an exact ledger.
+    """`events_raw` -> `interactions` + `quarantine` (+ `user_item_weights`), with an exact ledger.
 
-    The whole raw table is reclassified each run and both outputs replaced,
-    so a re-run on the same input gives the same tables.
+    Incremental by default: only the rows of events_raw no clean has classified
+    are read (Delta's change data feed from the version `clean_state` records),
+    and the tables are changed by MERGE to what a full recompute would give.
+    A full clean (first run, `--full`, a change of rules) reclassifies
+    everything and replaces the tables. The ledger counts the rows this run
+    classified: rows in = kept + quarantined + duplicates.
     """
     cfg = ctx.cfg
     with ctx.stage("clean") as rec:
         clean.check_timestamp_format(ctx.spark, cfg.source)
-        raw = rec.read(C.EVENTS_RAW)
-        # Persisted before bot detection, which reads it twice; the outcome on
-        # top is a cheap broadcast join, recomputed by each write from the cache.
-        deduped = clean.deduplicated(raw, cfg.source, cfg.clean, ctx.now).persist(StorageLevel.MEMORY_AND_DISK)
-        classified = clean.finish(deduped, cfg.clean)
-        try:
-            tally = ledger.tally(raw.count(), clean.ledger_rows(clean.ledger(classified).collect()))
-            ledger.guard(tally, runs.previous_kept_share(ctx.spark, cfg), cfg.clean.min_kept_ratio,
-                         cfg.table_name(C.INTERACTIONS))
-            kept = clean.interactions_of(classified)
-            rec.overwrite(kept, C.INTERACTIONS, properties=clean.INTERACTIONS_PROPERTIES)
-            rec.overwrite(clean.quarantine_of(classified, ctx.run_id), C.QUARANTINE)
-            if cfg.items.path is None:  # no item file: derive items from what was kept, still cached
-                rec.overwrite(clean.items_from_interactions(clean.kept_with_names(classified)), C.ITEMS)
-        finally:
-            deduped.unpersist()
-        ledger.check(tally, rec.rows_written(C.INTERACTIONS), rec.rows_written(C.QUARANTINE))
+        tables.ensure_properties(ctx.spark, cfg, C.EVENTS_RAW, ingest.CHANGE_FEED)
+        tables.ensure_properties(ctx.spark, cfg, C.INTERACTIONS, ingest.CHANGE_FEED)
+        raw_version = tables.read_required(ctx.spark, cfg, C.EVENTS_RAW).version
+        state_df = rec.read_optional(C.CLEAN_STATE)
+        first = state_df.first() if state_df is not None else None
+        state = incremental.CleanState.of_row(first) if first is not None else None
+        h = cfg.train.recency_half_life_days
+        operations = None
+        if (state is not None and state.done_version is not None and state.pending_version is None
+                and not state.full_pending and raw_version > state.done_version and not cfg.clean.full):
+            operations = tables.operations_between(ctx.spark, cfg, C.EVENTS_RAW, state.done_version, raw_version)
+        plan = incremental.plan(state, raw_version, cfg.clean.full, cfg.rules_key(), h, operations)
+        if plan.mode == "incremental":
+            try:
+                new_rows = rec.read_inserts(C.EVENTS_RAW, plan.after_version, plan.to_version)
+            except StageError as exc:
+                log.warning("run %s: %s; classifying all of events_raw instead", ctx.run_id, exc)
+                plan = incremental.Plan("full", f"the change feed does not cover the new versions ({exc})", None, raw_version)
+        rec.details["mode"] = plan.mode
+        rec.details["why"] = plan.reason
+        log.info("run %s: clean is %s: %s", ctx.run_id, plan.mode, plan.reason)
+        if plan.mode == "full":
+            tally = _clean_full(ctx, rec, state, plan.to_version)
+        elif plan.mode == "none":
+            tally = ledger.Ledger(0, 0, 0, 0)
+            rec.details["read_versions"] = []
+        else:
+            if plan.mode == "incremental":
+                tally = _clean_batch(ctx, rec, new_rows, plan)
+            else:
+                tally = ledger.Ledger(**json.loads(state.pending_ledger)) if state and state.pending_ledger else ledger.Ledger(0, 0, 0, 0)
+            _apply_batch(ctx, rec, plan, state.pending_run if plan.mode == "resume" and state else ctx.run_id)
         rec.rows_in, rec.rows_out = tally.rows_in, tally.kept
         rec.rows_quarantined, rec.rows_duplicate = tally.quarantined, tally.duplicates
         rec.details.update(reasons=tally.reasons, duplicates=tally.duplicate_kinds)
@@ -87,10 +109,198 @@ def run_clean(ctx: RunContext) -> ledger.Ledger:
         return tally
 
 
+def _write_state(ctx: RunContext, rec, state: incremental.CleanState) -> None:
+    df = ctx.spark.createDataFrame([state.row(ctx.run_id, ctx.now)], incremental.STATE_SCHEMA)
+    rec.overwrite(df.coalesce(1), C.CLEAN_STATE)
+
+
+def _clean_full(ctx: RunContext, rec, state: incremental.CleanState | None, raw_version: int) -> ledger.Ledger:
+    """Reclassify all of events_raw and replace every table of the clean, its state included."""
+    cfg = ctx.cfg
+    h = cfg.train.recency_half_life_days
+    base = state or incremental.CleanState()
+    _write_state(ctx, rec, incremental.CleanState(**{**base.__dict__, "full_pending": True, "pending_from": None,
+                                                     "pending_version": None, "pending_run": None, "pending_ledger": None}))
+    raw = rec.read_at(C.EVENTS_RAW, raw_version)
+    rec.details["read_versions"] = [0, raw_version]
+    # Persisted before bot detection, which reads it twice; the outcome on
+    # top is a cheap broadcast join, recomputed by each write from the cache.
+    deduped = clean.deduplicated(raw, cfg.source, cfg.clean, ctx.now).persist(StorageLevel.MEMORY_AND_DISK)
+    classified = clean.finish(deduped, cfg.clean)
+    try:
+        tally = ledger.tally(raw.count(), clean.ledger_rows(clean.ledger(classified).collect()))
+        ledger.guard(tally, runs.previous_kept_share(ctx.spark, cfg), cfg.clean.min_kept_ratio,
+                     cfg.table_name(C.INTERACTIONS))
+        kept = clean.interactions_of(classified)
+        rec.overwrite(kept, C.INTERACTIONS, properties=clean.INTERACTIONS_PROPERTIES)
+        written_kept = rec.rows_written(C.INTERACTIONS)
+        rec.overwrite(clean.quarantine_of(classified, ctx.run_id), C.QUARANTINE, properties=clean.QUARANTINE_PROPERTIES)
+        written_quarantined = rec.rows_written(C.QUARANTINE)
+        survivors = clean.survivors_of(classified)
+        rec.overwrite(survivors, C.CLEAN_SURVIVORS)
+        rec.overwrite(clean.user_days_of(rec.read_output(C.CLEAN_SURVIVORS)), C.CLEAN_USER_DAYS)
+        rec.overwrite(train.weight_sums(rec.read_output(C.INTERACTIONS), h), C.WEIGHTS)
+        if cfg.items.path is None:  # no item file: derive items from what was kept, still cached
+            rec.overwrite(incremental.item_latest_of(clean.kept_with_names(classified)), C.CLEAN_ITEM_LATEST)
+            rec.overwrite(incremental.items_of_latest(rec.read_output(C.CLEAN_ITEM_LATEST)), C.ITEMS)
+    finally:
+        deduped.unpersist()
+    ledger.check(tally, written_kept, written_quarantined)
+    _write_state(ctx, rec, incremental.CleanState(done_version=raw_version, half_life_days=h, rules=cfg.rules_key()))
+    return tally
+
+
+_WORK = "clean"  # the saved batch: _work/clean/<part>
+
+
+def _clean_batch(ctx: RunContext, rec, new_rows, plan: incremental.Plan) -> ledger.Ledger:
+    """Classify the new rows against the clean's state and save every table's changes (not applied yet)."""
+    cfg, spark = ctx.cfg, ctx.spark
+    h = cfg.train.recency_half_life_days
+    rec.details["read_versions"] = [plan.after_version + 1, plan.to_version]
+    survivors = rec.read_optional(C.CLEAN_SURVIVORS)
+    # Judged once and kept: the demoted rows, the bot counts and the outcomes all read it.
+    judged = incremental.judge_batch(new_rows, survivors, cfg.source, cfg.clean, ctx.now).persist(StorageLevel.MEMORY_AND_DISK)
+    batch = incremental.finish_batch(judged, rec.read_optional(C.CLEAN_USER_DAYS), cfg.clean)
+    rows = batch.rows.persist(StorageLevel.MEMORY_AND_DISK)
+    demoted = batch.demoted.localCheckpoint()
+    try:
+        tally = ledger.tally(rows.count(), clean.ledger_rows(clean.ledger(rows).collect()))
+        ledger.guard(tally, runs.previous_kept_share(spark, cfg), cfg.clean.min_kept_ratio, cfg.table_name(C.INTERACTIONS))
+        # Users whose bot verdict changed: their earlier surviving rows move between the two tables.
+        flips = incremental.flipped(batch.flags).localCheckpoint()
+        moved = None
+        if survivors is not None and flips.count():
+            moves = incremental.earlier_rows_of(survivors, flips, demoted)
+            raw_all = rec.read_at(C.EVENTS_RAW, plan.to_version)
+            moved = incremental.reclassified(raw_all, moves, cfg.source).localCheckpoint()
+        columns = clean.INTERACTION_COLUMNS + [clean.ITEM_NAME_COLUMN]
+        adds = incremental.kept(rows).select(*columns)
+        q_adds = incremental.quarantined(rows)
+        demoted_human = demoted.where(~F.coalesce(F.col("was_bot"), F.lit(False)))
+        drops_kept = None
+        if demoted_human.count():
+            inter = rec.read(C.INTERACTIONS)
+            lo, hi = demoted_human.agg(F.min(C.EVENT_TS), F.max(C.EVENT_TS)).first()
+            drops_kept = (inter.where(F.col(C.EVENT_TS).between(lo, hi))
+                          .join(demoted_human.select(C.RAW_KEY), C.RAW_KEY, "left_semi").select(*clean.INTERACTION_COLUMNS))
+        q_drops = demoted.where(F.coalesce(F.col("was_bot"), F.lit(False))).select(C.RAW_KEY)
+        if moved is not None:
+            moved_in = moved.where(~F.col("bot_after"))
+            moved_out = moved.where(F.col("bot_after"))
+            adds = adds.unionByName(moved_in.select(*columns))
+            q_adds = q_adds.unionByName(moved_out, allowMissingColumns=True)
+            q_drops = q_drops.unionByName(moved_in.select(C.RAW_KEY))
+            out_rows = moved_out.select(*clean.INTERACTION_COLUMNS)
+            drops_kept = out_rows if drops_kept is None else drops_kept.unionByName(out_rows)
+        if drops_kept is None:
+            drops_kept = adds.limit(0).select(*clean.INTERACTION_COLUMNS)
+        drops_kept = drops_kept.localCheckpoint()
+        adds = adds.localCheckpoint()
+        inter_changes = incremental.interaction_changes(adds, drops_kept)
+        quarantine = clean.quarantine_of(q_adds.withColumn(clean.OUTCOME, F.lit(ledger.QUARANTINED)), ctx.run_id)
+        q_changes = quarantine.withColumn(C.DROP_FLAG, F.lit(False)).unionByName(
+            q_drops.select(C.RAW_KEY, F.lit(True).alias(C.DROP_FLAG)), allowMissingColumns=True)
+        weights = train.combined_weights(rec.read_optional(C.WEIGHTS), train.weight_sums(adds, h), train.weight_sums(drops_kept, h))
+        saved = {
+            "interactions": inter_changes,
+            "quarantine": q_changes,
+            "survivors": incremental.new_survivors(rows).withColumn(C.DROP_FLAG, F.lit(False)),
+            "user_days": batch.user_days.withColumn(C.DROP_FLAG, F.col(C.EVENTS) <= 0),
+            "weights": weights.withColumn(C.DROP_FLAG, F.col(C.EVENTS) <= 0),
+        }
+        if cfg.items.path is None:
+            saved["item_latest"] = _item_changes(ctx, rec, adds, drops_kept, plan).withColumn(C.DROP_FLAG, F.col(C.EVENTS) <= 0)
+        for part, df in saved.items():
+            tables.write_scratch(df, cfg, f"{_WORK}/{part}")
+        expected = {"adds": adds.count(), "drops": drops_kept.count(), "demoted": demoted.count(),
+                    "moved": 0 if moved is None else moved.count()}
+        rec.details["changes"] = expected
+    finally:
+        rows.unpersist()
+        judged.unpersist()
+    state = incremental.CleanState(
+        done_version=plan.after_version, pending_from=plan.after_version, pending_version=plan.to_version,
+        pending_run=ctx.run_id, pending_ledger=json.dumps({**tally.as_dict(), "reasons": tally.reasons,
+                                                          "duplicate_kinds": tally.duplicate_kinds}),
+        half_life_days=h, rules=cfg.rules_key(),
+    )
+    _write_state(ctx, rec, state)
+    return tally
+
+
+def _item_changes(ctx: RunContext, rec, adds, drops, plan: incremental.Plan):
+    """`clean_item_latest` rows for the items a batch touched. An item whose newest price or name came from a
+    row that left `interactions` is recomputed from its remaining rows (their names from events_raw): rare,
+    as it takes a demoted or moved row that was the item's newest."""
+    merged = incremental.merged_item_latest(
+        rec.read_optional(C.CLEAN_ITEM_LATEST), incremental.item_latest_of(adds), drops.select(C.ITEM_ID, C.RAW_KEY)
+    ).localCheckpoint()
+    stale = merged.where(F.col(incremental.STALE) & (F.col(C.EVENTS) > 0)).select(C.ITEM_ID).localCheckpoint()
+    merged = merged.drop(incremental.STALE)
+    if not stale.count():
+        return merged
+    remaining = (
+        rec.read(C.INTERACTIONS).join(F.broadcast(stale), C.ITEM_ID, "left_semi")
+        .join(drops.select(C.RAW_KEY), C.RAW_KEY, "left_anti").select(*clean.INTERACTION_COLUMNS)
+    )
+    named = (
+        clean.normalize(rec.read_at(C.EVENTS_RAW, plan.to_version).join(remaining.select(C.RAW_KEY), C.RAW_KEY, "left_semi"), ctx.cfg.source)
+        .select(C.RAW_KEY, clean.ITEM_NAME_COLUMN)
+    )
+    rows = remaining.join(named, C.RAW_KEY, "left").unionByName(adds.join(F.broadcast(stale), C.ITEM_ID, "left_semi"))
+    redone = incremental.item_latest_of(rows)
+    return merged.join(stale, C.ITEM_ID, "left_anti").unionByName(redone)
+
+
+def _apply_batch(ctx: RunContext, rec, plan: incremental.Plan, batch_run: str) -> None:
+    """Apply a saved batch to every table (each a MERGE of absolute rows: applying again changes nothing),
+    then move `clean_state` past it. A crash in between is finished by the next clean."""
+    cfg, spark = ctx.cfg, ctx.spark
+    work = {part: tables.read_scratch(spark, cfg, f"{_WORK}/{part}") for part in
+            ("interactions", "quarantine", "survivors", "user_days", "weights")}
+    inter = work["interactions"]
+    lo, hi = inter.agg(F.min(C.EVENT_TS), F.max(C.EVENT_TS)).first()
+    if lo is not None:
+        window = F.col(f"t.{C.EVENT_TS}").between(F.lit(lo), F.lit(hi))
+        result, deleted = rec.apply_changes(inter, C.INTERACTIONS, [C.RAW_KEY], target_where=window,
+                                            properties=clean.INTERACTIONS_PROPERTIES)
+        rec.details["interactions_changed"] = {"inserted": result.inserted, "deleted": deleted}
+    q = work["quarantine"]
+    if q.where(F.col(C.DROP_FLAG)).limit(1).count():
+        result, deleted = rec.apply_changes(q, C.QUARANTINE, [C.RAW_KEY], properties=clean.QUARANTINE_PROPERTIES)
+    else:  # only this batch's rows: Delta reads only the files of the run that classified them
+        result, deleted = rec.apply_changes(q, C.QUARANTINE, [C.RAW_KEY], target_where=F.col(f"t.{C.RUN_ID}") == batch_run,
+                                            properties=clean.QUARANTINE_PROPERTIES)
+    rec.details["quarantine_changed"] = {"inserted": result.inserted, "deleted": deleted}
+    rec.upsert(work["survivors"], C.CLEAN_SURVIVORS, [C.DEDUP_GROUP])
+    rec.upsert(work["user_days"], C.CLEAN_USER_DAYS, [C.USER_ID, C.DAY])
+    rec.upsert(work["weights"], C.WEIGHTS, [C.USER_ID, C.ITEM_ID, C.EVENT_TYPE])
+    if cfg.items.path is None:
+        rec.upsert(tables.read_scratch(spark, cfg, f"{_WORK}/item_latest"), C.CLEAN_ITEM_LATEST, [C.ITEM_ID])
+        rec.overwrite(incremental.items_of_latest(rec.read_output(C.CLEAN_ITEM_LATEST)), C.ITEMS)
+    _write_state(ctx, rec, incremental.CleanState(done_version=plan.to_version, half_life_days=cfg.train.recency_half_life_days,
+                                                  rules=cfg.rules_key()))
+
+
 def run_ids(ctx: RunContext) -> None:
     """Extend `user_ids` and `item_ids` with the keys seen for the first time."""
+    cfg = ctx.cfg
     with ctx.stage("ids") as rec:
-        inter = rec.read(C.INTERACTIONS)
+        current = tables.read_required(ctx.spark, cfg, C.INTERACTIONS).version
+        last = runs.last_input_version(ctx.spark, cfg, "ids", C.INTERACTIONS)
+        have_ids = all(tables.table_exists(ctx.spark, cfg.table_path(t)) for t in (C.USER_IDS, C.ITEM_IDS))
+        inter = None
+        if have_ids and last is not None and last <= current:
+            try:  # only the keys of rows added since the last ids run can be new
+                inter = rec.read_inserts(C.INTERACTIONS, last, current) if last < current else rec.read_at(C.INTERACTIONS, current).limit(0)
+                rec.details["read_versions"] = [last + 1, current]
+            except StageError as exc:
+                log.info("run %s: ids reads all of interactions: %s", ctx.run_id, exc)
+        if inter is None:
+            inter = rec.read_at(C.INTERACTIONS, current)
+            rec.details["read_versions"] = [0, current]
+        inter = inter.select(C.USER_ID, C.ITEM_ID)
         new_total = 0
         for key_col, idx_col, table in ((C.USER_ID, C.USER_IDX, C.USER_IDS), (C.ITEM_ID, C.ITEM_IDX, C.ITEM_IDS)):
             existing = rec.read_optional(table)
@@ -116,10 +326,17 @@ def run_train(ctx: RunContext, settings: TrainConfig | None = None) -> str:
     with ctx.stage("train") as rec:
         inter, uids, iids = rec.read(C.INTERACTIONS), rec.read(C.USER_IDS), rec.read(C.ITEM_IDS)
         reference = train.decay_reference(inter, settings)
+        weights, why = _weight_table(ctx, rec, settings)
+        rec.details["matrix_from"] = C.WEIGHTS if weights is not None else C.INTERACTIONS
         with ctx.checkpoints() as ckpt:
             # ALS needs deterministic input and a checkpoint dir; without the
             # latter it silently ignores checkpointInterval.
-            matrix = train.training_matrix(inter, uids, iids, settings, reference).checkpoint(eager=True)
+            if weights is not None:
+                matrix = train.matrix_from_weights(weights, uids, iids, settings, reference)
+            else:
+                log.info("run %s: the training matrix is aggregated from every interaction: %s", ctx.run_id, why)
+                matrix = train.training_matrix(inter, uids, iids, settings, reference)
+            matrix = matrix.checkpoint(eager=True)
             pairs = train.require_pairs(matrix.count(), settings)
             heavy, share = train.largest_user_share(matrix)
             rec.details["largest_user_share"] = round(share, 6)
@@ -142,6 +359,21 @@ def run_train(ctx: RunContext, settings: TrainConfig | None = None) -> str:
         rec.details.update(model_version=model_version, model_path=ctx.model_path(model_version),
                            als=settings.als.model_dump())
         return model_version
+
+
+def _weight_table(ctx: RunContext, rec, settings: TrainConfig):
+    """(`user_item_weights`, None) when it holds this training's matrix, else (None, why not)."""
+    state_df = rec.read_optional(C.CLEAN_STATE)
+    row = state_df.first() if state_df is not None else None
+    if row is None:
+        return None, "no clean_state (the warehouse was cleaned by an earlier sparkrec)"
+    state = incremental.CleanState.of_row(row)
+    if state.pending_version is not None or state.full_pending:
+        return None, "the last clean did not finish (the next clean completes it)"
+    why = train.weights_usable(settings, state.half_life_days)
+    if why is not None:
+        return None, why
+    return rec.read(C.WEIGHTS), None
 
 
 def run_recommend(ctx: RunContext, baseline: str | None = None, blend_weight: float | None = None) -> None:

@@ -124,6 +124,30 @@ class StageRecord:
         self.outputs[self.cfg.table_name(key)] = result.version
         return result
 
+    def read_at(self, key: str, version: int) -> DataFrame:
+        """The table at `version`, noted as an input."""
+        df = tables.read_required(self.spark, self.cfg, key, version=version).df
+        self.inputs[self.cfg.table_name(key)] = version
+        return df
+
+    def read_inserts(self, key: str, after_version: int, to_version: int) -> DataFrame:
+        """Rows inserted in versions (after_version, to_version] (`tables.read_inserts`); `to_version` noted as the input."""
+        df = tables.read_inserts(self.spark, self.cfg, key, after_version, to_version)
+        self.inputs[self.cfg.table_name(key)] = to_version
+        return df
+
+    def upsert(self, df: DataFrame, key: str, on: list[str], **kwargs: Any) -> tuple[tables.MergeResult, int]:
+        """Absolute rows by key, deletes flagged (`tables.upsert`), noted as an output."""
+        result, deleted = tables.upsert(df, self.cfg, key, on, **kwargs)
+        self.outputs[self.cfg.table_name(key)] = result.version
+        return result, deleted
+
+    def apply_changes(self, df: DataFrame, key: str, on: list[str], **kwargs: Any) -> tuple[tables.MergeResult, int]:
+        """Insert-if-absent and flagged deletes in one MERGE (`tables.apply_changes`), noted as an output."""
+        result, deleted = tables.apply_changes(df, self.cfg, key, on, **kwargs)
+        self.outputs[self.cfg.table_name(key)] = result.version
+        return result, deleted
+
     def read_output(self, key: str) -> DataFrame:
         """The version of `key` this stage just wrote (not noted as an input)."""
         version = self.outputs[self.cfg.table_name(key)]
@@ -321,6 +345,23 @@ def previous_kept_share(spark: SparkSession, cfg: Config) -> float | None:
         .orderBy(F.col("finished_at").desc()).select("rows_in", "rows_out").first()
     )
     return None if row is None else row["rows_out"] / row["rows_in"]
+
+
+def last_input_version(spark: SparkSession, cfg: Config, stage: str, key: str) -> int | None:
+    """The version of table `key` the latest succeeded `stage` read, or None when unknown.
+
+    None too when a rollback ran after it: the stage's own outputs may have
+    been put back to before that read, so the next run must not trust it.
+    """
+    read = tables.read_table(spark, cfg, C.RUNS, required=False)
+    if read is None:
+        return None
+    done = read.df.where((F.col("status") == "succeeded") & F.col("stage").isin(stage, "rollback"))
+    row = done.orderBy(F.col("finished_at").desc()).select("stage", "input_versions").first()
+    if row is None or row["stage"] != stage:
+        return None
+    version = (row["input_versions"] or {}).get(cfg.table_name(key))
+    return None if version is None else int(version)
 
 
 def reusable_tuning(spark: SparkSession, cfg: Config, max_age_days: float) -> dict | None:

@@ -19,6 +19,7 @@ from delta.tables import DeltaTable
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from sparkrec import columns as C
 from sparkrec.config import Config
 from sparkrec.errors import StageError
 
@@ -223,6 +224,154 @@ def _merge_once(
     # A MERGE that inserts nothing commits nothing, so only a new commit's metrics describe this source.
     source_rows = commit_metrics(spark, path, version).get("numSourceRows") if version != before else None
     return MergeResult(version, inserted, source_rows)
+
+
+def _create_if_missing(df: DataFrame, cfg: Config, key: str, properties: dict[str, str] | None) -> MergeResult | None:
+    """Write `df` as the table when there is none yet (None when the table exists or another writer created it)."""
+    spark, path = df.sparkSession, cfg.table_path(key)
+    if table_exists(spark, path):
+        return None
+    writer = df.write.format("delta").mode("errorifexists")
+    for k, v in (properties or {}).items():
+        writer = writer.option(k, v)
+    try:
+        writer.save(path)
+    except Exception as exc:
+        if not table_exists(spark, path):
+            raise
+        log.info("table %s appeared while creating it (%s); merging instead", path, type(exc).__name__)
+        return None
+    version = _version_after_write(spark, path)
+    written = commit_metrics(spark, path, version).get("numOutputRows", 0)
+    return MergeResult(version, written, written)
+
+
+def _merge_result(spark: SparkSession, path: str, before: int | None, metrics) -> MergeResult:
+    version = _version_after_write(spark, path)
+    inserted = int(metrics["num_inserted_rows"]) if metrics is not None else 0
+    source_rows = commit_metrics(spark, path, version).get("numSourceRows") if version != before else None
+    return MergeResult(version, inserted, source_rows)
+
+
+def _key_condition(on: list[str]) -> Column:
+    cond: Column | None = None
+    for c in on:
+        term = F.col(f"t.`{c}`") == F.col(f"s.`{c}`")
+        cond = term if cond is None else cond & term
+    assert cond is not None
+    return cond
+
+
+DROP_FLAG = C.DROP_FLAG
+
+
+def _change_merge(df: DataFrame, cfg: Config, key: str, on: list[str], update: bool,
+                  target_where: Column | None, properties: dict[str, str] | None) -> tuple[MergeResult, int]:
+    spark, path = df.sparkSession, cfg.table_path(key)
+    columns = [c for c in df.columns if c != DROP_FLAG]
+    created = _create_if_missing(df.where(~F.col(DROP_FLAG)).select(*columns), cfg, key, properties)
+    if created is not None:
+        return created, 0
+    cond = _key_condition(on) if target_where is None else _key_condition(on) & target_where
+    values = {f"`{c}`": F.col(f"s.`{c}`") for c in columns}
+    drop = F.col(f"s.{DROP_FLAG}")
+    builder = DeltaTable.forPath(spark, path).alias("t").merge(df.alias("s"), cond).whenMatchedDelete(drop)
+    if update:
+        builder = builder.whenMatchedUpdate(set=values)
+    builder = builder.whenNotMatchedInsert(~drop, values)
+    before = current_version(spark, path)
+    metrics = builder.execute().first()
+    deleted = int(metrics["num_deleted_rows"]) if metrics is not None else 0
+    return _merge_result(spark, path, before, metrics), deleted
+
+
+def upsert(
+    df: DataFrame, cfg: Config, key: str, on: list[str], *,
+    target_where: Column | None = None, properties: dict[str, str] | None = None,
+) -> tuple[MergeResult, int]:
+    """Make the table's rows for the keys of `df` equal to `df`'s in one MERGE: update, insert, or delete
+    where the source row's `DROP_FLAG` is set. The rows are absolute values: a second run changes nothing.
+
+    Args:
+        target_where: a condition on the target alone (`t.` columns) that every matching row meets;
+            Delta skips the files that cannot hold one (an event-time range, a run id).
+    Returns:
+        (the MERGE's result, rows deleted).
+    """
+    return _retrying(cfg.table_name(key), lambda: _change_merge(df, cfg, key, on, True, target_where, properties))
+
+
+def apply_changes(
+    df: DataFrame, cfg: Config, key: str, on: list[str], *,
+    target_where: Column | None = None, properties: dict[str, str] | None = None,
+) -> tuple[MergeResult, int]:
+    """Insert the source rows whose key is absent and delete the rows matched by a source row with `DROP_FLAG`
+    set: one MERGE, so readers see both changes or neither, and a re-run changes nothing more.
+
+    Returns:
+        (the MERGE's result, rows deleted).
+    """
+    return _retrying(cfg.table_name(key), lambda: _change_merge(df, cfg, key, on, False, target_where, properties))
+
+
+def read_inserts(spark: SparkSession, cfg: Config, key: str, after_version: int, to_version: int) -> DataFrame:
+    """The rows inserted into a table in versions (after_version, to_version], from Delta's change data feed.
+
+    Raises:
+        StageError: the change feed does not cover the range (it was enabled later, or those versions were cleaned up).
+    """
+    path = cfg.table_path(key)
+    try:
+        changes = (
+            spark.read.format("delta").option("readChangeFeed", "true")
+            .option("startingVersion", after_version + 1).option("endingVersion", to_version).load(path)
+        )
+        # Resolving the range is lazy in part; asking for the schema and plan here surfaces a gap now.
+        changes.limit(0).collect()
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise StageError(f"table '{cfg.table_name(key)}': no change data for versions {after_version + 1}-{to_version}: {reason}") from None
+    meta = [c for c in changes.columns if c.startswith("_change_type") or c in ("_commit_version", "_commit_timestamp")]
+    return changes.where(F.col("_change_type") == "insert").drop(*meta)
+
+
+def operations_between(spark: SparkSession, cfg: Config, key: str, after_version: int, to_version: int) -> list[tuple[int, str, dict]]:
+    """(version, operation, parameters) of a table's commits in (after_version, to_version], oldest first."""
+    rows = (
+        DeltaTable.forPath(spark, cfg.table_path(key)).history()
+        .where((F.col("version") > after_version) & (F.col("version") <= to_version))
+        .select("version", "operation", "operationParameters").collect()
+    )
+    return sorted((int(r["version"]), str(r["operation"]), dict(r["operationParameters"] or {})) for r in rows)
+
+
+def ensure_properties(spark: SparkSession, cfg: Config, key: str, properties: dict[str, str]) -> bool:
+    """Set table properties the table lacks (one ALTER commit, only when needed); True when it changed them."""
+    path = cfg.table_path(key)
+    if not table_exists(spark, path):
+        return False
+    current = DeltaTable.forPath(spark, path).detail().select("properties").first()[0] or {}
+    missing = {k: v for k, v in properties.items() if current.get(k) != v}
+    if not missing:
+        return False
+    assignments = ", ".join(f"'{k}' = '{v}'" for k, v in sorted(missing.items()))
+    _retrying(cfg.table_name(key), lambda: spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ({assignments})"))
+    return True
+
+
+def scratch_path(cfg: Config, name: str) -> str:
+    """A working table of the warehouse that no reader uses (`_work/<name>`)."""
+    return f"{cfg.warehouse.rstrip('/')}/_work/{name}"
+
+
+def write_scratch(df: DataFrame, cfg: Config, name: str) -> None:
+    """Overwrite the working files `name` with `df` (Parquet: no reader but the stage itself, which
+    records elsewhere, once they are all written, that they are complete)."""
+    df.write.mode("overwrite").parquet(scratch_path(cfg, name))
+
+
+def read_scratch(spark: SparkSession, cfg: Config, name: str) -> DataFrame:
+    return spark.read.parquet(scratch_path(cfg, name))
 
 
 def append_rows(df: DataFrame, cfg: Config, key: str) -> int:

@@ -135,3 +135,112 @@ def warn_skew(user_ids: DataFrame, heavy: int | None, share: float, run_id: str)
     who = user_ids.where(F.col(C.USER_IDX) == heavy).select(C.USER_ID).first()
     log.warning("run %s: user %s holds %.1f%% of all training weight (more than %.0f%%): a bot or a test account? "
                 "see clean.bots", run_id, who[0] if who else heavy, 100 * share, 100 * SKEW_WARN_SHARE)
+
+
+# --------------------------------------------------------------------------- the maintained weight table
+#
+# `user_item_weights` holds per (user, item, event type) the sums the matrix is made of, so a day's run
+# adds the day's events to it instead of aggregating every event again. Recency decay stays exact: an
+# event at time t contributes base * 2^(t / h) (t in days since 1970), stored as log2 of the sum so it
+# never overflows; at training time 2^(log2_decayed - t_ref / h) is the sum of base * 2^(-(t_ref - t) / h),
+# the same numbers as decaying each event from t_ref.
+
+_NEG = -1.0e300  # log2 of an empty sum
+
+
+def event_base() -> Column:
+    """An event's type-independent value: a rating's value for rating events, else 1 (the type's weight multiplies it)."""
+    return F.when(F.col(C.EVENT_TYPE) == C.RATING_EVENT, F.coalesce(F.col(C.RATING), F.lit(0.0))).otherwise(F.lit(1.0))
+
+
+def _log2_term(half_life_days: float | None) -> Column:
+    if half_life_days is None:
+        return F.lit(_NEG)
+    return F.log2(event_base()) + F.col(C.EVENT_TS).cast("double") / 86400.0 / half_life_days
+
+
+def weight_sums(events: DataFrame, half_life_days: float | None) -> DataFrame:
+    """(user_id, item_id, event_type, events, value, log2_decayed) sums of interaction rows.
+
+    Events whose base value is not positive (a rating of 0) are left out: no
+    positive type weight can make them count, which is what training keeps.
+    """
+    rows = events.where(event_base() > 0).select(
+        C.USER_ID, C.ITEM_ID, C.EVENT_TYPE, event_base().alias("_b"), _log2_term(half_life_days).alias("_l")
+    )
+    m = rows.groupBy(C.USER_ID, C.ITEM_ID, C.EVENT_TYPE).agg(F.max("_l").alias("_m"))
+    return (
+        rows.join(m, [C.USER_ID, C.ITEM_ID, C.EVENT_TYPE])
+        .groupBy(C.USER_ID, C.ITEM_ID, C.EVENT_TYPE)
+        .agg(
+            F.count(F.lit(1)).cast("long").alias(C.EVENTS),
+            F.sum("_b").alias(C.VALUE),
+            (F.first("_m") + F.log2(F.sum(F.pow(F.lit(2.0), F.col("_l") - F.col("_m"))))).alias(C.LOG2_DECAYED),
+        )
+    )
+
+
+def combined_weights(old: DataFrame | None, added: DataFrame, removed: DataFrame) -> DataFrame:
+    """Absolute weight rows for every key `added` or `removed` touch: old + added - removed (events 0 = delete).
+
+    `added` and `removed` are `weight_sums` of the rows entering and leaving
+    `interactions`; their log sums combine as 2^old + 2^added - 2^removed.
+    """
+    keys = [C.USER_ID, C.ITEM_ID, C.EVENT_TYPE]
+    touched = added.select(*keys).unionByName(removed.select(*keys)).distinct()
+    base = touched if old is None else touched.join(old.join(touched, keys, "left_semi"), keys, "left")
+    if old is None:
+        base = base.select(*keys, F.lit(0).cast("long").alias(C.EVENTS), F.lit(0.0).alias(C.VALUE), F.lit(_NEG).alias(C.LOG2_DECAYED))
+    a = added.select(*keys, *[F.col(c).alias(f"a_{c}") for c in (C.EVENTS, C.VALUE, C.LOG2_DECAYED)])
+    r = removed.select(*keys, *[F.col(c).alias(f"r_{c}") for c in (C.EVENTS, C.VALUE, C.LOG2_DECAYED)])
+    j = base.join(a, keys, "left").join(r, keys, "left")
+
+    def z(c: str, default: float) -> Column:
+        return F.coalesce(F.col(c), F.lit(default))
+
+    lo, la, lr = z(C.LOG2_DECAYED, _NEG), z(f"a_{C.LOG2_DECAYED}", _NEG), z(f"r_{C.LOG2_DECAYED}", _NEG)
+    top = F.greatest(lo, la)
+    total = F.pow(F.lit(2.0), lo - top) + F.pow(F.lit(2.0), la - top) - F.pow(F.lit(2.0), lr - top)
+    events = z(C.EVENTS, 0) + z(f"a_{C.EVENTS}", 0) - z(f"r_{C.EVENTS}", 0)
+    return j.select(
+        *keys,
+        events.cast("long").alias(C.EVENTS),
+        (z(C.VALUE, 0.0) + z(f"a_{C.VALUE}", 0.0) - z(f"r_{C.VALUE}", 0.0)).alias(C.VALUE),
+        F.when(top <= _NEG / 2, F.lit(_NEG)).otherwise(top + F.log2(F.greatest(total, F.lit(1e-300)))).alias(C.LOG2_DECAYED),
+    )
+
+
+def weights_usable(train: TrainConfig, table_half_life: float | None) -> str | None:
+    """None when the weight table can give this training's matrix; else why it cannot."""
+    if any(w < 0 for w in train.event_weights.values()):
+        return "train.event_weights has a negative weight (the table keeps only positive sums)"
+    h = train.recency_half_life_days
+    if h is not None and h != table_half_life:
+        return (f"train.recency_half_life_days={h:g} but the weight table was built with "
+                f"{'no decay' if table_half_life is None else f'{table_half_life:g}'} (`sparkrec clean --full` rebuilds it)")
+    return None
+
+
+def matrix_from_weights(
+    weights: DataFrame, user_ids: DataFrame, item_ids: DataFrame, train: TrainConfig, reference: datetime | None
+) -> DataFrame:
+    """(user_idx, item_idx, weight) from `user_item_weights`: the same matrix as `training_matrix` on the interactions."""
+    h = train.recency_half_life_days
+    pairs = [F.lit(x) for etype, w in sorted(train.event_weights.items()) if w > 0 for x in (etype, w)]
+    if not pairs:
+        return weights.sparkSession.createDataFrame([], f"{C.USER_IDX} int, {C.ITEM_IDX} int, {C.WEIGHT} float")
+    type_weight = F.try_element_at(F.create_map(*pairs), F.col(C.EVENT_TYPE))
+    if h is None or reference is None:
+        amount = F.col(C.VALUE)
+    else:
+        ref_days = F.lit(reference).cast("timestamp").cast("double") / 86400.0
+        amount = F.pow(F.lit(2.0), F.col(C.LOG2_DECAYED) - ref_days / h)
+    return (
+        weights.where(type_weight.isNotNull() & (F.col(C.EVENTS) > 0))
+        .withColumn(C.WEIGHT, type_weight * amount)
+        .join(user_ids, C.USER_ID)
+        .join(item_ids, C.ITEM_ID)
+        .groupBy(C.USER_IDX, C.ITEM_IDX)
+        .agg(F.sum(C.WEIGHT).cast("float").alias(C.WEIGHT))
+        .where(F.col(C.WEIGHT) > 0)
+    )
