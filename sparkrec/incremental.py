@@ -36,6 +36,11 @@ _S = "_s_"  # prefix of the earlier survivor's columns beside a new row
 _SURVIVOR = "_survivor"
 
 
+# The maintained tables change a few rows in many files each day: deletion vectors let a MERGE mark
+# the old rows instead of rewriting every file it touches.
+STATE_PROPERTIES = {"delta.enableDeletionVectors": "true"}
+
+
 @dataclass
 class Batch:
     """The new rows classified against the state, and the state's consequences."""
@@ -139,9 +144,15 @@ def finish_batch(rows: DataFrame, user_days: DataFrame | None, cfg: CleanConfig)
     return Batch(rows, demoted, changed_days, flags)
 
 
+OLD_TS = "_old_ts"  # on saved survivor rows: the event time of the survivor it replaces (null: a new group)
+
+
 def new_survivors(rows: DataFrame) -> DataFrame:
-    """The batch's rows that now hold their group: upserts of `clean_survivors`."""
-    return rows.where(F.col(_SURVIVOR)).select(C.DEDUP_GROUP, C.EVENT_TS, C.RAW_KEY, C.USER_ID, C.DAY, C.HASH_CODE)
+    """The batch's rows that now hold their group (upserts of `clean_survivors`), with `OLD_TS`: the replaced
+    row's time tells the MERGE which files can hold it."""
+    return rows.where(F.col(_SURVIVOR)).select(
+        C.DEDUP_GROUP, C.EVENT_TS, C.RAW_KEY, C.USER_ID, C.DAY, C.HASH_CODE, F.col(_S + C.EVENT_TS).alias(OLD_TS)
+    )
 
 
 def kept(rows: DataFrame) -> DataFrame:

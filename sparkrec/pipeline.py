@@ -97,7 +97,8 @@ def run_clean(ctx: RunContext) -> ledger.Ledger:
                 tally = _clean_batch(ctx, rec, new_rows, plan)
             else:
                 tally = ledger.Ledger(**json.loads(state.pending_ledger)) if state and state.pending_ledger else ledger.Ledger(0, 0, 0, 0)
-            _apply_batch(ctx, rec, plan, state.pending_run if plan.mode == "resume" and state else ctx.run_id)
+            resume = plan.mode == "resume"
+            _apply_batch(ctx, rec, plan, state.pending_run if resume and state else ctx.run_id, first=not resume)
         rec.rows_in, rec.rows_out = tally.rows_in, tally.kept
         rec.rows_quarantined, rec.rows_duplicate = tally.quarantined, tally.duplicates
         rec.details.update(reasons=tally.reasons, duplicates=tally.duplicate_kinds)
@@ -137,11 +138,12 @@ def _clean_full(ctx: RunContext, rec, state: incremental.CleanState | None, raw_
         rec.overwrite(clean.quarantine_of(classified, ctx.run_id), C.QUARANTINE, properties=clean.QUARANTINE_PROPERTIES)
         written_quarantined = rec.rows_written(C.QUARANTINE)
         survivors = clean.survivors_of(classified)
-        rec.overwrite(survivors, C.CLEAN_SURVIVORS)
-        rec.overwrite(clean.user_days_of(rec.read_output(C.CLEAN_SURVIVORS)), C.CLEAN_USER_DAYS)
-        rec.overwrite(train.weight_sums(rec.read_output(C.INTERACTIONS), h), C.WEIGHTS)
+        state_props = incremental.STATE_PROPERTIES
+        rec.overwrite(survivors, C.CLEAN_SURVIVORS, properties=state_props)
+        rec.overwrite(clean.user_days_of(rec.read_output(C.CLEAN_SURVIVORS)), C.CLEAN_USER_DAYS, properties=state_props)
+        rec.overwrite(train.weight_sums(rec.read_output(C.INTERACTIONS), h), C.WEIGHTS, properties=state_props)
         if cfg.items.path is None:  # no item file: derive items from what was kept, still cached
-            rec.overwrite(incremental.item_latest_of(clean.kept_with_names(classified)), C.CLEAN_ITEM_LATEST)
+            rec.overwrite(incremental.item_latest_of(clean.kept_with_names(classified)), C.CLEAN_ITEM_LATEST, properties=state_props)
             rec.overwrite(incremental.items_of_latest(rec.read_output(C.CLEAN_ITEM_LATEST)), C.ITEMS)
     finally:
         deduped.unpersist()
@@ -214,7 +216,9 @@ def _clean_batch(ctx: RunContext, rec, new_rows, plan: incremental.Plan) -> ledg
         for part, df in saved.items():
             tables.write_scratch(df, cfg, f"{_WORK}/{part}")
         expected = {"adds": adds.count(), "drops": drops_kept.count(), "demoted": demoted.count(),
-                    "moved": 0 if moved is None else moved.count()}
+                    "moved": 0 if moved is None else moved.count(),
+                    "quarantine_adds": tally.quarantined + (0 if moved is None else moved_out.count()),
+                    "quarantine_drops": q_drops.count()}
         rec.details["changes"] = expected
     finally:
         rows.unpersist()
@@ -253,31 +257,66 @@ def _item_changes(ctx: RunContext, rec, adds, drops, plan: incremental.Plan):
     return merged.join(stale, C.ITEM_ID, "left_anti").unionByName(redone)
 
 
-def _apply_batch(ctx: RunContext, rec, plan: incremental.Plan, batch_run: str) -> None:
-    """Apply a saved batch to every table (each a MERGE of absolute rows: applying again changes nothing),
-    then move `clean_state` past it. A crash in between is finished by the next clean."""
+def _apply_batch(ctx: RunContext, rec, plan: incremental.Plan, batch_run: str, first: bool) -> None:
+    """Apply a saved batch to every table, then move `clean_state` past it. A crash in between is finished by
+    the next clean, which applies the same batch again (`first` False): every change is then a MERGE of
+    absolute rows keyed by the table's key, so what was applied already changes nothing.
+
+    Args:
+        first: this run computed the batch, so no table has any of it yet: rows that only add are appended.
+    Each MERGE names the range of event time (or day, or run id) its target rows can lie in, so Delta
+    reads only those files, not all of history.
+    """
     cfg, spark = ctx.cfg, ctx.spark
     work = {part: tables.read_scratch(spark, cfg, f"{_WORK}/{part}") for part in
             ("interactions", "quarantine", "survivors", "user_days", "weights")}
-    inter = work["interactions"]
-    lo, hi = inter.agg(F.min(C.EVENT_TS), F.max(C.EVENT_TS)).first()
+    drops = {part: work[part].where(F.col(C.DROP_FLAG)).limit(1).count() > 0 for part in ("interactions", "quarantine")}
+
+    def changed(part: str, key: str, df, on: list[str], window, **kwargs) -> dict:
+        if first and not drops[part]:
+            written = rec.append(df.where(~F.col(C.DROP_FLAG)).drop(C.DROP_FLAG), key, **kwargs)
+            return {"inserted": written, "deleted": 0}
+        result, deleted = rec.apply_changes(df, key, on, target_where=window, **kwargs)
+        return {"inserted": result.inserted, "deleted": deleted}
+
+    part = "interactions"
+    lo, hi = work[part].agg(F.min(C.EVENT_TS), F.max(C.EVENT_TS)).first()
     if lo is not None:
         window = F.col(f"t.{C.EVENT_TS}").between(F.lit(lo), F.lit(hi))
-        result, deleted = rec.apply_changes(inter, C.INTERACTIONS, [C.RAW_KEY], target_where=window,
-                                            properties=clean.INTERACTIONS_PROPERTIES)
-        rec.details["interactions_changed"] = {"inserted": result.inserted, "deleted": deleted}
-    q = work["quarantine"]
-    if q.where(F.col(C.DROP_FLAG)).limit(1).count():
-        result, deleted = rec.apply_changes(q, C.QUARANTINE, [C.RAW_KEY], properties=clean.QUARANTINE_PROPERTIES)
-    else:  # only this batch's rows: Delta reads only the files of the run that classified them
-        result, deleted = rec.apply_changes(q, C.QUARANTINE, [C.RAW_KEY], target_where=F.col(f"t.{C.RUN_ID}") == batch_run,
-                                            properties=clean.QUARANTINE_PROPERTIES)
-    rec.details["quarantine_changed"] = {"inserted": result.inserted, "deleted": deleted}
-    rec.upsert(work["survivors"], C.CLEAN_SURVIVORS, [C.DEDUP_GROUP])
-    rec.upsert(work["user_days"], C.CLEAN_USER_DAYS, [C.USER_ID, C.DAY])
-    rec.upsert(work["weights"], C.WEIGHTS, [C.USER_ID, C.ITEM_ID, C.EVENT_TYPE])
+        rec.details["interactions_changed"] = changed(part, C.INTERACTIONS, work[part], [C.RAW_KEY], window,
+                                                      properties=clean.INTERACTIONS_PROPERTIES)
+    part = "quarantine"
+    # Without drops the target rows can only be this batch's own (a re-run's): Delta reads that run's files.
+    window = None if drops[part] else F.col(f"t.{C.RUN_ID}") == batch_run
+    rec.details["quarantine_changed"] = changed(part, C.QUARANTINE, work[part], [C.RAW_KEY], window, properties=clean.QUARANTINE_PROPERTIES)
+    if first:  # the ledger on what Delta wrote: every row this batch moves, exactly once
+        want = rec.details["changes"]
+        got = rec.details.get("interactions_changed", {"inserted": 0, "deleted": 0}), rec.details["quarantine_changed"]
+        if (got[0]["inserted"], got[0]["deleted"], got[1]["inserted"], got[1]["deleted"]) != (
+                want["adds"], want["drops"], want["quarantine_adds"], want["quarantine_drops"]):
+            raise StageError(f"ledger does not balance: the batch moves {want} but Delta changed interactions {got[0]} "
+                             f"and quarantine {got[1]}")
+
+    props = incremental.STATE_PROPERTIES
+    survivors = work["survivors"]
+    old_lo, old_hi, new_lo, new_hi = survivors.agg(F.min(incremental.OLD_TS), F.max(incremental.OLD_TS),
+                                                   F.min(C.EVENT_TS), F.max(C.EVENT_TS)).first()
+    rows = survivors.drop(incremental.OLD_TS)
+    if first and old_lo is None:  # new groups only
+        rec.append(rows.drop(C.DROP_FLAG), C.CLEAN_SURVIVORS, properties=props)
+    elif new_lo is not None:
+        # The rows to replace are the demoted survivors (times known); a re-run may also meet its own new rows.
+        bounds = [b for b in (old_lo, old_hi) if b is not None] + ([] if first else [new_lo, new_hi])
+        window = F.col(f"t.{C.EVENT_TS}").between(F.lit(min(bounds)), F.lit(max(bounds)))
+        rec.upsert(rows, C.CLEAN_SURVIVORS, [C.DEDUP_GROUP], target_where=window, properties=props)
+    days = work["user_days"]
+    d_lo, d_hi = days.agg(F.min(C.DAY), F.max(C.DAY)).first()
+    if d_lo is not None:
+        rec.upsert(days, C.CLEAN_USER_DAYS, [C.USER_ID, C.DAY], target_where=F.col(f"t.{C.DAY}").between(F.lit(d_lo), F.lit(d_hi)),
+                   properties=props)
+    rec.upsert(work["weights"], C.WEIGHTS, [C.USER_ID, C.ITEM_ID, C.EVENT_TYPE], properties=props)
     if cfg.items.path is None:
-        rec.upsert(tables.read_scratch(spark, cfg, f"{_WORK}/item_latest"), C.CLEAN_ITEM_LATEST, [C.ITEM_ID])
+        rec.upsert(tables.read_scratch(spark, cfg, f"{_WORK}/item_latest"), C.CLEAN_ITEM_LATEST, [C.ITEM_ID], properties=props)
         rec.overwrite(incremental.items_of_latest(rec.read_output(C.CLEAN_ITEM_LATEST)), C.ITEMS)
     _write_state(ctx, rec, incremental.CleanState(done_version=plan.to_version, half_life_days=cfg.train.recency_half_life_days,
                                                   rules=cfg.rules_key()))

@@ -128,7 +128,12 @@ def ledger_table(row) -> str:
     cells = "".join(f"<tr><td>{html.escape(k)}</td><td class=n>{(v or 0):,}</td></tr>" for k, v in items)
     reasons = details.get("reasons", {}) or {}
     cells += "".join(f"<tr><td>&nbsp;&nbsp;{html.escape(str(k))}</td><td class=n>{v:,}</td></tr>" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
-    return f"<table>{cells}</table>"
+    mode = ""
+    if details.get("mode"):
+        read = details.get("read_versions") or []
+        span = f", events_raw versions {read[0]}-{read[1]}" if len(read) == 2 else ""
+        mode = f"<p>{html.escape(details['mode'])} clean{html.escape(span)}: {html.escape(str(details.get('why', '')))}</p>"
+    return f"{mode}<table>{cells}</table>"
 
 
 def metrics_table(metrics: dict[str, float]) -> str:

@@ -148,6 +148,15 @@ class StageRecord:
         self.outputs[self.cfg.table_name(key)] = result.version
         return result, deleted
 
+    def append(self, df: DataFrame, key: str, *, properties: dict[str, str] | None = None) -> int:
+        """Append rows (`tables.append_rows`), noted as an output; returns the rows Delta wrote."""
+        before = tables.current_version(self.spark, self.cfg.table_path(key))
+        version = tables.append_rows(df, self.cfg, key, properties=properties)
+        self.outputs[self.cfg.table_name(key)] = version
+        if version == before:  # nothing to append: Delta committed nothing
+            return 0
+        return tables.commit_metrics(self.spark, self.cfg.table_path(key), version).get("numOutputRows", 0)
+
     def read_output(self, key: str) -> DataFrame:
         """The version of `key` this stage just wrote (not noted as an input)."""
         version = self.outputs[self.cfg.table_name(key)]
@@ -406,6 +415,13 @@ def list_runs(spark: SparkSession, cfg: Config, limit: int = 10) -> str:
         marks = " ".join(f"{s['stage']}{'' if s['status'] == 'succeeded' else '(' + s['status'] + ')'}" for s in stages)
         lines.append(f"{run_id:<27} {first['start']:%Y-%m-%d %H:%M:%S} {took:6.0f}s  {marks}")
         for s in stages:
+            if s["stage"] == "clean" and s["status"] == "succeeded":
+                d = json.loads(s["details"] or "{}")
+                if d.get("mode"):
+                    read = d.get("read_versions") or []
+                    span = f" (events_raw versions {read[0]}-{read[1]})" if len(read) == 2 else ""
+                    lines.append(" " * 29 + f"clean: {d['mode']}{span}, {_fmt(s['rows_in'])} rows in = {_fmt(s['rows_out'])} kept + "
+                                 f"{_fmt(s['rows_quarantined'])} quarantined + {_fmt(s['rows_duplicate'])} duplicates")
             if s["stage"] == "evaluate" and s["metrics"]:
                 lines.append(" " * 29 + evaluation_line(s["metrics"], json.loads(s["details"] or "{}")))
             if s["status"] == "failed" and s["error"]:

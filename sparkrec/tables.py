@@ -374,9 +374,14 @@ def read_scratch(spark: SparkSession, cfg: Config, name: str) -> DataFrame:
     return spark.read.parquet(scratch_path(cfg, name))
 
 
-def append_rows(df: DataFrame, cfg: Config, key: str) -> int:
+def append_rows(df: DataFrame, cfg: Config, key: str, *, properties: dict[str, str] | None = None) -> int:
+    """Append in one commit (creating the table, with `properties`, when there is none); returns its version."""
     path = cfg.table_path(key)
-    _retrying(cfg.table_name(key), lambda: df.write.format("delta").mode("append").option("mergeSchema", "true").save(path))
+    writer = df.write.format("delta").mode("append").option("mergeSchema", "true")
+    if not table_exists(df.sparkSession, path):
+        for k, v in (properties or {}).items():
+            writer = writer.option(k, v)
+    _retrying(cfg.table_name(key), lambda: writer.save(path))
     return _version_after_write(df.sparkSession, path)
 
 

@@ -114,10 +114,54 @@ def test_a_job_killed_mid_write_leaves_tables_readable_and_the_next_run_succeeds
     # The next run of the same stages succeeds, and the orphaned files of the dead job count for nothing.
     assert main(["ingest", *[a for s in sets for a in ("--set", s)], "--config", str(ROOT / "conf" / "local.yaml")], spark=spark) == 0
     assert main(["clean", *[a for s in sets for a in ("--set", s)], "--config", str(ROOT / "conf" / "local.yaml")], spark=spark) == 0
-    clean_row = tables.read_table(spark, cfg, C.RUNS).df.where("stage = 'clean'").orderBy("started_at", ascending=False).first()
-    assert clean_row["rows_in"] == 170_000
-    assert clean_row["rows_in"] == clean_row["rows_out"] + clean_row["rows_quarantined"] + clean_row["rows_duplicate"]
+    cleans = tables.read_table(spark, cfg, C.RUNS).df.where("stage = 'clean' and status = 'succeeded'").orderBy("started_at").collect()
+    # The first clean took batch a; the one after the kill finished batch b (incremental: only b's rows).
+    assert sum(r["rows_in"] for r in cleans) == 170_000
+    for r in cleans:
+        assert r["rows_in"] == r["rows_out"] + r["rows_quarantined"] + r["rows_duplicate"]
+    assert tables.read_table(spark, cfg, C.INTERACTIONS).df.count() == sum(r["rows_out"] for r in cleans)
     assert tables.read_table(spark, cfg, C.EVENTS_RAW).df.count() == 170_000
+
+
+def test_a_clean_killed_between_interactions_and_quarantine_is_finished_by_the_next(spark, shops, tmp_path):
+    """SIGKILL after the incremental clean committed `interactions` and before `quarantine`: the next clean
+    applies the saved batch again (interactions: nothing more; quarantine: its rows), and the tables equal
+    a full recompute of the same raw rows. Without the saved batch the rows would be lost or doubled."""
+    cfg, sets = setup_warehouse(spark, shops, tmp_path)
+    pipeline.run_stages(RunContext(spark, cfg), ("ingest",))
+    inter_log = Path(cfg.table_path(C.INTERACTIONS)) / "_delta_log"
+    quar_log = Path(cfg.table_path(C.QUARANTINE)) / "_delta_log"
+    before_i, before_q = {p.name for p in inter_log.glob("*.json")}, {p.name for p in quar_log.glob("*.json")}
+    args = [sys.executable, "-m", "sparkrec.cli", "clean", "--config", str(ROOT / "conf" / "local.yaml")]
+    for s in sets:
+        args += ["--set", s]
+    with (tmp_path / "clean.log").open("w") as out:
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ({p.name for p in inter_log.glob("*.json")} - before_i):
+            assert proc.poll() is None, (tmp_path / "clean.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "interactions was never committed"
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert {p.name for p in quar_log.glob("*.json")} == before_q, "quarantine was committed before the kill"
+    state = tables.read_table(spark, cfg, C.CLEAN_STATE).df.first()
+    assert state["pending_version"] is not None  # the batch is saved, not finished
+
+    pipeline.run_stages(RunContext(spark, cfg), ("clean",))
+    last = tables.read_table(spark, cfg, C.RUNS).df.where("stage = 'clean'").orderBy("started_at", ascending=False).first()
+    assert json.loads(last["details"])["mode"] == "resume"
+    got = {k: tables.read_table(spark, cfg, k).df.drop(C.RUN_ID).localCheckpoint() for k in (C.INTERACTIONS, C.QUARANTINE)}
+    full = cfg.model_copy(update={"clean": cfg.clean.model_copy(update={"full": True})})
+    pipeline.run_stages(RunContext(spark, full), ("clean",))
+    for k, df in got.items():
+        assert_df_equality(df, tables.read_table(spark, cfg, k).df.drop(C.RUN_ID), ignore_row_order=True, ignore_nullable=True)
+    assert got[C.INTERACTIONS].count() + got[C.QUARANTINE].count() > 150_000  # every row of b is in one of them or a duplicate
 
 
 def test_the_same_input_three_times_leaves_the_tables_as_one_run(spark, shops, tmp_path):

@@ -58,7 +58,8 @@ def test_csv_source_ingests_once_and_cleans(spark, make_config, tmp_path):
     cfg = make_config("source.format=csv", f"source.path={src}", "items.path=null")
     pipeline.run_stages(RunContext(spark, cfg), ("ingest", "ingest", "clean"))
     raw = tables.read_table(spark, cfg, C.EVENTS_RAW)
-    assert raw.df.count() == 4 and raw.version == 0  # the second ingest committed nothing
+    # version 0 created the table, version 1 turned on its change feed; the second ingest committed nothing
+    assert raw.df.count() == 4 and raw.version == 1
     runs = tables.read_table(spark, cfg, C.RUNS).df
     assert sorted(r["rows_out"] for r in runs.where("stage = 'ingest'").collect()) == [0, 4]
     clean_run = runs.where("stage = 'clean'").first()

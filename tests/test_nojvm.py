@@ -246,3 +246,29 @@ def test_ranking_metrics_match_a_plain_computation():
         assert got[f"map@{k}"] == pytest.approx(ap.mean())
         assert got[f"hit_rate@{k}"] == pytest.approx((hits.sum(1) > 0).mean())
         assert got[f"mrr@{k}"] == pytest.approx((1 / first).mean())
+
+
+# --------------------------------------------------------------------------- the clean's plan
+
+
+def test_the_clean_plan_names_what_it_does_and_why():
+    from sparkrec.incremental import CleanState, plan
+
+    done = CleanState(done_version=4, half_life_days=30.0, rules="r1")
+    assert plan(None, 3, False, "r1", 30.0).mode == "full"
+    assert plan(done, 4, True, "r1", 30.0).mode == "full"  # --full
+    assert plan(done, 4, False, "r1", 30.0).mode == "none"
+    inc = plan(done, 7, False, "r1", 30.0, [(5, "MERGE", {}), (6, "WRITE", {"mode": "Append"}), (7, "OPTIMIZE", {})])
+    assert (inc.mode, inc.after_version, inc.to_version) == ("incremental", 4, 7)
+    changed = plan(done, 7, False, "r2", 30.0)
+    assert changed.mode == "full" and "rules changed" in changed.reason
+    assert "half_life" in plan(done, 7, False, "r1", 7.0).reason
+    restored = plan(done, 6, False, "r1", 30.0, [(5, "MERGE", {}), (6, "RESTORE", {})])
+    assert restored.mode == "full" and "RESTORE" in restored.reason
+    overwritten = plan(done, 5, False, "r1", 30.0, [(5, "WRITE", {"mode": "Overwrite"})])
+    assert overwritten.mode == "full" and "overwrite" in overwritten.reason
+    assert plan(done, 2, False, "r1", 30.0).mode == "full"  # events_raw went back in time
+    pending = CleanState(done_version=4, pending_from=4, pending_version=6, pending_run="r-9", half_life_days=30.0, rules="r1")
+    resume = plan(pending, 9, False, "r2", 7.0)  # a saved batch is finished before anything else
+    assert (resume.mode, resume.after_version, resume.to_version) == ("resume", 4, 6) and "r-9" in resume.reason
+    assert plan(CleanState(done_version=4, full_pending=True, rules="r1", half_life_days=30.0), 4, False, "r1", 30.0).mode == "full"
