@@ -73,9 +73,13 @@ ITEM_NAME_COLUMN = _ITEM_NAME
 
 # Statistics only where a reader filters: time splits select on event_ts.
 # The change feed lets `ids` read only the rows added since its last run.
-INTERACTIONS_PROPERTIES = {"delta.dataSkippingStatsColumns": C.EVENT_TS, "delta.enableChangeDataFeed": "true"}
+# Deletion vectors: the incremental clean's MERGE drops a few demoted rows from files of earlier days; with
+# them Delta marks those rows instead of copying every other row of the file.
+INTERACTIONS_PROPERTIES = {"delta.dataSkippingStatsColumns": C.EVENT_TS, "delta.enableChangeDataFeed": "true",
+                           "delta.enableDeletionVectors": "true"}
 # Statistics on the run id let the incremental clean's MERGE read only the files of the batch it applies.
-QUARANTINE_PROPERTIES = {"delta.dataSkippingStatsColumns": f"{C.RUN_ID},{C.RAW_KEY},{C.REASON}"}
+QUARANTINE_PROPERTIES = {"delta.dataSkippingStatsColumns": f"{C.RUN_ID},{C.RAW_KEY},{C.REASON}",
+                         "delta.enableDeletionVectors": "true"}
 
 def clean_id(col: Column, is_numeric: bool) -> Column:
     """Trimmed string id; blank becomes null; 13085.0 read from a float column becomes '13085'."""
@@ -306,6 +310,17 @@ def with_duplicate_flag(df: DataFrame) -> DataFrame:
     )
 
 
+def is_bot(total: Column, max_day: Column, clean: CleanConfig) -> Column:
+    """The bot rule on a user's surviving events: in total, and on their busiest day (the limits in `clean.bots`)."""
+    limits = clean.bots
+    cond = F.lit(False)
+    if limits.max_events_per_user is not None:
+        cond = cond | (total > limits.max_events_per_user)
+    if limits.max_events_per_user_day is not None:
+        cond = cond | (max_day > limits.max_events_per_user_day)
+    return cond
+
+
 def bot_users(df: DataFrame, clean: CleanConfig) -> DataFrame:
     """Users whose activity is beyond human: (user_id) rows, one per bot.
 
@@ -313,16 +328,10 @@ def bot_users(df: DataFrame, clean: CleanConfig) -> DataFrame:
     replay storm does not turn a person into a bot. A two-column aggregate,
     not a window over whole rows: cheap at tens of millions of events.
     """
-    limits = clean.bots
     alive = F.col(C.REASON).isNull() & F.col(DUPLICATE).isNull() & F.col(C.USER_ID).isNotNull()
     per_day = df.where(alive).groupBy(C.USER_ID, F.to_date(C.EVENT_TS).alias("_day")).count()
     per_user = per_day.groupBy(C.USER_ID).agg(F.sum("count").alias("_total"), F.max("count").alias("_max_day"))
-    cond = F.lit(False)
-    if limits.max_events_per_user is not None:
-        cond = cond | (F.col("_total") > limits.max_events_per_user)
-    if limits.max_events_per_user_day is not None:
-        cond = cond | (F.col("_max_day") > limits.max_events_per_user_day)
-    return per_user.where(cond).select(C.USER_ID)
+    return per_user.where(is_bot(F.col("_total"), F.col("_max_day"), clean)).select(C.USER_ID)
 
 
 def with_bot_reason(df: DataFrame, clean: CleanConfig) -> DataFrame:
@@ -403,18 +412,6 @@ def user_days_of(survivors: DataFrame) -> DataFrame:
     return survivors.groupBy(C.USER_ID, C.DAY).agg(F.count(F.lit(1)).alias(C.EVENTS))
 
 
-def bot_flags(user_days: DataFrame, clean: CleanConfig) -> DataFrame:
-    """(user_id, bot): the bot rule of `bot_users`, judged from the per-day counts."""
-    limits = clean.bots
-    per_user = user_days.groupBy(C.USER_ID).agg(F.sum(C.EVENTS).alias("_total"), F.max(C.EVENTS).alias("_max_day"))
-    cond = F.lit(False)
-    if limits.max_events_per_user is not None:
-        cond = cond | (F.col("_total") > limits.max_events_per_user)
-    if limits.max_events_per_user_day is not None:
-        cond = cond | (F.col("_max_day") > limits.max_events_per_user_day)
-    return per_user.select(C.USER_ID, cond.alias("bot"))
-
-
 def interactions_of(classified: DataFrame) -> DataFrame:
     return classified.where(F.col(OUTCOME) == KEPT).select(*INTERACTION_COLUMNS)
 
@@ -445,33 +442,44 @@ def ledger_rows(counts: list) -> list[dict]:
     return [{"outcome": r[OUTCOME], "reason": r[C.REASON], "duplicate": r[DUPLICATE], "count": r["count"]} for r in counts]
 
 
+def item_latest(rows: DataFrame) -> DataFrame:
+    """Per item: its kept rows, newest price and newest name with the (time, key) they came from: `clean_item_latest`.
+
+    The derived item table (no item file) is a projection of this; keeping the
+    time and key lets the incremental clean decide whether a later batch's price
+    is newer, and the count says when an item has no kept row left. One
+    aggregate, not a window per field. Rows without the input's item name
+    column count as nameless.
+    """
+    if _ITEM_NAME not in rows.columns:
+        rows = rows.withColumn(_ITEM_NAME, F.lit(None).cast("string"))
+
+    def newest(value: str, alias: str) -> Column:
+        # The smallest (-time, key) is the newest row, ties to the smaller key; rows without the value are skipped.
+        order = F.struct((-F.unix_micros(C.EVENT_TS)).alias("n"), F.col(C.RAW_KEY).alias("k"), F.col(value).alias("v"))
+        return F.min(F.when(F.col(value).isNotNull(), order)).alias(alias)
+
+    found = rows.groupBy(C.ITEM_ID).agg(
+        F.count(F.lit(1)).alias(C.EVENTS), newest(C.PRICE, "_p"), newest(_ITEM_NAME, "_n")
+    )
+    return found.select(
+        C.ITEM_ID, C.EVENTS,
+        *[F.col(f"{s}.{f}").alias(a) for s, name in (("_p", "price"), ("_n", "name"))
+          for f, a in (("v", name), ("n", f"{name}_ts"), ("k", f"{name}_key"))],
+    ).withColumn("price_ts", F.timestamp_micros(-F.col("price_ts"))).withColumn("name_ts", F.timestamp_micros(-F.col("name_ts")))
+
+
+def items_of_latest(latest: DataFrame) -> DataFrame:
+    """The derived item table from `clean_item_latest` (`ITEMS` columns)."""
+    return latest.where(F.col(C.EVENTS) > 0).select(
+        C.ITEM_ID, F.lit(None).cast("string").alias(C.CATEGORY), F.col("price").alias(C.PRICE),
+        F.lit(True).alias(C.AVAILABLE), F.col("name").alias(C.ITEM_NAME),
+    )
+
+
 def items_from_interactions(interactions: DataFrame) -> DataFrame:
     """An item table when the shop gave none: every item seen, its latest price and name, available."""
-    latest = Window.partitionBy(C.ITEM_ID).orderBy(F.col(C.EVENT_TS).desc(), F.col(C.RAW_KEY))
-    price = (
-        interactions.where(F.col(C.PRICE).isNotNull())
-        .withColumn("_rn", F.row_number().over(latest))
-        .where("_rn = 1")
-        .select(C.ITEM_ID, C.PRICE)
-    )
-    out = interactions.select(C.ITEM_ID).distinct().join(price, C.ITEM_ID, "left")
-    if _ITEM_NAME in interactions.columns:
-        name = (
-            interactions.where(F.col(_ITEM_NAME).isNotNull())
-            .withColumn("_rn", F.row_number().over(latest))
-            .where("_rn = 1")
-            .select(C.ITEM_ID, F.col(_ITEM_NAME).alias(C.ITEM_NAME))
-        )
-        out = out.join(name, C.ITEM_ID, "left")
-    else:
-        out = out.withColumn(C.ITEM_NAME, F.lit(None).cast("string"))
-    return out.select(
-        C.ITEM_ID,
-        F.lit(None).cast("string").alias(C.CATEGORY),
-        F.col(C.PRICE),
-        F.lit(True).alias(C.AVAILABLE),
-        F.col(C.ITEM_NAME),
-    )
+    return items_of_latest(item_latest(interactions))
 
 
 def normalize_items(items: DataFrame) -> DataFrame:

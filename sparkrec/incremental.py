@@ -10,12 +10,12 @@ rules need in small maintained tables instead of rescanning history:
     clean_user_days   (user_id, day, events)                                       what the bot rule counts
     user_item_weights (user_id, item_id, event_type, events, value, log2_decayed)  the training matrix's sums
 
-`classify_batch` compares the new rows with them and `Changes` says what must
-move: new rows kept or quarantined, earlier survivors that a newcomer beat
+`judge_batch` and `finish_batch` compare the new rows with them and say what
+must move: new rows kept or quarantined, earlier survivors that a newcomer beat
 (demoted: they become duplicates and leave `interactions` or `quarantine`),
 and the earlier rows of users whose bot verdict changed (moved between
-`interactions` and `quarantine`). Every change is an absolute row keyed by
-its table's key, so applying it twice is the same as once: a crash while
+`interactions` and `quarantine`). Every change is saved first and then applied
+by MERGEs that a second application leaves as they are, so a crash while
 applying is finished by the next run.
 """
 
@@ -27,10 +27,10 @@ from datetime import datetime
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
-from sparkrec import clean
+from sparkrec import clean, joins
 from sparkrec import columns as C
 from sparkrec.config import CleanConfig, InputConfig
-from sparkrec.ledger import DUPLICATED, KEPT, QUARANTINED
+from sparkrec.ledger import KEPT, QUARANTINED
 
 _S = "_s_"  # prefix of the earlier survivor's columns beside a new row
 _SURVIVOR = "_survivor"
@@ -49,6 +49,7 @@ class Batch:
     demoted: DataFrame  # earlier survivors a newcomer beat: (_raw_key, user_id, day, event_ts, was_bot)
     user_days: DataFrame  # (user_id, day, events) absolute, for every (user, day) the batch changed; 0 = delete
     flags: DataFrame  # (user_id, bot_before, bot_after) for every user the batch touched
+    counts: DataFrame  # (user_id, day, _before, events, _changed) for every day of a touched user: persist it first
 
 
 def _earlier_first(ts: Column, key: Column, other_ts: Column, other_key: Column) -> Column:
@@ -56,22 +57,18 @@ def _earlier_first(ts: Column, key: Column, other_ts: Column, other_key: Column)
     return (ts < other_ts) | ((ts == other_ts) & (key < other_key))
 
 
-def classify_batch(
-    raw_new: DataFrame, survivors: DataFrame | None, user_days: DataFrame | None,
-    src: InputConfig, cfg: CleanConfig, now: datetime,
-) -> Batch:
-    """Classify the new raw rows with the full clean's rules, against the survivors and counts of earlier runs
-    (`judge_batch` then `finish_batch`; a caller on large data persists the first's result between them)."""
-    return finish_batch(judge_batch(raw_new, survivors, src, cfg, now), user_days, cfg)
-
-
-def judge_batch(raw_new: DataFrame, survivors: DataFrame | None, src: InputConfig, cfg: CleanConfig, now: datetime) -> DataFrame:
+def judge_batch(raw_new: DataFrame, survivors: DataFrame | None, src: InputConfig, cfg: CleanConfig, now: datetime,
+                small: bool = True) -> DataFrame:
     """The new rows with their rule reason, survivor flag, duplicate kind and the group's earlier survivor.
 
     A new row survives when it is the first of its group in the batch and
     sorts before the group's earlier survivor (if any); that survivor is then
     demoted. A new non-surviving row is a duplicate: "exact" when its content
     equals an earlier row's of the group, else "replay".
+
+    Args:
+        small: the batch's keys fit a broadcast hash set (`joins.BROADCAST_KEYS_MAX`): the survivors are then
+            filtered by it as they are read instead of being shuffled, so a day's cost does not grow with history.
     """
     ok = F.col(C.REASON).isNull()
     rows = raw_new.transform(clean.normalize, src=src).transform(
@@ -88,6 +85,8 @@ def judge_batch(raw_new: DataFrame, survivors: DataFrame | None, src: InputConfi
         .withColumn(C.HASH_CODE, F.xxhash64(C.ROW_HASH))
     )
     if survivors is not None:
+        if small:
+            survivors = joins.rows_for_keys(survivors, rows, [C.DEDUP_GROUP])
         earlier = survivors.select(*[F.col(c).alias(_S + c) for c in survivors.columns])
         rows = rows.join(earlier, F.col(C.DEDUP_GROUP) == F.col(_S + C.DEDUP_GROUP), "left").drop(_S + C.DEDUP_GROUP)
     else:
@@ -122,16 +121,20 @@ def finish_batch(rows: DataFrame, user_days: DataFrame | None, cfg: CleanConfig)
         before = user_days.join(touched, C.USER_ID, "left_semi")
     else:
         before = delta.limit(0).select(C.USER_ID, C.DAY, F.lit(0).cast("long").alias(C.EVENTS))
-    after = (
-        before.join(delta, [C.USER_ID, C.DAY], "full_outer")
-        .select(C.USER_ID, C.DAY, (F.coalesce(F.col(C.EVENTS), F.lit(0)) + F.coalesce(F.col("_d"), F.lit(0))).cast("long").alias(C.EVENTS))
+    # Every (user, day) of a touched user, with its count before and after the batch: one join and one
+    # aggregate give both verdicts and the changed counts.
+    counts = before.join(delta, [C.USER_ID, C.DAY], "full_outer").select(
+        C.USER_ID, C.DAY, F.coalesce(F.col(C.EVENTS), F.lit(0)).cast("long").alias("_before"),
+        (F.coalesce(F.col(C.EVENTS), F.lit(0)) + F.coalesce(F.col("_d"), F.lit(0))).cast("long").alias(C.EVENTS),
+        F.col("_d").isNotNull().alias("_changed"),
     )
-    changed_days = after.join(delta.select(C.USER_ID, C.DAY), [C.USER_ID, C.DAY], "left_semi")
-    flags = (
-        touched.join(clean.bot_flags(before, cfg).withColumnRenamed("bot", "bot_before"), C.USER_ID, "left")
-        .join(clean.bot_flags(after.where(F.col(C.EVENTS) > 0), cfg).withColumnRenamed("bot", "bot_after"), C.USER_ID, "left")
-        .select(C.USER_ID, F.coalesce("bot_before", F.lit(False)).alias("bot_before"),
-                F.coalesce("bot_after", F.lit(False)).alias("bot_after"))
+    changed_days = counts.where("_changed").select(C.USER_ID, C.DAY, C.EVENTS)
+    per_user = counts.groupBy(C.USER_ID).agg(
+        F.sum("_before").alias("_tb"), F.max("_before").alias("_mb"), F.sum(C.EVENTS).alias("_ta"), F.max(C.EVENTS).alias("_ma")
+    )
+    flags = per_user.select(
+        C.USER_ID, clean.is_bot(F.col("_tb"), F.col("_mb"), cfg).alias("bot_before"),
+        clean.is_bot(F.col("_ta"), F.col("_ma"), cfg).alias("bot_after"),
     )
     rows = (
         rows.join(flags.select(C.USER_ID, "bot_after"), C.USER_ID, "left")
@@ -141,7 +144,7 @@ def finish_batch(rows: DataFrame, user_days: DataFrame | None, cfg: CleanConfig)
         .drop("bot_after")
     )
     demoted = demoted.join(flags.select(C.USER_ID, F.col("bot_before").alias("was_bot")), C.USER_ID, "left")
-    return Batch(rows, demoted, changed_days, flags)
+    return Batch(rows, demoted, changed_days, flags, counts)
 
 
 OLD_TS = "_old_ts"  # on saved survivor rows: the event time of the survivor it replaces (null: a new group)
@@ -161,10 +164,6 @@ def kept(rows: DataFrame) -> DataFrame:
 
 def quarantined(rows: DataFrame) -> DataFrame:
     return rows.where(F.col(clean.OUTCOME) == QUARANTINED)
-
-
-def duplicates(rows: DataFrame) -> DataFrame:
-    return rows.where(F.col(clean.OUTCOME) == DUPLICATED)
 
 
 def flipped(flags: DataFrame) -> DataFrame:
@@ -200,32 +199,11 @@ def interaction_changes(adds: DataFrame, drops: DataFrame) -> DataFrame:
     return add.unionByName(drop.select(*[F.col(c).cast(add.schema[c].dataType) for c in cols], C.DROP_FLAG))
 
 
-def item_latest_of(rows: DataFrame) -> DataFrame:
-    """Per item: its kept rows, newest price and newest name with the (time, key) they came from: `clean_item_latest`.
-
-    The derived item table (no item file) is a projection of this; keeping the
-    time and key lets a later batch decide which price is newer, as the full
-    clean's window over all rows does, and the count says when an item has no
-    kept row left.
-    """
-    def latest(value: str, alias: str) -> DataFrame:
-        w = Window.partitionBy(C.ITEM_ID).orderBy(F.col(C.EVENT_TS).desc(), F.col(C.RAW_KEY))
-        return (
-            rows.where(F.col(value).isNotNull()).withColumn("_rn", F.row_number().over(w)).where("_rn = 1")
-            .select(C.ITEM_ID, F.col(value).alias(alias), F.col(C.EVENT_TS).alias(f"{alias}_ts"), F.col(C.RAW_KEY).alias(f"{alias}_key"))
-        )
-    return (
-        rows.groupBy(C.ITEM_ID).agg(F.count(F.lit(1)).alias(C.EVENTS))
-        .join(latest(C.PRICE, "price"), C.ITEM_ID, "left")
-        .join(latest(clean.ITEM_NAME_COLUMN, "name"), C.ITEM_ID, "left")
-    )
-
-
 STALE = "_stale"  # on merged item rows: the kept price or name came from a row that left; recompute the item
 
 
 def merged_item_latest(old: DataFrame | None, new: DataFrame, dropped: DataFrame) -> DataFrame:
-    """The state's items changed by a batch: rows added (`new`, from `item_latest_of`) and rows that left
+    """The state's items changed by a batch: rows added (`new`, from `clean.item_latest`) and rows that left
     `interactions` (`dropped`: item_id, _raw_key). The newer price and name win per field; an item whose
     kept value came from a dropped row is flagged `STALE`; an item with no row left has events 0."""
     gone = dropped.groupBy(C.ITEM_ID).agg(F.count(F.lit(1)).alias("_gone"), F.collect_set(C.RAW_KEY).alias("_gone_keys"))
@@ -249,14 +227,6 @@ def merged_item_latest(old: DataFrame | None, new: DataFrame, dropped: DataFrame
     name, name_stale = pick("name")
     events = F.coalesce(F.col(f"o.{C.EVENTS}"), F.lit(0)) + F.coalesce(F.col(f"n.{C.EVENTS}"), F.lit(0)) - F.coalesce(F.col("_gone"), F.lit(0))
     return both.select(C.ITEM_ID, events.cast("long").alias(C.EVENTS), *price, *name, (price_stale | name_stale).alias(STALE))
-
-
-def items_of_latest(latest: DataFrame) -> DataFrame:
-    """The derived item table from `clean_item_latest` (same columns as `clean.items_from_interactions`)."""
-    return latest.where(F.col(C.EVENTS) > 0).select(
-        C.ITEM_ID, F.lit(None).cast("string").alias(C.CATEGORY), F.col("price").alias(C.PRICE),
-        F.lit(True).alias(C.AVAILABLE), F.col("name").alias(C.ITEM_NAME),
-    )
 
 
 # --------------------------------------------------------------------------- where the clean stands
@@ -308,6 +278,18 @@ class Plan:
 INSERT_ONLY = {"MERGE", "WRITE", "CREATE TABLE", "CREATE OR REPLACE TABLE", "SET TBLPROPERTIES", "OPTIMIZE", "CREATE TABLE AS SELECT"}
 
 
+STATE_FORMAT = "s2"  # the layout of the clean's state tables and saved batches; s2: weights as deltas stamped by run
+
+
+def state_rules(cfg) -> str:
+    """What `clean_state` must match for an incremental clean: the rules (`Config.rules_key`) and `STATE_FORMAT`."""
+    return f"{cfg.rules_key()}.{STATE_FORMAT}"
+
+
+def _format(rules: str) -> str:
+    return rules.rpartition(".")[2] if "." in rules else ""
+
+
 def plan(state: CleanState | None, raw_version: int, force_full: bool, rules: str, half_life: float | None,
          operations: list[tuple[int, str, dict]] | None = None) -> Plan:
     """What this clean must do, and why (recorded in `runs`): a pure decision on the state and events_raw's history.
@@ -322,6 +304,8 @@ def plan(state: CleanState | None, raw_version: int, force_full: bool, rules: st
         return Plan("full", "first clean of this warehouse (no clean_state table)", None, raw_version)
     if state.full_pending:
         return Plan("full", "the previous full clean did not finish", None, raw_version)
+    if _format(state.rules or "") != _format(rules):
+        return Plan("full", "the clean's state was written by another version of sparkrec (its layout changed)", None, raw_version)
     if state.pending_version is not None:
         return Plan("resume", f"run {state.pending_run} computed events_raw versions {state.pending_from + 1}-"
                     f"{state.pending_version} and did not finish applying them", state.pending_from, state.pending_version)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pyspark import StorageLevel
 from pyspark.sql import functions as F
 
-from sparkrec import clean, gate, ids, incremental, ingest, ledger, protocol, recommend, runs, sources, stages, tables, train, tune
+from sparkrec import clean, gate, ids, incremental, ingest, joins, ledger, protocol, recommend, runs, sources, stages, tables, train, tune
 from sparkrec import columns as C
 from sparkrec.config import TrainConfig
 from sparkrec.errors import BaselinePublished, GateError, StageError
@@ -67,7 +67,8 @@ def run_clean(ctx: RunContext) -> ledger.Ledger:
     with ctx.stage("clean") as rec:
         clean.check_timestamp_format(ctx.spark, cfg.source)
         tables.ensure_properties(ctx.spark, cfg, C.EVENTS_RAW, ingest.CHANGE_FEED)
-        tables.ensure_properties(ctx.spark, cfg, C.INTERACTIONS, ingest.CHANGE_FEED)
+        tables.ensure_properties(ctx.spark, cfg, C.INTERACTIONS, clean.INTERACTIONS_PROPERTIES)
+        tables.ensure_properties(ctx.spark, cfg, C.QUARANTINE, clean.QUARANTINE_PROPERTIES)
         raw_version = tables.read_required(ctx.spark, cfg, C.EVENTS_RAW).version
         state_df = rec.read_optional(C.CLEAN_STATE)
         first = state_df.first() if state_df is not None else None
@@ -77,7 +78,7 @@ def run_clean(ctx: RunContext) -> ledger.Ledger:
         if (state is not None and state.done_version is not None and state.pending_version is None
                 and not state.full_pending and raw_version > state.done_version and not cfg.clean.full):
             operations = tables.operations_between(ctx.spark, cfg, C.EVENTS_RAW, state.done_version, raw_version)
-        plan = incremental.plan(state, raw_version, cfg.clean.full, cfg.rules_key(), h, operations)
+        plan = incremental.plan(state, raw_version, cfg.clean.full, incremental.state_rules(cfg), h, operations)
         if plan.mode == "incremental":
             try:
                 new_rows = rec.read_inserts(C.EVENTS_RAW, plan.after_version, plan.to_version)
@@ -141,14 +142,15 @@ def _clean_full(ctx: RunContext, rec, state: incremental.CleanState | None, raw_
         state_props = incremental.STATE_PROPERTIES
         rec.overwrite(survivors, C.CLEAN_SURVIVORS, properties=state_props)
         rec.overwrite(clean.user_days_of(rec.read_output(C.CLEAN_SURVIVORS)), C.CLEAN_USER_DAYS, properties=state_props)
-        rec.overwrite(train.weight_sums(rec.read_output(C.INTERACTIONS), h), C.WEIGHTS, properties=state_props)
+        weights = train.weight_sums(rec.read_output(C.INTERACTIONS), h).withColumn(C.RUN_ID, F.lit(ctx.run_id))
+        rec.overwrite(weights, C.WEIGHTS, properties=state_props)
         if cfg.items.path is None:  # no item file: derive items from what was kept, still cached
-            rec.overwrite(incremental.item_latest_of(clean.kept_with_names(classified)), C.CLEAN_ITEM_LATEST, properties=state_props)
-            rec.overwrite(incremental.items_of_latest(rec.read_output(C.CLEAN_ITEM_LATEST)), C.ITEMS)
+            rec.overwrite(clean.item_latest(clean.kept_with_names(classified)), C.CLEAN_ITEM_LATEST, properties=state_props)
+            rec.overwrite(clean.items_of_latest(rec.read_output(C.CLEAN_ITEM_LATEST)), C.ITEMS)
     finally:
         deduped.unpersist()
     ledger.check(tally, written_kept, written_quarantined)
-    _write_state(ctx, rec, incremental.CleanState(done_version=raw_version, half_life_days=h, rules=cfg.rules_key()))
+    _write_state(ctx, rec, incremental.CleanState(done_version=raw_version, half_life_days=h, rules=incremental.state_rules(cfg)))
     return tally
 
 
@@ -161,60 +163,71 @@ def _clean_batch(ctx: RunContext, rec, new_rows, plan: incremental.Plan) -> ledg
     h = cfg.train.recency_half_life_days
     rec.details["read_versions"] = [plan.after_version + 1, plan.to_version]
     survivors = rec.read_optional(C.CLEAN_SURVIVORS)
-    # Judged once and kept: the demoted rows, the bot counts and the outcomes all read it.
-    judged = incremental.judge_batch(new_rows, survivors, cfg.source, cfg.clean, ctx.now).persist(StorageLevel.MEMORY_AND_DISK)
+    with rec.step("read new rows"):
+        small = new_rows.count() <= joins.BROADCAST_KEYS_MAX
+    # Judged once and kept: the demoted rows, the bot counts and the outcomes all read it. The per-day counts
+    # are persisted before the verdicts, outcomes and changed days are computed from them, so Spark reuses them.
+    judged = incremental.judge_batch(new_rows, survivors, cfg.source, cfg.clean, ctx.now, small=small).persist(StorageLevel.MEMORY_AND_DISK)
     batch = incremental.finish_batch(judged, rec.read_optional(C.CLEAN_USER_DAYS), cfg.clean)
+    with rec.step("judge against survivors"):
+        demoted = batch.demoted.localCheckpoint()
+    with rec.step("bot counts"):
+        counts = batch.counts.persist(StorageLevel.MEMORY_AND_DISK)
+        counts.count()
+        flags = batch.flags
     rows = batch.rows.persist(StorageLevel.MEMORY_AND_DISK)
-    demoted = batch.demoted.localCheckpoint()
     try:
-        tally = ledger.tally(rows.count(), clean.ledger_rows(clean.ledger(rows).collect()))
+        with rec.step("classify"):
+            tally = ledger.tally(rows.count(), clean.ledger_rows(clean.ledger(rows).collect()))
         ledger.guard(tally, runs.previous_kept_share(spark, cfg), cfg.clean.min_kept_ratio, cfg.table_name(C.INTERACTIONS))
         # Users whose bot verdict changed: their earlier surviving rows move between the two tables.
-        flips = incremental.flipped(batch.flags).localCheckpoint()
-        moved = None
-        if survivors is not None and flips.count():
-            moves = incremental.earlier_rows_of(survivors, flips, demoted)
-            raw_all = rec.read_at(C.EVENTS_RAW, plan.to_version)
-            moved = incremental.reclassified(raw_all, moves, cfg.source).localCheckpoint()
+        with rec.step("bot verdicts"):
+            flips = incremental.flipped(flags).localCheckpoint()
+            moved = None
+            if survivors is not None and flips.count():
+                moves = incremental.earlier_rows_of(survivors, flips, demoted)
+                raw_all = rec.read_at(C.EVENTS_RAW, plan.to_version)
+                moved = incremental.reclassified(raw_all, moves, cfg.source).localCheckpoint()
         columns = clean.INTERACTION_COLUMNS + [clean.ITEM_NAME_COLUMN]
         adds = incremental.kept(rows).select(*columns)
         q_adds = incremental.quarantined(rows)
-        demoted_human = demoted.where(~F.coalesce(F.col("was_bot"), F.lit(False)))
-        drops_kept = None
-        if demoted_human.count():
-            inter = rec.read(C.INTERACTIONS)
-            lo, hi = demoted_human.agg(F.min(C.EVENT_TS), F.max(C.EVENT_TS)).first()
-            drops_kept = (inter.where(F.col(C.EVENT_TS).between(lo, hi))
-                          .join(demoted_human.select(C.RAW_KEY), C.RAW_KEY, "left_semi").select(*clean.INTERACTION_COLUMNS))
-        q_drops = demoted.where(F.coalesce(F.col("was_bot"), F.lit(False))).select(C.RAW_KEY)
-        if moved is not None:
-            moved_in = moved.where(~F.col("bot_after"))
-            moved_out = moved.where(F.col("bot_after"))
-            adds = adds.unionByName(moved_in.select(*columns))
-            q_adds = q_adds.unionByName(moved_out, allowMissingColumns=True)
-            q_drops = q_drops.unionByName(moved_in.select(C.RAW_KEY))
-            out_rows = moved_out.select(*clean.INTERACTION_COLUMNS)
-            drops_kept = out_rows if drops_kept is None else drops_kept.unionByName(out_rows)
-        if drops_kept is None:
-            drops_kept = adds.limit(0).select(*clean.INTERACTION_COLUMNS)
-        drops_kept = drops_kept.localCheckpoint()
-        adds = adds.localCheckpoint()
+        with rec.step("rows that leave"):
+            demoted_human = demoted.where(~F.coalesce(F.col("was_bot"), F.lit(False)))
+            drops_kept = None
+            if demoted_human.count():
+                inter = rec.read(C.INTERACTIONS)
+                lo, hi = demoted_human.agg(F.min(C.EVENT_TS), F.max(C.EVENT_TS)).first()
+                drops_kept = (inter.where(F.col(C.EVENT_TS).between(lo, hi))
+                              .join(demoted_human.select(C.RAW_KEY), C.RAW_KEY, "left_semi").select(*clean.INTERACTION_COLUMNS))
+            q_drops = demoted.where(F.coalesce(F.col("was_bot"), F.lit(False))).select(C.RAW_KEY)
+            if moved is not None:
+                moved_in = moved.where(~F.col("bot_after"))
+                moved_out = moved.where(F.col("bot_after"))
+                adds = adds.unionByName(moved_in.select(*columns))
+                q_adds = q_adds.unionByName(moved_out, allowMissingColumns=True)
+                q_drops = q_drops.unionByName(moved_in.select(C.RAW_KEY))
+                out_rows = moved_out.select(*clean.INTERACTION_COLUMNS)
+                drops_kept = out_rows if drops_kept is None else drops_kept.unionByName(out_rows)
+            if drops_kept is None:
+                drops_kept = adds.limit(0).select(*clean.INTERACTION_COLUMNS)
+            drops_kept = drops_kept.localCheckpoint()
+            adds = adds.localCheckpoint()
         inter_changes = incremental.interaction_changes(adds, drops_kept)
         quarantine = clean.quarantine_of(q_adds.withColumn(clean.OUTCOME, F.lit(ledger.QUARANTINED)), ctx.run_id)
         q_changes = quarantine.withColumn(C.DROP_FLAG, F.lit(False)).unionByName(
             q_drops.select(C.RAW_KEY, F.lit(True).alias(C.DROP_FLAG)), allowMissingColumns=True)
-        weights = train.combined_weights(rec.read_optional(C.WEIGHTS), train.weight_sums(adds, h), train.weight_sums(drops_kept, h))
         saved = {
             "interactions": inter_changes,
             "quarantine": q_changes,
             "survivors": incremental.new_survivors(rows).withColumn(C.DROP_FLAG, F.lit(False)),
             "user_days": batch.user_days.withColumn(C.DROP_FLAG, F.col(C.EVENTS) <= 0),
-            "weights": weights.withColumn(C.DROP_FLAG, F.col(C.EVENTS) <= 0),
+            "weights": train.weight_deltas(train.weight_sums(adds, h), train.weight_sums(drops_kept, h), ctx.run_id),
         }
         if cfg.items.path is None:
             saved["item_latest"] = _item_changes(ctx, rec, adds, drops_kept, plan).withColumn(C.DROP_FLAG, F.col(C.EVENTS) <= 0)
         for part, df in saved.items():
-            tables.write_scratch(df, cfg, f"{_WORK}/{part}")
+            with rec.step(f"save {part}"):
+                tables.write_scratch(df, cfg, f"{_WORK}/{part}")
         expected = {"adds": adds.count(), "drops": drops_kept.count(), "demoted": demoted.count(),
                     "moved": 0 if moved is None else moved.count(),
                     "quarantine_adds": tally.quarantined + (0 if moved is None else moved_out.count()),
@@ -222,12 +235,13 @@ def _clean_batch(ctx: RunContext, rec, new_rows, plan: incremental.Plan) -> ledg
         rec.details["changes"] = expected
     finally:
         rows.unpersist()
+        counts.unpersist()
         judged.unpersist()
     state = incremental.CleanState(
         done_version=plan.after_version, pending_from=plan.after_version, pending_version=plan.to_version,
         pending_run=ctx.run_id, pending_ledger=json.dumps({**tally.as_dict(), "reasons": tally.reasons,
                                                           "duplicate_kinds": tally.duplicate_kinds}),
-        half_life_days=h, rules=cfg.rules_key(),
+        half_life_days=h, rules=incremental.state_rules(cfg),
     )
     _write_state(ctx, rec, state)
     return tally
@@ -238,7 +252,7 @@ def _item_changes(ctx: RunContext, rec, adds, drops, plan: incremental.Plan):
     row that left `interactions` is recomputed from its remaining rows (their names from events_raw): rare,
     as it takes a demoted or moved row that was the item's newest."""
     merged = incremental.merged_item_latest(
-        rec.read_optional(C.CLEAN_ITEM_LATEST), incremental.item_latest_of(adds), drops.select(C.ITEM_ID, C.RAW_KEY)
+        rec.read_optional(C.CLEAN_ITEM_LATEST), clean.item_latest(adds), drops.select(C.ITEM_ID, C.RAW_KEY)
     ).localCheckpoint()
     stale = merged.where(F.col(incremental.STALE) & (F.col(C.EVENTS) > 0)).select(C.ITEM_ID).localCheckpoint()
     merged = merged.drop(incremental.STALE)
@@ -253,7 +267,7 @@ def _item_changes(ctx: RunContext, rec, adds, drops, plan: incremental.Plan):
         .select(C.RAW_KEY, clean.ITEM_NAME_COLUMN)
     )
     rows = remaining.join(named, C.RAW_KEY, "left").unionByName(adds.join(F.broadcast(stale), C.ITEM_ID, "left_semi"))
-    redone = incremental.item_latest_of(rows)
+    redone = clean.item_latest(rows)
     return merged.join(stale, C.ITEM_ID, "left_anti").unionByName(redone)
 
 
@@ -280,15 +294,20 @@ def _apply_batch(ctx: RunContext, rec, plan: incremental.Plan, batch_run: str, f
         return {"inserted": result.inserted, "deleted": deleted}
 
     part = "interactions"
-    lo, hi = work[part].agg(F.min(C.EVENT_TS), F.max(C.EVENT_TS)).first()
-    if lo is not None:
-        window = F.col(f"t.{C.EVENT_TS}").between(F.lit(lo), F.lit(hi))
-        rec.details["interactions_changed"] = changed(part, C.INTERACTIONS, work[part], [C.RAW_KEY], window,
-                                                      properties=clean.INTERACTIONS_PROPERTIES)
+    # A first application inserts only keys no table holds yet, so the target rows it can meet are the dropped
+    # ones: their time range is the window (the day's own files are not read). A re-run may meet its own inserts.
+    rows = work[part].where(F.col(C.DROP_FLAG)) if first else work[part]
+    lo, hi = rows.agg(F.min(C.EVENT_TS), F.max(C.EVENT_TS)).first() if drops[part] or not first else (None, None)
+    window = None if lo is None else F.col(f"t.{C.EVENT_TS}").between(F.lit(lo), F.lit(hi))
+    if first or lo is not None:
+        with rec.step("apply interactions"):
+            rec.details["interactions_changed"] = changed(part, C.INTERACTIONS, work[part], [C.RAW_KEY], window,
+                                                          properties=clean.INTERACTIONS_PROPERTIES)
     part = "quarantine"
     # Without drops the target rows can only be this batch's own (a re-run's): Delta reads that run's files.
     window = None if drops[part] else F.col(f"t.{C.RUN_ID}") == batch_run
-    rec.details["quarantine_changed"] = changed(part, C.QUARANTINE, work[part], [C.RAW_KEY], window, properties=clean.QUARANTINE_PROPERTIES)
+    with rec.step("apply quarantine"):
+        rec.details["quarantine_changed"] = changed(part, C.QUARANTINE, work[part], [C.RAW_KEY], window, properties=clean.QUARANTINE_PROPERTIES)
     if first:  # the ledger on what Delta wrote: every row this batch moves, exactly once
         want = rec.details["changes"]
         got = rec.details.get("interactions_changed", {"inserted": 0, "deleted": 0}), rec.details["quarantine_changed"]
@@ -302,24 +321,30 @@ def _apply_batch(ctx: RunContext, rec, plan: incremental.Plan, batch_run: str, f
     old_lo, old_hi, new_lo, new_hi = survivors.agg(F.min(incremental.OLD_TS), F.max(incremental.OLD_TS),
                                                    F.min(C.EVENT_TS), F.max(C.EVENT_TS)).first()
     rows = survivors.drop(incremental.OLD_TS)
-    if first and old_lo is None:  # new groups only
-        rec.append(rows.drop(C.DROP_FLAG), C.CLEAN_SURVIVORS, properties=props)
-    elif new_lo is not None:
-        # The rows to replace are the demoted survivors (times known); a re-run may also meet its own new rows.
-        bounds = [b for b in (old_lo, old_hi) if b is not None] + ([] if first else [new_lo, new_hi])
-        window = F.col(f"t.{C.EVENT_TS}").between(F.lit(min(bounds)), F.lit(max(bounds)))
-        rec.upsert(rows, C.CLEAN_SURVIVORS, [C.DEDUP_GROUP], target_where=window, properties=props)
+    with rec.step("apply survivors"):
+        if first and old_lo is None:  # new groups only
+            rec.append(rows.drop(C.DROP_FLAG), C.CLEAN_SURVIVORS, properties=props)
+        elif new_lo is not None:
+            # The rows to replace are the demoted survivors (times known); a re-run may also meet its own new rows.
+            bounds = [b for b in (old_lo, old_hi) if b is not None] + ([] if first else [new_lo, new_hi])
+            window = F.col(f"t.{C.EVENT_TS}").between(F.lit(min(bounds)), F.lit(max(bounds)))
+            rec.upsert(rows, C.CLEAN_SURVIVORS, [C.DEDUP_GROUP], target_where=window, properties=props)
     days = work["user_days"]
     d_lo, d_hi = days.agg(F.min(C.DAY), F.max(C.DAY)).first()
     if d_lo is not None:
+      with rec.step("apply user_days"):
         rec.upsert(days, C.CLEAN_USER_DAYS, [C.USER_ID, C.DAY], target_where=F.col(f"t.{C.DAY}").between(F.lit(d_lo), F.lit(d_hi)),
                    properties=props)
-    rec.upsert(work["weights"], C.WEIGHTS, [C.USER_ID, C.ITEM_ID, C.EVENT_TYPE], properties=props)
+    with rec.step("apply weights"):
+        updates, delete_when, insert_when, inserts = train.apply_weight_deltas()
+        rec.merge_deltas(work["weights"], C.WEIGHTS, [C.USER_ID, C.ITEM_ID, C.EVENT_TYPE], batch=C.RUN_ID, updates=updates,
+                         delete_when=delete_when, insert_when=insert_when, inserts=inserts, properties=props)
     if cfg.items.path is None:
+      with rec.step("apply items"):
         rec.upsert(tables.read_scratch(spark, cfg, f"{_WORK}/item_latest"), C.CLEAN_ITEM_LATEST, [C.ITEM_ID], properties=props)
-        rec.overwrite(incremental.items_of_latest(rec.read_output(C.CLEAN_ITEM_LATEST)), C.ITEMS)
+        rec.overwrite(clean.items_of_latest(rec.read_output(C.CLEAN_ITEM_LATEST)), C.ITEMS)
     _write_state(ctx, rec, incremental.CleanState(done_version=plan.to_version, half_life_days=cfg.train.recency_half_life_days,
-                                                  rules=cfg.rules_key()))
+                                                  rules=incremental.state_rules(cfg)))
 
 
 def run_ids(ctx: RunContext) -> None:

@@ -148,6 +148,12 @@ class StageRecord:
         self.outputs[self.cfg.table_name(key)] = result.version
         return result, deleted
 
+    def merge_deltas(self, df: DataFrame, key: str, on: list[str], **kwargs: Any) -> tables.MergeResult:
+        """Sums added in one MERGE, once per batch (`tables.merge_deltas`), noted as an output."""
+        result = tables.merge_deltas(df, self.cfg, key, on, **kwargs)
+        self.outputs[self.cfg.table_name(key)] = result.version
+        return result
+
     def append(self, df: DataFrame, key: str, *, properties: dict[str, str] | None = None) -> int:
         """Append rows (`tables.append_rows`), noted as an output; returns the rows Delta wrote."""
         before = tables.current_version(self.spark, self.cfg.table_path(key))
@@ -156,6 +162,19 @@ class StageRecord:
         if version == before:  # nothing to append: Delta committed nothing
             return 0
         return tables.commit_metrics(self.spark, self.cfg.table_path(key), version).get("numOutputRows", 0)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        """Time one step of a long stage: logged as it ends and kept in `details["steps"]` (seconds), so a slow
+        day can be read off `sparkrec runs` without a profiler."""
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            took = round(time.monotonic() - t0, 2)
+            steps = self.details.setdefault("steps", {})
+            steps[name] = round(steps.get(name, 0.0) + took, 2)
+            log.info("stage %s: %s took %.1f s", self.stage, name, took)
 
     def read_output(self, key: str) -> DataFrame:
         """The version of `key` this stage just wrote (not noted as an input)."""

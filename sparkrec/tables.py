@@ -314,6 +314,37 @@ def apply_changes(
     return _retrying(cfg.table_name(key), lambda: _change_merge(df, cfg, key, on, False, target_where, properties))
 
 
+def merge_deltas(
+    df: DataFrame, cfg: Config, key: str, on: list[str], *, batch: str,
+    updates: dict[str, Column], delete_when: Column, insert_when: Column, inserts: dict[str, Column],
+    properties: dict[str, str] | None = None,
+) -> MergeResult:
+    """Add a batch's deltas to a table of sums in one MERGE: `updates` and `delete_when` are expressions of the
+    target (`t.`) and source (`s.`) rows, `inserts` the values of a new key.
+
+    Sums are not absolute rows, so a second application must not add again: every row the MERGE changes
+    takes the source's `batch` column, and a target row that already carries it is left alone.
+    """
+    guard = ~F.col(f"t.`{batch}`").eqNullSafe(F.col(f"s.`{batch}`"))
+
+    def run() -> MergeResult:
+        spark, path = df.sparkSession, cfg.table_path(key)
+        created = _create_if_missing(df.alias("s").where(insert_when).select(*[v.alias(k) for k, v in inserts.items()]),
+                                     cfg, key, properties)
+        if created is not None:
+            return created
+        builder = (
+            DeltaTable.forPath(spark, path).alias("t").merge(df.alias("s"), _key_condition(on))
+            .whenMatchedDelete(guard & delete_when)
+            .whenMatchedUpdate(guard, set={f"`{k}`": v for k, v in updates.items()})
+            .whenNotMatchedInsert(insert_when, {f"`{k}`": v for k, v in inserts.items()})
+        )
+        before = current_version(spark, path)
+        return _merge_result(spark, path, before, builder.execute().first())
+
+    return _retrying(cfg.table_name(key), run)
+
+
 def read_inserts(spark: SparkSession, cfg: Config, key: str, after_version: int, to_version: int) -> DataFrame:
     """The rows inserted into a table in versions (after_version, to_version], from Delta's change data feed.
 

@@ -180,34 +180,57 @@ def weight_sums(events: DataFrame, half_life_days: float | None) -> DataFrame:
     )
 
 
-def combined_weights(old: DataFrame | None, added: DataFrame, removed: DataFrame) -> DataFrame:
-    """Absolute weight rows for every key `added` or `removed` touch: old + added - removed (events 0 = delete).
+def weight_deltas(added: DataFrame, removed: DataFrame, run_id: str) -> DataFrame:
+    """What one batch changes in `user_item_weights`: per key the sums entering (a_) and leaving (r_) the table.
 
-    `added` and `removed` are `weight_sums` of the rows entering and leaving
-    `interactions`; their log sums combine as 2^old + 2^added - 2^removed.
+    `added` and `removed` are `weight_sums` of the rows entering and leaving `interactions`. The deltas
+    are applied by `apply_weight_deltas` inside the MERGE, so a day never reads the table's old rows
+    itself; `run_id` stamps the rows it changes, which makes applying the same deltas twice a no-op.
     """
     keys = [C.USER_ID, C.ITEM_ID, C.EVENT_TYPE]
-    touched = added.select(*keys).unionByName(removed.select(*keys)).distinct()
-    base = touched if old is None else touched.join(old.join(touched, keys, "left_semi"), keys, "left")
-    if old is None:
-        base = base.select(*keys, F.lit(0).cast("long").alias(C.EVENTS), F.lit(0.0).alias(C.VALUE), F.lit(_NEG).alias(C.LOG2_DECAYED))
-    a = added.select(*keys, *[F.col(c).alias(f"a_{c}") for c in (C.EVENTS, C.VALUE, C.LOG2_DECAYED)])
-    r = removed.select(*keys, *[F.col(c).alias(f"r_{c}") for c in (C.EVENTS, C.VALUE, C.LOG2_DECAYED)])
-    j = base.join(a, keys, "left").join(r, keys, "left")
-
-    def z(c: str, default: float) -> Column:
-        return F.coalesce(F.col(c), F.lit(default))
-
-    lo, la, lr = z(C.LOG2_DECAYED, _NEG), z(f"a_{C.LOG2_DECAYED}", _NEG), z(f"r_{C.LOG2_DECAYED}", _NEG)
-    top = F.greatest(lo, la)
-    total = F.pow(F.lit(2.0), lo - top) + F.pow(F.lit(2.0), la - top) - F.pow(F.lit(2.0), lr - top)
-    events = z(C.EVENTS, 0) + z(f"a_{C.EVENTS}", 0) - z(f"r_{C.EVENTS}", 0)
-    return j.select(
+    sums = (C.EVENTS, C.VALUE, C.LOG2_DECAYED)
+    zero = {C.EVENTS: F.lit(0).cast("long"), C.VALUE: F.lit(0.0), C.LOG2_DECAYED: F.lit(_NEG)}
+    a = added.select(*keys, *[F.col(c).alias(f"a_{c}") for c in sums])
+    r = removed.select(*keys, *[F.col(c).alias(f"r_{c}") for c in sums])
+    return a.join(r, keys, "full_outer").select(
         *keys,
-        events.cast("long").alias(C.EVENTS),
-        (z(C.VALUE, 0.0) + z(f"a_{C.VALUE}", 0.0) - z(f"r_{C.VALUE}", 0.0)).alias(C.VALUE),
-        F.when(top <= _NEG / 2, F.lit(_NEG)).otherwise(top + F.log2(F.greatest(total, F.lit(1e-300)))).alias(C.LOG2_DECAYED),
+        *[F.coalesce(F.col(f"{p}_{c}"), zero[c]).alias(f"{p}_{c}") for p in ("a", "r") for c in sums],
+        F.lit(run_id).alias(C.RUN_ID),
     )
+
+
+def _log2_combined(old: Column, added: Column, removed: Column) -> Column:
+    """log2(2^old + 2^added - 2^removed) without overflow; an empty sum is `_NEG`."""
+    top = F.greatest(old, added)
+    total = F.pow(F.lit(2.0), old - top) + F.pow(F.lit(2.0), added - top) - F.pow(F.lit(2.0), removed - top)
+    return F.when(top <= _NEG / 2, F.lit(_NEG)).otherwise(top + F.log2(F.greatest(total, F.lit(1e-300))))
+
+
+def apply_weight_deltas() -> tuple[dict[str, Column], Column, Column, dict[str, Column]]:
+    """The MERGE of `weight_deltas` (source `s`) into `user_item_weights` (target `t`):
+    (matched updates, matched delete condition, not-matched insert condition, inserted values).
+
+    A key that loses its last event is deleted. A source key that is absent from the table is inserted
+    only when the batch removes nothing from it: removals are of rows the table already counted, so an
+    absent key with removals was deleted by an earlier application of this same batch.
+    """
+    def t(c: str) -> Column:
+        return F.col(f"t.{c}")
+
+    def s(c: str) -> Column:
+        return F.col(f"s.{c}")
+
+    events = t(C.EVENTS) + s(f"a_{C.EVENTS}") - s(f"r_{C.EVENTS}")
+    updates = {
+        C.EVENTS: events,
+        C.VALUE: t(C.VALUE) + s(f"a_{C.VALUE}") - s(f"r_{C.VALUE}"),
+        C.LOG2_DECAYED: _log2_combined(t(C.LOG2_DECAYED), s(f"a_{C.LOG2_DECAYED}"), s(f"r_{C.LOG2_DECAYED}")),
+        C.RUN_ID: s(C.RUN_ID),
+    }
+    inserts = {C.USER_ID: s(C.USER_ID), C.ITEM_ID: s(C.ITEM_ID), C.EVENT_TYPE: s(C.EVENT_TYPE),
+               C.EVENTS: s(f"a_{C.EVENTS}"), C.VALUE: s(f"a_{C.VALUE}"), C.LOG2_DECAYED: s(f"a_{C.LOG2_DECAYED}"),
+               C.RUN_ID: s(C.RUN_ID)}
+    return updates, events <= 0, (s(f"r_{C.EVENTS}") == 0) & (s(f"a_{C.EVENTS}") > 0), inserts
 
 
 def weights_usable(train: TrainConfig, table_half_life: float | None) -> str | None:

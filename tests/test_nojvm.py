@@ -272,3 +272,7 @@ def test_the_clean_plan_names_what_it_does_and_why():
     resume = plan(pending, 9, False, "r2", 7.0)  # a saved batch is finished before anything else
     assert (resume.mode, resume.after_version, resume.to_version) == ("resume", 4, 6) and "r-9" in resume.reason
     assert plan(CleanState(done_version=4, full_pending=True, rules="r1", half_life_days=30.0), 4, False, "r1", 30.0).mode == "full"
+    # a pending batch saved in an older layout is not applied by this code: the clean turns full
+    old = CleanState(done_version=4, pending_from=4, pending_version=6, pending_run="r-9", half_life_days=30.0, rules="r1.s1")
+    upgraded = plan(old, 9, False, "r1.s2", 30.0)
+    assert upgraded.mode == "full" and "layout" in upgraded.reason
