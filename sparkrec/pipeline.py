@@ -14,6 +14,7 @@ import logging
 from collections.abc import Sequence
 
 from pyspark import StorageLevel
+from pyspark.sql import Column
 from pyspark.sql import functions as F
 
 from sparkrec import clean, gate, ids, incremental, ingest, joins, ledger, protocol, recommend, runs, sources, stages, tables, train, tune
@@ -155,6 +156,7 @@ def _clean_full(ctx: RunContext, rec, state: incremental.CleanState | None, raw_
 
 
 _WORK = "clean"  # the saved batch: _work/clean/<part>
+_DROP_KEYS_MAX = 100_000  # dropped rows a first application names in its MERGE condition (more: the time window only)
 
 
 def _clean_batch(ctx: RunContext, rec, new_rows, plan: incremental.Plan) -> ledger.Ledger:
@@ -293,12 +295,21 @@ def _apply_batch(ctx: RunContext, rec, plan: incremental.Plan, batch_run: str, f
         result, deleted = rec.apply_changes(df, key, on, target_where=window, **kwargs)
         return {"inserted": result.inserted, "deleted": deleted}
 
+    def dropped_keys(part: str) -> Column | None:
+        """On a first application the only target rows a MERGE can meet are the dropped ones (its inserts are keys
+        no table holds yet): naming them lets Delta filter the target while reading it, so the join meets a few
+        rows instead of every row of the files in the window. None when there are too many to name."""
+        keys = [r[0] for r in work[part].where(F.col(C.DROP_FLAG)).select(C.RAW_KEY).limit(_DROP_KEYS_MAX + 1).collect()]
+        return F.col(f"t.{C.RAW_KEY}").isin(keys) if len(keys) <= _DROP_KEYS_MAX else None
+
     part = "interactions"
-    # A first application inserts only keys no table holds yet, so the target rows it can meet are the dropped
-    # ones: their time range is the window (the day's own files are not read). A re-run may meet its own inserts.
+    # A first application meets only the dropped rows: their time range is the window (the day's own files are not
+    # read) and their keys the filter. A re-run may also meet its own inserts, so it takes every row's range.
     rows = work[part].where(F.col(C.DROP_FLAG)) if first else work[part]
     lo, hi = rows.agg(F.min(C.EVENT_TS), F.max(C.EVENT_TS)).first() if drops[part] or not first else (None, None)
     window = None if lo is None else F.col(f"t.{C.EVENT_TS}").between(F.lit(lo), F.lit(hi))
+    if first and window is not None and (named := dropped_keys(part)) is not None:
+        window = window & named
     if first or lo is not None:
         with rec.step("apply interactions"):
             rec.details["interactions_changed"] = changed(part, C.INTERACTIONS, work[part], [C.RAW_KEY], window,
@@ -306,6 +317,8 @@ def _apply_batch(ctx: RunContext, rec, plan: incremental.Plan, batch_run: str, f
     part = "quarantine"
     # Without drops the target rows can only be this batch's own (a re-run's): Delta reads that run's files.
     window = None if drops[part] else F.col(f"t.{C.RUN_ID}") == batch_run
+    if first and drops[part]:
+        window = dropped_keys(part)
     with rec.step("apply quarantine"):
         rec.details["quarantine_changed"] = changed(part, C.QUARANTINE, work[part], [C.RAW_KEY], window, properties=clean.QUARANTINE_PROPERTIES)
     if first:  # the ledger on what Delta wrote: every row this batch moves, exactly once
