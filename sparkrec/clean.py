@@ -203,7 +203,7 @@ def normalize(raw: DataFrame, src: InputConfig) -> DataFrame:
     )
 
 
-def _invalid_id(col: Column, max_length: int, json_source: bool) -> Column:
+def invalid_id(col: Column, max_length: int, json_source: bool) -> Column:
     """An id no shop would issue: a JSON object or array (a nested field mapped as an id),
     control characters or NUL, or longer than `clean.max_id_length`; in a JSON source also
     `true` / `false` (Spark's JSON reader gives a boolean as that text, indistinguishable
@@ -229,9 +229,9 @@ def reject_rules(
     rules: list[tuple[str, Column]] = [
         (MALFORMED, F.col(C.CORRUPT_RECORD).isNotNull()),
         (MISSING_USER, F.col(C.USER_ID).isNull()),
-        (INVALID_USER, _invalid_id(F.col(C.USER_ID), clean.max_id_length, src.format == "json")),
+        (INVALID_USER, invalid_id(F.col(C.USER_ID), clean.max_id_length, src.format == "json")),
         (MISSING_ITEM, F.col(C.ITEM_ID).isNull()),
-        (INVALID_ITEM, _invalid_id(F.col(C.ITEM_ID), clean.max_id_length, src.format == "json")),
+        (INVALID_ITEM, invalid_id(F.col(C.ITEM_ID), clean.max_id_length, src.format == "json")),
     ]
     if src.kind == "transactions":
         rules.append((CANCELLATION, F.col(C.EVENT_TYPE) == C.CANCELLATION))

@@ -101,6 +101,14 @@ def _parser() -> argparse.ArgumentParser:
     rb = sub.add_parser("rollback", help="restore recommendations, similar_items and factors to what a run wrote")
     with_config(rb)
     rb.add_argument("--to", required=True, metavar="RUN_ID")
+    fg = sub.add_parser("forget", help="erase customers from every table, model and old table version (GDPR erasure)")
+    with_config(fg)
+    fg.add_argument("--user", dest="users", action="append", default=[], metavar="KEY", help="a customer's key (repeatable)")
+    fg.add_argument("--users-file", default=None, metavar="FILE", help="a file of customer keys, one per line")
+    fg.add_argument("--retrain", action="store_true", help="then train and recommend, so the model no longer carries them")
+    look = sub.add_parser("lookup-user", help="print the pseudonym a user key has in this warehouse (privacy.pseudonymize_user_ids)")
+    with_config(look)
+    look.add_argument("key", metavar="KEY", help="the user key as the shop knows it")
     rep = sub.add_parser("report", help="write a self-contained HTML report of a run")
     with_config(rep)
     rep.add_argument("run_id", metavar="RUN_ID")
@@ -186,6 +194,21 @@ def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> in
 
         overrides = [*args.overrides, *(["clean.full=true"] if getattr(args, "full", False) else [])]
         cfg = load_config(args.config, overrides)
+        if args.command == "lookup-user":  # no Spark: the pseudonym is a keyed hash of the key
+            from sparkrec import privacy
+
+            if not cfg.privacy.pseudonymize_user_ids:
+                raise ConfigError("privacy.pseudonymize_user_ids is off in this config: user keys are stored as they are")
+            print(privacy.pseudonym(privacy.load_secret(cfg.privacy), privacy.lookup_key(args.key)))
+            return 0
+        if args.command == "forget":
+            from sparkrec import forget
+
+            keys = forget.read_keys(args.users, args.users_file)
+        if cfg.privacy.pseudonymize_user_ids and args.command in ("ingest", "run", "forget"):
+            from sparkrec import privacy
+
+            privacy.load_secret(cfg.privacy)  # a missing secret fails here, before Spark starts
         check_warehouse(cfg)
         if args.command in ("ingest", "run"):
             check_input_paths(cfg)
@@ -211,6 +234,12 @@ def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> in
                         log.debug("no summary", exc_info=True)
             if args.command == "tune":
                 print(tuned_settings(settings))
+        elif args.command == "forget":
+            done = pipeline.run_forget(ctx, keys)
+            print(forget_summary(done))
+            if args.retrain:
+                pipeline.run_stages(ctx, ("ids", "train", "recommend"))
+                print("retrained: the model and the lists no longer use their events")
         elif args.command == "runs":
             from sparkrec import runs
 
@@ -240,6 +269,18 @@ def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> in
         where = f" in stage {ctx.failed_stage}" if ctx is not None and ctx.failed_stage else ""
         print(f"sparkrec: failed{where}: {describe(exc)} (rerun with -v for the traceback)", file=sys.stderr)
         return 1
+
+
+def forget_summary(done: dict) -> str:
+    """What `forget` did, for the person who answers the request."""
+    rows = ", ".join(f"{t} {n:,}" for t, n in sorted(done["rows_deleted"].items()) if n) or "none (nothing of theirs was stored)"
+    lines = [f"forgot {done['users']} customer(s): rows deleted: {rows}; model factors removed: {done['model_factors_deleted']:,}"]
+    if done["purged"]:
+        lines.append("purged: every table's older versions are vacuumed (time travel before this erasure is gone)")
+    else:
+        lines.append(f"NOT purged yet: {done['note']}")
+    lines.append("until the next training the item factors still carry their past influence (--retrain trains now)")
+    return "\n".join(lines)
 
 
 def tuned_settings(tuned) -> str:

@@ -89,6 +89,7 @@ CLEAN_STATE = "clean_state"
 CLEAN_SURVIVORS = "clean_survivors"
 CLEAN_USER_DAYS = "clean_user_days"
 CLEAN_ITEM_LATEST = "clean_item_latest"
+ERASURES = "erasures"  # one row per `sparkrec forget` request
 TABLES = (
     EVENTS_RAW,
     INTERACTIONS,
@@ -106,6 +107,7 @@ TABLES = (
     CLEAN_USER_DAYS,
     CLEAN_ITEM_LATEST,
     RUNS,
+    ERASURES,
 )
 
 # Columns of the weight table and the clean state.

@@ -497,6 +497,28 @@ class IntervalConfig(_Strict):
         return self.start is not None
 
 
+class PrivacyConfig(_Strict):
+    """Customer keys as personal data (README "Privacy")."""
+
+    pseudonymize_user_ids: bool = Field(
+        default=False,
+        description="Replace each user key by a keyed hash (HMAC-SHA256) at ingest, before anything is written. "
+        "Recommended; must be on from a warehouse's first ingest.",
+    )
+    secret_env: str = Field(default="SPARKREC_PSEUDONYM_SECRET", description="Environment variable holding the secret.")
+    secret_file: str | None = Field(default=None, description="A file holding the secret (used when set, instead of the variable).")
+    drop_raw_columns: list[str] = Field(
+        default_factory=list, description="Input columns never stored (free text, addresses, emails): dropped at ingest."
+    )
+
+    @field_validator("secret_env")
+    @classmethod
+    def _env_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            raise ValueError(f"{v!r} is not an environment variable name (the secret itself never goes in the config)")
+        return v
+
+
 class Config(_Strict):
     warehouse: str
     checkpoint_dir: str | None = Field(default=None, description="Defaults to <warehouse>/_checkpoints.")
@@ -510,6 +532,15 @@ class Config(_Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     tune: TuneConfig = TuneConfig()
     interval: IntervalConfig = IntervalConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+
+    @model_validator(mode="after")
+    def _kept_columns_are_not_dropped(self) -> Config:
+        mapped = {v for v in self.source.columns.model_dump().values() if v}
+        clash = sorted(mapped & set(self.privacy.drop_raw_columns))
+        if clash:
+            raise ValueError(f"privacy.drop_raw_columns names {clash}, which source.columns maps: sparkrec needs them")
+        return self
 
     @field_validator("tables")
     @classmethod

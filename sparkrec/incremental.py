@@ -39,6 +39,14 @@ _SURVIVOR = "_survivor"
 # The maintained tables change a few rows in many files each day: deletion vectors let a MERGE mark
 # the old rows instead of rewriting every file it touches.
 STATE_PROPERTIES = {"delta.enableDeletionVectors": "true"}
+# Statistics only where a MERGE window uses them, and never on a user key: a Delta log keeps the
+# statistics of files long after their rows are gone, and `sparkrec forget` must leave no key behind.
+_STATS = {C.CLEAN_SURVIVORS: C.EVENT_TS, C.CLEAN_USER_DAYS: C.DAY, C.WEIGHTS: C.EVENT_TYPE, C.CLEAN_ITEM_LATEST: C.ITEM_ID}
+
+
+def state_properties(key: str) -> dict[str, str]:
+    """Table properties of the clean's state table `key`."""
+    return {**STATE_PROPERTIES, "delta.dataSkippingStatsColumns": _STATS[key]}
 
 
 @dataclass
@@ -71,9 +79,11 @@ def judge_batch(raw_new: DataFrame, survivors: DataFrame | None, src: InputConfi
             filtered by it as they are read instead of being shuffled, so a day's cost does not grow with history.
     """
     ok = F.col(C.REASON).isNull()
+    # The raw record (every input field as JSON) is only stored for quarantined rows: a batch carries it
+    # through its caches only for those (`with_raw_record`), not for the million it keeps.
     rows = raw_new.transform(clean.normalize, src=src).transform(
         clean.with_reject_reason, rules=clean.reject_rules(src, cfg, now)
-    )
+    ).drop(C.RAW_RECORD)
     group = F.when(ok, clean.dedup_group()).otherwise(F.concat(F.lit("x:"), F.col(C.RAW_KEY)))
     first_w = Window.partitionBy(C.DEDUP_GROUP).orderBy(C.EVENT_TS, C.RAW_KEY)
     copy_w = Window.partitionBy(C.DEDUP_GROUP, C.ROW_HASH).orderBy(C.RAW_KEY)
@@ -156,6 +166,17 @@ def new_survivors(rows: DataFrame) -> DataFrame:
     return rows.where(F.col(_SURVIVOR)).select(
         C.DEDUP_GROUP, C.EVENT_TS, C.RAW_KEY, C.USER_ID, C.DAY, C.HASH_CODE, F.col(_S + C.EVENT_TS).alias(OLD_TS)
     )
+
+
+def with_raw_record(rows: DataFrame, raw_new: DataFrame, src: InputConfig, few: bool) -> DataFrame:
+    """`rows` (from `judge_batch`, which leaves the raw record out) with their raw record again.
+
+    Args:
+        few: `rows` are few enough to broadcast their keys, so only their raw rows are read and normalised.
+    """
+    keys = rows.select(C.RAW_KEY)
+    raw = raw_new.join(F.broadcast(keys) if few else keys, C.RAW_KEY, "left_semi")
+    return rows.join(clean.normalize(raw, src).select(C.RAW_KEY, C.RAW_RECORD), C.RAW_KEY, "left")
 
 
 def kept(rows: DataFrame) -> DataFrame:
@@ -320,7 +341,9 @@ def plan(state: CleanState | None, raw_version: int, force_full: bool, rules: st
         return Plan("none", "no new rows in events_raw", state.done_version, raw_version)
     for version, operation, params in operations or []:
         overwrite = operation == "WRITE" and str(params.get("mode", "")).strip('"').lower() == "overwrite"
-        if operation not in INSERT_ONLY or overwrite:
-            return Plan("full", f"events_raw version {version} is a {operation}{' (overwrite)' if overwrite else ''}, "
-                        "not an insert", None, raw_version)
+        # ingest's MERGE only inserts; one that deletes (`sparkrec forget`) or updates changed earlier rows
+        changes = operation == "MERGE" and any(a in str(params.get("matchedPredicates", "")) for a in ("delete", "update"))
+        if operation not in INSERT_ONLY or overwrite or changes:
+            what = " (overwrite)" if overwrite else " (deleting rows)" if changes else ""
+            return Plan("full", f"events_raw version {version} is a {operation}{what}, not an insert", None, raw_version)
     return Plan("incremental", "new rows in events_raw", state.done_version, raw_version)

@@ -17,7 +17,7 @@ from pyspark import StorageLevel
 from pyspark.sql import Column
 from pyspark.sql import functions as F
 
-from sparkrec import clean, gate, ids, incremental, ingest, joins, ledger, protocol, recommend, runs, sources, stages, tables, train, tune
+from sparkrec import clean, forget, gate, ids, incremental, ingest, joins, ledger, privacy, protocol, recommend, runs, sources, stages, tables, train, tune
 from sparkrec import columns as C
 from sparkrec.config import TrainConfig
 from sparkrec.errors import BaselinePublished, GateError, StageError
@@ -32,13 +32,17 @@ def run_ingest(ctx: RunContext) -> None:
     with ctx.stage("ingest") as rec:
         if cfg.interval.enabled:  # ingest parses event times only to select the interval
             clean.check_timestamp_format(ctx.spark, cfg.source)
-        raw = sources.read_source(ctx.spark, cfg.source)
+        secret = privacy.load_secret(cfg.privacy) if cfg.privacy.pseudonymize_user_ids else None
+        existing = tables.table_properties(ctx.spark, cfg, C.EVENTS_RAW)
+        raw = privacy.prepare_raw(sources.read_source(ctx.spark, cfg.source), cfg, existing, secret)
         selected = ingest.of_interval(raw, cfg.source, cfg.interval)
         result = rec.merge_new_rows(
             ingest.with_lineage(selected, ctx.run_id), C.EVENTS_RAW, on=[C.RAW_KEY],
             properties=ingest.RAW_TABLE_PROPERTIES, evolve_schema=True,
         )
-        if tables.ensure_properties(ctx.spark, cfg, C.EVENTS_RAW, ingest.CHANGE_FEED):
+        # Delta takes only `delta.*` options as properties at creation: the feed and sparkrec's own mark of
+        # what its user keys are go on by an ALTER (the check above runs before every write).
+        if tables.ensure_properties(ctx.spark, cfg, C.EVENTS_RAW, {**ingest.CHANGE_FEED, **privacy.raw_table_properties(cfg)}):
             rec.outputs[cfg.table_name(C.EVENTS_RAW)] = tables.current_version(ctx.spark, cfg.table_path(C.EVENTS_RAW))
         # Delta counted the source while writing; count again only when nothing was committed.
         in_scope = result.source_rows if result.source_rows is not None else selected.count()
@@ -140,13 +144,13 @@ def _clean_full(ctx: RunContext, rec, state: incremental.CleanState | None, raw_
         rec.overwrite(clean.quarantine_of(classified, ctx.run_id), C.QUARANTINE, properties=clean.QUARANTINE_PROPERTIES)
         written_quarantined = rec.rows_written(C.QUARANTINE)
         survivors = clean.survivors_of(classified)
-        state_props = incremental.STATE_PROPERTIES
-        rec.overwrite(survivors, C.CLEAN_SURVIVORS, properties=state_props)
-        rec.overwrite(clean.user_days_of(rec.read_output(C.CLEAN_SURVIVORS)), C.CLEAN_USER_DAYS, properties=state_props)
+        props = incremental.state_properties
+        rec.overwrite(survivors, C.CLEAN_SURVIVORS, properties=props(C.CLEAN_SURVIVORS))
+        rec.overwrite(clean.user_days_of(rec.read_output(C.CLEAN_SURVIVORS)), C.CLEAN_USER_DAYS, properties=props(C.CLEAN_USER_DAYS))
         weights = train.weight_sums(rec.read_output(C.INTERACTIONS), h).withColumn(C.RUN_ID, F.lit(ctx.run_id))
-        rec.overwrite(weights, C.WEIGHTS, properties=state_props)
+        rec.overwrite(weights, C.WEIGHTS, properties=props(C.WEIGHTS))
         if cfg.items.path is None:  # no item file: derive items from what was kept, still cached
-            rec.overwrite(clean.item_latest(clean.kept_with_names(classified)), C.CLEAN_ITEM_LATEST, properties=state_props)
+            rec.overwrite(clean.item_latest(clean.kept_with_names(classified)), C.CLEAN_ITEM_LATEST, properties=props(C.CLEAN_ITEM_LATEST))
             rec.overwrite(clean.items_of_latest(rec.read_output(C.CLEAN_ITEM_LATEST)), C.ITEMS)
     finally:
         deduped.unpersist()
@@ -156,6 +160,7 @@ def _clean_full(ctx: RunContext, rec, state: incremental.CleanState | None, raw_
 
 
 _WORK = "clean"  # the saved batch: _work/clean/<part>
+_FEW_ROWS = 200_000  # rows whose keys a batch may broadcast (a few megabytes)
 _DROP_KEYS_MAX = 100_000  # dropped rows a first application names in its MERGE condition (more: the time window only)
 
 
@@ -192,7 +197,7 @@ def _clean_batch(ctx: RunContext, rec, new_rows, plan: incremental.Plan) -> ledg
                 moved = incremental.reclassified(raw_all, moves, cfg.source).localCheckpoint()
         columns = clean.INTERACTION_COLUMNS + [clean.ITEM_NAME_COLUMN]
         adds = incremental.kept(rows).select(*columns)
-        q_adds = incremental.quarantined(rows)
+        q_adds = incremental.with_raw_record(incremental.quarantined(rows), new_rows, cfg.source, few=tally.quarantined <= _FEW_ROWS)
         with rec.step("rows that leave"):
             demoted_human = demoted.where(~F.coalesce(F.col("was_bot"), F.lit(False)))
             drops_kept = None
@@ -264,11 +269,16 @@ def _item_changes(ctx: RunContext, rec, adds, drops, plan: incremental.Plan):
         rec.read(C.INTERACTIONS).join(F.broadcast(stale), C.ITEM_ID, "left_semi")
         .join(drops.select(C.RAW_KEY), C.RAW_KEY, "left_anti").select(*clean.INTERACTION_COLUMNS)
     )
-    named = (
-        clean.normalize(rec.read_at(C.EVENTS_RAW, plan.to_version).join(remaining.select(C.RAW_KEY), C.RAW_KEY, "left_semi"), ctx.cfg.source)
-        .select(C.RAW_KEY, clean.ITEM_NAME_COLUMN)
-    )
-    rows = remaining.join(named, C.RAW_KEY, "left").unionByName(adds.join(F.broadcast(stale), C.ITEM_ID, "left_semi"))
+    if ctx.cfg.source.columns.item_name:  # names are in the raw rows only
+        named = (
+            clean.normalize(rec.read_at(C.EVENTS_RAW, plan.to_version).join(remaining.select(C.RAW_KEY), C.RAW_KEY, "left_semi"),
+                            ctx.cfg.source)
+            .select(C.RAW_KEY, clean.ITEM_NAME_COLUMN)
+        )
+        remaining = remaining.join(named, C.RAW_KEY, "left")
+    else:
+        remaining = remaining.withColumn(clean.ITEM_NAME_COLUMN, F.lit(None).cast("string"))
+    rows = remaining.unionByName(adds.join(F.broadcast(stale), C.ITEM_ID, "left_semi"))
     redone = clean.item_latest(rows)
     return merged.join(stale, C.ITEM_ID, "left_anti").unionByName(redone)
 
@@ -329,32 +339,32 @@ def _apply_batch(ctx: RunContext, rec, plan: incremental.Plan, batch_run: str, f
             raise StageError(f"ledger does not balance: the batch moves {want} but Delta changed interactions {got[0]} "
                              f"and quarantine {got[1]}")
 
-    props = incremental.STATE_PROPERTIES
+    props = incremental.state_properties
     survivors = work["survivors"]
     old_lo, old_hi, new_lo, new_hi = survivors.agg(F.min(incremental.OLD_TS), F.max(incremental.OLD_TS),
                                                    F.min(C.EVENT_TS), F.max(C.EVENT_TS)).first()
     rows = survivors.drop(incremental.OLD_TS)
     with rec.step("apply survivors"):
         if first and old_lo is None:  # new groups only
-            rec.append(rows.drop(C.DROP_FLAG), C.CLEAN_SURVIVORS, properties=props)
+            rec.append(rows.drop(C.DROP_FLAG), C.CLEAN_SURVIVORS, properties=props(C.CLEAN_SURVIVORS))
         elif new_lo is not None:
             # The rows to replace are the demoted survivors (times known); a re-run may also meet its own new rows.
             bounds = [b for b in (old_lo, old_hi) if b is not None] + ([] if first else [new_lo, new_hi])
             window = F.col(f"t.{C.EVENT_TS}").between(F.lit(min(bounds)), F.lit(max(bounds)))
-            rec.upsert(rows, C.CLEAN_SURVIVORS, [C.DEDUP_GROUP], target_where=window, properties=props)
+            rec.upsert(rows, C.CLEAN_SURVIVORS, [C.DEDUP_GROUP], target_where=window, properties=props(C.CLEAN_SURVIVORS))
     days = work["user_days"]
     d_lo, d_hi = days.agg(F.min(C.DAY), F.max(C.DAY)).first()
     if d_lo is not None:
       with rec.step("apply user_days"):
         rec.upsert(days, C.CLEAN_USER_DAYS, [C.USER_ID, C.DAY], target_where=F.col(f"t.{C.DAY}").between(F.lit(d_lo), F.lit(d_hi)),
-                   properties=props)
+                   properties=props(C.CLEAN_USER_DAYS))
     with rec.step("apply weights"):
         updates, delete_when, insert_when, inserts = train.apply_weight_deltas()
         rec.merge_deltas(work["weights"], C.WEIGHTS, [C.USER_ID, C.ITEM_ID, C.EVENT_TYPE], batch=C.RUN_ID, updates=updates,
-                         delete_when=delete_when, insert_when=insert_when, inserts=inserts, properties=props)
+                         delete_when=delete_when, insert_when=insert_when, inserts=inserts, properties=props(C.WEIGHTS))
     if cfg.items.path is None:
       with rec.step("apply items"):
-        rec.upsert(tables.read_scratch(spark, cfg, f"{_WORK}/item_latest"), C.CLEAN_ITEM_LATEST, [C.ITEM_ID], properties=props)
+        rec.upsert(tables.read_scratch(spark, cfg, f"{_WORK}/item_latest"), C.CLEAN_ITEM_LATEST, [C.ITEM_ID], properties=props(C.CLEAN_ITEM_LATEST))
         rec.overwrite(clean.items_of_latest(rec.read_output(C.CLEAN_ITEM_LATEST)), C.ITEMS)
     _write_state(ctx, rec, incremental.CleanState(done_version=plan.to_version, half_life_days=cfg.train.recency_half_life_days,
                                                   rules=incremental.state_rules(cfg)))
@@ -371,9 +381,12 @@ def run_ids(ctx: RunContext) -> None:
         if have_ids and last is not None and last <= current:
             try:  # only the keys of rows added since the last ids run can be new
                 inter = rec.read_inserts(C.INTERACTIONS, last, current) if last < current else rec.read_at(C.INTERACTIONS, current).limit(0)
+                # Read now: a vacuum (`sparkrec forget`) may have removed the change files, which only a read finds.
+                inter = inter.select(C.USER_ID, C.ITEM_ID).localCheckpoint()
                 rec.details["read_versions"] = [last + 1, current]
-            except StageError as exc:
-                log.info("run %s: ids reads all of interactions: %s", ctx.run_id, exc)
+            except Exception as exc:  # noqa: BLE001 - any failure to read the feed: the whole table gives the same ids
+                inter = None
+                log.info("run %s: ids reads all of interactions: %s", ctx.run_id, str(exc).strip().splitlines()[0][:300])
         if inter is None:
             inter = rec.read_at(C.INTERACTIONS, current)
             rec.details["read_versions"] = [0, current]
@@ -385,7 +398,9 @@ def run_ids(ctx: RunContext) -> None:
             # new_ids materialised the new keys already: the count and the merge both read that copy.
             fresh = ids.new_ids(inter, existing, key_col, idx_col, offset)
             ids.check_id_space(offset, fresh.count(), ctx.cfg.table_name(table))
-            added = rec.merge_new_rows(fresh, table, on=[key_col], retry_conflicts=False).inserted
+            # statistics on the index only: never a user key in the table's log (see `sparkrec forget`)
+            added = rec.merge_new_rows(fresh, table, on=[key_col], retry_conflicts=False,
+                                       properties={"delta.dataSkippingStatsColumns": idx_col}).inserted
             rec.details[f"new_{table}"] = added
             new_total += added
         rec.rows_in = inter.count()
@@ -490,9 +505,10 @@ def run_recommend(ctx: RunContext, baseline: str | None = None, blend_weight: fl
                 pool = recommend.exploration_pool(items, history, iids, r.rules, r.max_exploration_items)
                 rec.details["exploration_pool"] = len(pool)
                 keyed = recommend.with_exploration(keyed, pool, r.n, r.exploration_slots)
-            # Readers look lists up by user: statistics on user_id let Delta skip files.
+            # No statistics on the user key: a Delta log keeps them after the rows are gone, and
+            # `sparkrec forget` must leave no key behind (a lookup by user reads the table's user column).
             rec.overwrite(keyed.select(*keyed.columns, *stamp), C.RECOMMENDATIONS,
-                          properties={"delta.dataSkippingStatsColumns": C.USER_ID})
+                          properties={"delta.dataSkippingStatsColumns": C.RANK})
             rec.rows_out = rec.rows_written(C.RECOMMENDATIONS)
             # Every user with history is listed: when Delta wrote users x n rows no list is short, and
             # the written table need not be read again (the users come from the cached history).
@@ -607,6 +623,78 @@ def run_evaluate(ctx: RunContext, settings: TrainConfig | None = None, blend_wei
             log.warning("run %s: %s: publishing the %s baseline's lists instead of the model's", ctx.run_id,
                         decision.reason, decision.baseline)
         return decision
+
+
+def run_forget(ctx: RunContext, keys: list[str]) -> dict:
+    """Erase customers (`keys` as the shop knows them) from every table and model, then purge the history.
+
+    Each table is changed by a MERGE that deletes its matching rows, so a re-run after a crash or a
+    conflict finishes the job and a second request changes nothing. The derived items are recomputed
+    first, while the customers' rows still say which items they touched. The purge needs the warehouse
+    to itself (VACUUM without retention would delete files a running writer has not committed yet):
+    when another stage is running, the rows are deleted, `purged` is false, and the command says to
+    run it again.
+
+    Returns:
+        The erasure's record: rows deleted per table, model factors removed, purged or not.
+    """
+    cfg, spark = ctx.cfg, ctx.spark
+    with ctx.stage("forget") as rec:
+        secret = privacy.load_secret(cfg.privacy) if cfg.privacy.pseudonymize_user_ids else None
+        stored = forget.stored_keys(cfg, keys, secret)
+        users = spark.createDataFrame([(k,) for k in stored], f"{C.USER_ID} string")
+        state_df = rec.read_optional(C.CLEAN_STATE)
+        state = incremental.CleanState.of_row(state_df.first()) if state_df is not None and state_df.first() else None
+        if state is not None and (state.pending_version is not None or state.full_pending):
+            raise StageError("a clean did not finish (see `sparkrec runs`): run `sparkrec clean` first, then forget again")
+        raw = tables.read_table(spark, cfg, C.EVENTS_RAW, required=False)
+        raw_before = raw.version if raw is not None else None
+        raw_keys = (forget.raw_keys_of(raw.df, users, cfg.source) if raw is not None
+                    else spark.createDataFrame([], f"{C.RAW_KEY} string")).localCheckpoint()
+        deleted: dict[str, int] = {}
+        with rec.step("items"):
+            latest = rec.read_optional(C.CLEAN_ITEM_LATEST)
+            inter = rec.read_optional(C.INTERACTIONS)
+            if cfg.items.path is None and latest is not None and inter is not None and raw is not None:
+                drops = inter.join(F.broadcast(users), C.USER_ID, "left_semi").select(*clean.INTERACTION_COLUMNS).localCheckpoint()
+                if drops.count():
+                    empty = drops.limit(0).withColumn(clean.ITEM_NAME_COLUMN, F.lit(None).cast("string"))
+                    plan = incremental.Plan("forget", "", raw_before, raw_before)
+                    changes = _item_changes(ctx, rec, empty, drops, plan).withColumn(C.DROP_FLAG, F.col(C.EVENTS) <= 0)
+                    rec.upsert(changes, C.CLEAN_ITEM_LATEST, [C.ITEM_ID], properties=incremental.state_properties(C.CLEAN_ITEM_LATEST))
+                    rec.overwrite(clean.items_of_latest(rec.read_output(C.CLEAN_ITEM_LATEST)), C.ITEMS)
+        uids = rec.read_optional(C.USER_IDS)
+        idx = (uids.join(F.broadcast(users), C.USER_ID, "left_semi").select(C.USER_IDX) if uids is not None
+               else spark.createDataFrame([], f"{C.USER_IDX} int")).localCheckpoint()
+        with rec.step("delete rows"):
+            for key, source, on in ((C.EVENTS_RAW, raw_keys, [C.RAW_KEY]), (C.QUARANTINE, raw_keys, [C.RAW_KEY]),
+                                    *[(k, users, [C.USER_ID]) for k in forget.BY_USER], (C.USER_FACTORS, idx, [C.USER_IDX])):
+                deleted[cfg.table_name(key)] = tables.delete_matching(spark, cfg, key, source, on)
+        with rec.step("models"):
+            factors = sum(tables.drop_model_users(spark, path, idx) for path in tables.model_dirs(spark, cfg))
+        # Rows that no clean has classified yet stay classifiable by the next clean's change feed only if the
+        # purge leaves those versions' files; when the clean was up to date it simply moves past the erasure.
+        raw_after = tables.current_version(spark, cfg.table_path(C.EVENTS_RAW)) if raw is not None else None
+        if state is not None and state.done_version == raw_before and raw_after != raw_before:
+            _write_state(ctx, rec, incremental.CleanState(**{**state.__dict__, "done_version": raw_after}))
+        tables.remove_dir(spark, tables.scratch_path(cfg, _WORK))  # the last batch's saved changes
+        others = [m for m in runs.active_stages(spark, cfg) if m["run_id"] != ctx.run_id and not m["dead"]]
+        purged = not others
+        note = None
+        if purged:
+            with rec.step("purge history"):
+                for key in forget.HOLDS_CUSTOMERS:
+                    tables.purge_history(spark, cfg, key)
+        else:
+            busy = ", ".join(sorted({f"{m['stage']} of run {m['run_id']}" for m in others}))
+            note = f"not purged: {busy} was running; run forget again when it has finished"
+            log.warning("run %s: the rows are deleted but older table versions still hold them: %s", ctx.run_id, note)
+        row = forget.erasure_row(ctx.run_id, ctx.now, stored, deleted, factors, purged, note)
+        rec.append(spark.createDataFrame([row], forget.ERASURES_SCHEMA), C.ERASURES)
+        rec.rows_in = len(stored)
+        rec.rows_out = sum(deleted.values())
+        rec.details.update(users=len(stored), rows_deleted=deleted, model_factors_deleted=factors, purged=purged, note=note)
+        return rec.details
 
 
 def run_command(ctx: RunContext, command: str) -> tune.Tuned:

@@ -227,6 +227,13 @@ def write_report(spark: SparkSession, cfg: Config, run_id: str, out: str) -> Non
         parts.append(f"<h2>Popularity and coverage</h2><p>Recommendations version {recs_version}, as this run wrote it.</p>"
                      + long_tail(spark, cfg, recs_version, inter_version))
         parts.append("<h2>Scores</h2>" + score_histogram(spark, cfg, recs_version))
+    fg = rows.get("forget")
+    if fg is not None:  # an erasure: counts only; the customers' keys are in no record
+        d = json.loads(fg["details"] or "{}")
+        cells = "".join(f"<tr><td>{html.escape(str(t))}</td><td class=n>{n:,}</td></tr>" for t, n in sorted((d.get("rows_deleted") or {}).items()))
+        state = "purged (older table versions vacuumed)" if d.get("purged") else f"not purged: {d.get('note') or ''}"
+        parts.append(f"<h2>Erasure</h2><p>{d.get('users', 0)} customer(s) forgotten; {d.get('model_factors_deleted', 0):,} model "
+                     f"factor rows removed; {html.escape(state)}.</p><table><tr><th>table</th><th>rows deleted</th></tr>{cells}</table>")
     cl = rows.get("clean")
     parts.append("<h2>Cleaning ledger</h2>" + (ledger_table(cl) if cl is not None else "<p>This run did not clean.</p>"))
     parts.append(settings_section(rows, run_config))

@@ -376,6 +376,14 @@ def operations_between(spark: SparkSession, cfg: Config, key: str, after_version
     return sorted((int(r["version"]), str(r["operation"]), dict(r["operationParameters"] or {})) for r in rows)
 
 
+def table_properties(spark: SparkSession, cfg: Config, key: str) -> dict[str, str] | None:
+    """The table's properties (None when the table does not exist)."""
+    path = cfg.table_path(key)
+    if not table_exists(spark, path):
+        return None
+    return dict(DeltaTable.forPath(spark, path).detail().select("properties").first()[0] or {})
+
+
 def ensure_properties(spark: SparkSession, cfg: Config, key: str, properties: dict[str, str]) -> bool:
     """Set table properties the table lacks (one ALTER commit, only when needed); True when it changed them."""
     path = cfg.table_path(key)
@@ -530,3 +538,76 @@ def remove_file(spark: SparkSession, path: str) -> None:
     fs, hpath = _hadoop(spark, path)
     if fs.exists(hpath):
         fs.delete(hpath, False)
+
+
+# --------------------------------------------------------------------------- erasure (`sparkrec forget`)
+
+def delete_matching(spark: SparkSession, cfg: Config, key: str, keys: DataFrame, on: list[str]) -> int:
+    """Delete the rows whose `on` columns equal a row of `keys`; returns the rows deleted (0: no table).
+
+    A MERGE, not `DELETE WHERE x IN (...)`: the commit records the predicate it ran, and a MERGE's is
+    `t.x = s.x`, so the values being erased are not written into the table's log.
+    """
+    path = cfg.table_path(key)
+    if not table_exists(spark, path):
+        return 0
+
+    def run() -> int:
+        metrics = DeltaTable.forPath(spark, path).alias("t").merge(keys.alias("s"), _key_condition(on)).whenMatchedDelete().execute().first()
+        return int(metrics["num_deleted_rows"]) if metrics is not None else 0
+
+    return _retrying(cfg.table_name(key), run)
+
+
+def purge_history(spark: SparkSession, cfg: Config, key: str) -> None:
+    """Remove deleted rows from the files and the files from the table's history: Delta's REORG ... APPLY (PURGE)
+    rewrites files that carry deletion vectors, then VACUUM with no retention removes every file the current
+    version does not use (older versions' files, change data, deletion vectors). Time travel to versions
+    before this call is gone afterwards.
+    """
+    path = cfg.table_path(key)
+    if not table_exists(spark, path):
+        return
+    properties = DeltaTable.forPath(spark, path).detail().select("properties").first()[0] or {}
+    if properties.get("delta.enableDeletionVectors") == "true":
+        spark.sql(f"REORG TABLE delta.`{path}` APPLY (PURGE)")
+    check = "spark.databricks.delta.retentionDurationCheck.enabled"
+    before = spark.conf.get(check, "true")
+    spark.conf.set(check, "false")  # for this call only: a zero retention is refused otherwise
+    try:
+        # LITE: the files to delete come from the log's remove actions, not a listing of the directory
+        # (8x faster here); the erasure test decodes every file left to prove nothing of theirs stayed.
+        spark.sql(f"VACUUM delta.`{path}` LITE RETAIN 0 HOURS")
+    finally:
+        spark.conf.set(check, before)
+
+
+def model_dirs(spark: SparkSession, cfg: Config) -> list[str]:
+    """The saved models under the warehouse's `_models/`."""
+    fs, hpath = _hadoop(spark, f"{cfg.warehouse.rstrip('/')}/_models")
+    if not fs.exists(hpath):
+        return []
+    return sorted(str(s.getPath().toString()) for s in fs.listStatus(hpath) if s.isDirectory())
+
+
+def drop_model_users(spark: SparkSession, model_dir: str, user_idx: DataFrame) -> int:
+    """Rewrite a saved ALS model's user factors without the given users (`id` is the user index MLlib saved);
+    returns the factor rows removed. The new files are written beside the old ones and swapped in, so a
+    crash leaves either the old or the new factors, and a re-run finishes the job."""
+    factors = f"{model_dir.rstrip('/')}/userFactors"
+    tmp = f"{factors}.forget-tmp"
+    fs, hpath = _hadoop(spark, factors)
+    _, htmp = _hadoop(spark, tmp)
+    if not fs.exists(hpath) and fs.exists(htmp):  # an earlier run stopped between the delete and the rename
+        fs.rename(htmp, hpath)
+    if not fs.exists(hpath):
+        return 0
+    old = spark.read.parquet(factors)
+    ids = user_idx.select(F.col(C.USER_IDX).alias("id"))
+    removed = old.join(F.broadcast(ids), "id", "left_semi").count()
+    if not removed:
+        return 0
+    old.join(F.broadcast(ids), "id", "left_anti").write.mode("overwrite").parquet(tmp)
+    fs.delete(hpath, True)
+    fs.rename(htmp, hpath)
+    return removed

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.nojvm
 def test_the_tier_really_needs_no_jvm():
     """Importing the CLI and the pure modules must not import pyspark (so `--help` and config errors need no JVM)."""
     code = (
-        "import sys, sparkrec.cli, sparkrec.config, sparkrec.gate, sparkrec.ledger, sparkrec.stages, sparkrec.topk;"
+        "import sys, sparkrec.cli, sparkrec.config, sparkrec.gate, sparkrec.ledger, sparkrec.privacy, sparkrec.stages, sparkrec.topk;"
         "print('pyspark' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -265,6 +265,8 @@ def test_the_clean_plan_names_what_it_does_and_why():
     assert "half_life" in plan(done, 7, False, "r1", 7.0).reason
     restored = plan(done, 6, False, "r1", 30.0, [(5, "MERGE", {}), (6, "RESTORE", {})])
     assert restored.mode == "full" and "RESTORE" in restored.reason
+    erased = plan(done, 5, False, "r1", 30.0, [(5, "MERGE", {"matchedPredicates": '[{"actionType":"delete"}]'})])
+    assert erased.mode == "full" and "deleting" in erased.reason
     overwritten = plan(done, 5, False, "r1", 30.0, [(5, "WRITE", {"mode": "Overwrite"})])
     assert overwritten.mode == "full" and "overwrite" in overwritten.reason
     assert plan(done, 2, False, "r1", 30.0).mode == "full"  # events_raw went back in time
