@@ -55,6 +55,7 @@ def main() -> None:
     p.add_argument("--reuse", action="store_true", help="keep a warehouse built by an earlier run")
     p.add_argument("--pseudonymize", action="store_true", help="build the warehouse with privacy.pseudonymize_user_ids on")
     p.add_argument("--customers", type=int, default=10)
+    p.add_argument("--seed", type=int, default=7, help="which customers (another seed on a reused warehouse: other customers)")
     args = p.parse_args()
     import pyarrow.parquet as pq
 
@@ -70,7 +71,7 @@ def main() -> None:
         build_s = run([*SPARKREC, "run", *sets], OUT / "run.log", env)
     ids = pq.read_table(RETAIL, columns=["Customer ID"]).column(0).to_pylist()
     customers = sorted({int(c) for c in ids if c is not None})
-    chosen = random.Random(7).sample(customers, args.customers)
+    chosen = random.Random(args.seed).sample(customers, args.customers)
     users = [a for c in chosen for a in ("--user", str(c))]
     wall = run([*SPARKREC, "forget", *sets, *users], OUT / "forget.log", env)
     rec = forget_record(wh)
