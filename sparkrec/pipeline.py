@@ -75,9 +75,7 @@ def run_clean(ctx: RunContext) -> ledger.Ledger:
         tables.ensure_properties(ctx.spark, cfg, C.INTERACTIONS, clean.INTERACTIONS_PROPERTIES)
         tables.ensure_properties(ctx.spark, cfg, C.QUARANTINE, clean.QUARANTINE_PROPERTIES)
         raw_version = tables.read_required(ctx.spark, cfg, C.EVENTS_RAW).version
-        state_df = rec.read_optional(C.CLEAN_STATE)
-        first = state_df.first() if state_df is not None else None
-        state = incremental.CleanState.of_row(first) if first is not None else None
+        state = _clean_state(rec)
         h = cfg.train.recency_half_life_days
         operations = None
         if (state is not None and state.done_version is not None and state.pending_version is None
@@ -114,6 +112,13 @@ def run_clean(ctx: RunContext) -> ledger.Ledger:
             tally.reasons,
         )
         return tally
+
+
+def _clean_state(rec) -> incremental.CleanState | None:
+    """Where the clean stands (`clean_state`'s one row, read once), or None before the first clean."""
+    state_df = rec.read_optional(C.CLEAN_STATE)
+    row = state_df.first() if state_df is not None else None
+    return incremental.CleanState.of_row(row) if row is not None else None
 
 
 def _write_state(ctx: RunContext, rec, state: incremental.CleanState) -> None:
@@ -643,8 +648,7 @@ def run_forget(ctx: RunContext, keys: list[str]) -> dict:
         secret = privacy.load_secret(cfg.privacy) if cfg.privacy.pseudonymize_user_ids else None
         stored = forget.stored_keys(cfg, keys, secret)
         users = spark.createDataFrame([(k,) for k in stored], f"{C.USER_ID} string")
-        state_df = rec.read_optional(C.CLEAN_STATE)
-        state = incremental.CleanState.of_row(state_df.first()) if state_df is not None and state_df.first() else None
+        state = _clean_state(rec)
         if state is not None and (state.pending_version is not None or state.full_pending):
             raise StageError("a clean did not finish (see `sparkrec runs`): run `sparkrec clean` first, then forget again")
         raw = tables.read_table(spark, cfg, C.EVENTS_RAW, required=False)
