@@ -28,7 +28,7 @@ from sparkrec import columns as C
 from sparkrec import stages
 from sparkrec.config import Config, SparkConfig, check_input_paths, check_warehouse, load_config
 from sparkrec.errors import ConfigError, SparkrecError
-from sparkrec.gate import evaluation_line
+from sparkrec.gate import evaluation_line, tuning_line
 
 if TYPE_CHECKING:  # pyspark is imported only by commands that start Spark
     from pyspark.sql import SparkSession
@@ -149,8 +149,7 @@ def summary(spark: SparkSession, cfg: Config, run_id: str, rows: list[dict]) -> 
             lines.append("    " + evaluation_line(r["metrics"], json.loads(r["details"] or "{}")))
         if r["stage"] == "tune" and r["status"] == "succeeded":
             d = json.loads(r["details"] or "{}")
-            lines.append("    " + (f"reused the settings tuned by run {d['reused_from']} (tune.reuse_days)" if d.get("reused_from")
-                                  else f"tuned: {json.dumps(d.get('best', {}), sort_keys=True)}"))
+            lines.append("    " + tuning_line(d))
     recs = tables.read_table(spark, cfg, C.RECOMMENDATIONS, required=False)
     if recs is not None:
         agg = recs.df.groupBy(C.REC_SOURCE).agg(F.countDistinct(C.USER_ID).alias("users")).collect()

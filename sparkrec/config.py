@@ -396,6 +396,10 @@ class EvaluateConfig(_Strict):
     enabled: bool = Field(default=True, description="Run evaluate (and its gate) inside `sparkrec run`.")
     split: Literal["time", "leave_last_n", "random"] = "time"
     test_days: float = Field(default=28.0, gt=0, description="time split: the last D days are the test period.")
+    max_test_share: float = Field(
+        default=0.25, gt=0, le=1,
+        description="time split: the test period is at most this share of the history's span (short histories).",
+    )
     leave_last_n: int = Field(default=1, ge=1)
     test_fraction: float = Field(default=0.2, gt=0, lt=1, description="random split: share of each user's items.")
     seed: int = 42
@@ -428,13 +432,14 @@ class EvaluateConfig(_Strict):
 class TuneSpace(_Strict):
     """Where the search looks. Ranges are sampled log-uniformly; lists are choices."""
 
-    rank: list[int] = Field(default_factory=lambda: [16, 32, 64, 128])
-    reg_param: tuple[float, float] = (0.01, 3.0)
-    alpha: tuple[float, float] = (0.3, 30.0)
-    max_iter: list[int] = Field(default_factory=lambda: [10, 15])
-    recency_half_life_days: list[float | None] = Field(default_factory=lambda: [None, 30.0, 90.0, 365.0])
+    rank: list[int] = Field(default_factory=lambda: [16, 32, 64])
+    reg_param: tuple[float, float] = (0.03, 1.0)
+    alpha: tuple[float, float] = (0.5, 10.0)
+    max_iter: list[int] = Field(default_factory=lambda: [15])
+    recency_half_life_days: list[float | None] = Field(default_factory=lambda: [None, 14.0, 30.0])
     blend_weight: list[float] = Field(
-        default_factory=lambda: [0.0], description="Choices of recommend.blend.weight (0: the model alone)."
+        default_factory=lambda: [0.0, 0.2, 0.5, 1.0],
+        description="recommend.blend.weight values every fit is scored with (a blend only re-ranks: no refit).",
     )
     event_weights: dict[str, list[float]] = Field(
         default_factory=lambda: {C.VIEW: [0.5, 1.0], C.CART: [2.0, 4.0], C.PURCHASE: [4.0, 8.0]},
@@ -449,14 +454,45 @@ class TuneSpace(_Strict):
                 raise ValueError(f"{name} must be [low, high] with 0 < low <= high")
         if not self.rank or min(self.rank) < 1 or not self.max_iter or min(self.max_iter) < 1:
             raise ValueError("rank and max_iter need positive choices")
+        if any(b < 0 for b in self.blend_weight):
+            raise ValueError("blend_weight choices must be >= 0")
         return self
 
 
+CANDIDATE_KEYS = ("rank", "reg_param", "alpha", "max_iter", "recency_half_life_days", "event_weights")
+
+
+def _default_candidates() -> list[dict]:
+    # Winners on shops unlike each other (bench/RESULTS.md, "Out of the box"): dense purchase history with a
+    # season (Online Retail II: high rank, confident, recent) and a sparse clickstream (low rank, strongly regularised).
+    return [
+        {"rank": 64, "reg_param": 0.1, "alpha": 5.0, "recency_half_life_days": 14.0},
+        {"rank": 16, "reg_param": 0.3, "alpha": 1.0},
+    ]
+
+
 class TuneConfig(_Strict):
-    enabled: bool = Field(default=False, description="Tune inside `sparkrec run` before training.")
-    max_trials: int = Field(default=12, ge=1)
-    max_minutes: float = Field(default=8.0, gt=0, description="No new trial starts after this.")
-    feedback_settings: int = Field(default=3, ge=1, description="Distinct feedback constructions tried (each matrix built once).")
+    enabled: bool = Field(
+        default=True,
+        description="Tune inside `sparkrec run` before evaluating and training: a search when no settings were tuned "
+        "for this search within tune.reuse_days, the stored winner otherwise; skipped when the history is too "
+        "short (tune.min_users).",
+    )
+    max_trials: int = Field(default=8, ge=1)
+    max_minutes: float = Field(
+        default=2.5, gt=0, description="Time budget of a search: no trial starts that would end after it."
+    )
+    feedback_settings: int = Field(default=2, ge=1, description="Distinct feedback constructions drawn at random (each matrix built once).")
+    min_users: int = Field(
+        default=50, ge=1,
+        description="Fewest evaluated users on the validation split worth a search; below it `run` keeps the "
+        "configured settings (and says so in `runs`), `sparkrec tune` fails.",
+    )
+    candidates: list[dict] = Field(
+        default_factory=_default_candidates,
+        description="Settings tried right after the configured ones, before random draws (keys: "
+        + ", ".join(CANDIDATE_KEYS) + ").",
+    )
     seed: int = 7
     space: TuneSpace = TuneSpace()
     reuse_days: float | None = Field(
@@ -465,6 +501,20 @@ class TuneConfig(_Strict):
         "split, metric and base settings) within this many days are reused instead of searching again; "
         "null searches every time. `sparkrec tune` always searches.",
     )
+
+    @field_validator("candidates")
+    @classmethod
+    def _candidate_keys(cls, v: list[dict]) -> list[dict]:
+        for i, c in enumerate(v):
+            unknown = sorted(set(c) - set(CANDIDATE_KEYS))
+            if unknown:
+                raise ValueError(f"candidate {i}: unknown key(s) {unknown}; allowed: {list(CANDIDATE_KEYS)}")
+            TrainConfig(
+                recency_half_life_days=c.get("recency_half_life_days"),
+                als=AlsConfig(**{k: c[k] for k in ("rank", "reg_param", "alpha", "max_iter") if k in c}),
+                **({"event_weights": c["event_weights"]} if "event_weights" in c else {}),
+            )  # the same checks as the settings themselves
+        return v
 
 
 class IntervalConfig(_Strict):

@@ -46,14 +46,21 @@ class Split:
     cutoff: datetime | None = None
 
 
-def time_split(interactions: DataFrame, test_days: float) -> Split:
-    """Train = events before (newest event - test_days), test = the rest: what a shop lives through."""
-    latest = interactions.agg(F.max(C.EVENT_TS)).first()[0]
+def time_split(interactions: DataFrame, test_days: float, max_share: float = 1.0) -> Split:
+    """Train = events before (newest event - test_days), test = the rest: what a shop lives through.
+
+    The test period is at most `max_share` of the history's span, so a short history (a new shop,
+    or the training period a tuning search splits again) keeps most of its days to learn from.
+    """
+    earliest, latest = interactions.agg(F.min(C.EVENT_TS), F.max(C.EVENT_TS)).first()
     if latest is None:
         return Split(interactions, interactions.limit(0), "time split on an empty table")
-    cutoff = latest - timedelta(days=test_days)
+    span_days = (latest - earliest).total_seconds() / 86400
+    days = min(test_days, max_share * span_days)
+    cutoff = latest - timedelta(days=days)
     ts = F.col(C.EVENT_TS)
-    return Split(interactions.where(ts < F.lit(cutoff)), interactions.where(ts >= F.lit(cutoff)), f"time: last {test_days:g} days", cutoff)
+    what = f"time: last {days:g} days" if days == test_days else f"time: last {days:.1f} days ({max_share:g} of a {span_days:.0f}-day history)"
+    return Split(interactions.where(ts < F.lit(cutoff)), interactions.where(ts >= F.lit(cutoff)), what, cutoff)
 
 
 def leave_last_n_split(interactions: DataFrame, n: int) -> Split:

@@ -7,6 +7,7 @@ milliseconds and reads the same in the stage, `sparkrec runs` and the report.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from sparkrec.config import EvaluateConfig
@@ -100,3 +101,13 @@ def evaluation_line(metrics: dict[str, float], details: dict) -> str:
     published = f"; published the {gate['baseline']} baseline instead" if gate.get("publish") == "baseline" else ""
     return (f"model {key} {model:.4f} vs best baseline {best} {base:.4f} ({ratio}); gate {verdict}"
             + ("" if gate.get("enabled") else " (gate off)") + published)
+
+
+def tuning_line(details: dict) -> str:
+    """What a tune stage did, in one line: searched (and what won), reused an earlier search, or skipped."""
+    if details.get("reused_from"):
+        return f"reused the settings tuned by run {details['reused_from']} (tune.reuse_days)"
+    if details.get("skipped"):
+        return f"not tuned, the configured settings were used: {details['skipped']}"
+    trials = details.get("trials") or []
+    return f"tuned ({len(trials)} trials): {json.dumps(details.get('best', {}), sort_keys=True)}"

@@ -566,8 +566,21 @@ def run_tune(ctx: RunContext, reuse: bool = False) -> tune.Tuned:
         inter, uids, iids = rec.read(C.INTERACTIONS), rec.read(C.USER_IDS), rec.read(C.ITEM_IDS)
         training_period = protocol.split_of(inter, cfg.evaluate).train  # the test period is never seen
         with ctx.checkpoints():
-            trials, best = tune.run_trials(cfg, training_period, uids, iids)
-        rec.details["trials"] = [{"trial": t.number, **t.params(), key: t.metric, "seconds": t.seconds} for t in trials]
+            try:
+                trials, best = tune.run_trials(cfg, training_period, uids, iids)
+            except tune.TooLittleData as exc:
+                if not reuse:
+                    raise
+                # Inside `run` a shop with a short history still gets its lists, from the configured settings.
+                log.warning("run %s: %s; keeping the configured settings", ctx.run_id, exc)
+                rec.details.update(skipped=str(exc), train=cfg.train.model_dump(mode="json"),
+                                   blend_weight=cfg.recommend.blend.weight)
+                rec.rows_in = 0
+                return tune.Tuned(cfg.train, cfg.recommend.blend.weight)
+        rec.details["trials"] = [
+            {"trial": t.number, **t.params(), key: t.metric, "seconds": t.seconds,
+             "blends": {str(w): m for w, m in t.blends.items()}} for t in trials
+        ]
         rec.details["best"] = {"trial": best.number, **best.params()}
         rec.details["train"] = best.train.model_dump(mode="json")
         rec.details["blend_weight"] = best.blend_weight

@@ -10,6 +10,7 @@ validation protocol carved from the training period.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -22,7 +23,7 @@ from sparkrec import evaluate, recommend, train
 from sparkrec.config import EvaluateConfig, RecommendConfig, TrainConfig
 from sparkrec.gate import metric_key
 
-__all__ = ["Protocol", "baseline_lists", "make_protocol", "metric_key", "model_lists", "split_of"]
+__all__ = ["Protocol", "baseline_lists", "make_protocol", "metric_key", "model_lists", "model_lists_blended", "split_of"]
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class Protocol:
 
 def split_of(interactions: DataFrame, ev: EvaluateConfig) -> evaluate.Split:
     if ev.split == "time":
-        return evaluate.time_split(interactions, ev.test_days)
+        return evaluate.time_split(interactions, ev.test_days, ev.max_test_share)
     if ev.split == "leave_last_n":
         return evaluate.leave_last_n_split(interactions, ev.leave_last_n)
     return evaluate.random_split(interactions, ev.test_fraction, ev.seed)
@@ -73,10 +74,20 @@ def _eval_rec_cfg(rec: RecommendConfig, k: int) -> RecommendConfig:
 
 def model_lists(proto: Protocol, matrix: DataFrame, tcfg: TrainConfig, rec: RecommendConfig, k: int) -> DataFrame:
     """Fit ALS on a materialised matrix and list the evaluated users' top k: (user_id, item_id, rank)."""
+    [(_, lists)] = model_lists_blended(proto, matrix, tcfg, rec, [rec.blend.weight], k)
+    return lists
+
+
+def model_lists_blended(
+    proto: Protocol, matrix: DataFrame, tcfg: TrainConfig, rec: RecommendConfig, weights: list[float], k: int
+) -> Iterator[tuple[float, DataFrame]]:
+    """Fit ALS once and list the evaluated users' top k at each blend weight: (weight, (user_id, item_id, rank))."""
     model = train.fit_als(matrix, tcfg.als)
     uf = model.userFactors.select(F.col("id").alias(C.USER_IDX), F.col("features").alias(C.FEATURES))
     itf = model.itemFactors.select(F.col("id").alias(C.ITEM_IDX), F.col("features").alias(C.FEATURES))
-    return proto.keyed(recommend.recommend_all(proto.history, uf, itf, _eval_rec_cfg(rec, k), users=proto.users))
+    for weight in weights:
+        blended = rec.model_copy(update={"blend": rec.blend.model_copy(update={"weight": weight})})
+        yield weight, proto.keyed(recommend.recommend_all(proto.history, uf, itf, _eval_rec_cfg(blended, k), users=proto.users))
 
 
 def baseline_lists(proto: Protocol, ev: EvaluateConfig, k: int, bought: list[str]) -> dict[str, DataFrame]:

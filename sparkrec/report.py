@@ -25,7 +25,7 @@ from sparkrec import columns as C  # noqa: E402
 from sparkrec import tables  # noqa: E402
 from sparkrec.config import Config  # noqa: E402
 from sparkrec.errors import StageError  # noqa: E402
-from sparkrec.gate import evaluation_line  # noqa: E402
+from sparkrec.gate import evaluation_line, tuning_line  # noqa: E402
 
 METRICS = ("ndcg", "precision", "recall", "map", "hit_rate", "mrr")
 COLORS = {"model": "#1f6feb", "popular": "#999999", "recent_popular": "#d29922", "buy_again": "#8957e5"}
@@ -211,8 +211,7 @@ def write_report(spark: SparkSession, cfg: Config, run_id: str, out: str) -> Non
     if tu is not None:
         d = json.loads(tu["details"] or "{}")
         key = (json.loads(ev["details"] or "{}").get("metric") if ev is not None else None) or f"{cfg.evaluate.metric}@{cfg.evaluate.k}"
-        reused = f" Reused from run {html.escape(str(d['reused_from']))} (tune.reuse_days)." if d.get("reused_from") else ""
-        parts.append(f"<h2>Tuning</h2><p>Best: {html.escape(json.dumps(d.get('best', {})))}.{reused}</p>")
+        parts.append(f"<h2>Tuning</h2><p>{html.escape(tuning_line(d))}.</p>")
         if d.get("trials"):
             parts.append(trials_plot(d["trials"], key))
     rec = rows.get("recommend")

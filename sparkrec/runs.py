@@ -408,7 +408,7 @@ def reusable_tuning(spark: SparkSession, cfg: Config, max_age_days: float) -> di
     )
     for r in rows:
         details = json.loads(r["details"] or "{}")
-        if details.get("search_key") == cfg.search_key() and details.get("train") and not details.get("reused_from"):
+        if details.get("search_key") == cfg.search_key() and details.get("trials") and not details.get("reused_from"):
             return {"run_id": r[C.RUN_ID], "finished_at": r["finished_at"], "details": details, "metrics": dict(r["metrics"] or {})}
     return None
 

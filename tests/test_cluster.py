@@ -41,7 +41,7 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.cluster
 
 DELTA_PACKAGE = "io.delta:delta-spark_4.2_2.13:4.4.0"
-SETTINGS = ["train.als.rank=8", "train.als.max_iter=6", "train.als.num_blocks=4", "recommend.n=10", "evaluate.enabled=false", "spark.shuffle_partitions=4"]
+SETTINGS = ["tune.enabled=false", "train.als.rank=8", "train.als.max_iter=6", "train.als.num_blocks=4", "recommend.n=10", "evaluate.enabled=false", "spark.shuffle_partitions=4"]
 TOL = 2e-3
 
 

@@ -17,7 +17,7 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.e2e
 
 N = 10
-FAST_ALS = ["train.als.rank=8", "train.als.max_iter=4", f"recommend.n={N}"]
+FAST_ALS = ["train.als.rank=8", "train.als.max_iter=4", f"recommend.n={N}", "tune.enabled=false"]
 
 
 @pytest.fixture(scope="module")
@@ -422,3 +422,27 @@ def test_run_reuses_recent_tuned_settings_of_the_same_search_and_searches_again_
     other_ctx = Ctx(spark, other)
     pipeline.run_tune(other_ctx, reuse=True)
     assert "reused_from" not in json.loads(table(spark, first_run, C.RUNS).where(f"run_id = '{other_ctx.run_id}' and stage = 'tune'").first()["details"])
+
+
+def test_run_keeps_the_configured_settings_when_the_history_is_too_short_to_tune(spark, first_run, capsys):
+    """A new shop still gets lists: inside `run`, too few validation users skip the search (and say so);
+    `sparkrec tune`, asked for by name, fails with the reason."""
+    import json
+
+    from sparkrec.runs import RunContext as Ctx
+
+    short = first_run.model_copy(update={"tune": first_run.tune.model_copy(update={"min_users": 10**6, "seed": 5})})
+    ctx = Ctx(spark, short)
+    got = pipeline.run_tune(ctx, reuse=True)
+    assert got.train == short.train and got.blend_weight == short.recommend.blend.weight
+    row = table(spark, first_run, C.RUNS).where(f"run_id = '{ctx.run_id}' and stage = 'tune'").first()
+    details = json.loads(row["details"])
+    assert row["status"] == "succeeded" and "fewer than tune.min_users" in details["skipped"] and "trials" not in details
+    assert main(["runs", *cli_args(first_run)], spark=spark) == 0
+    assert "not tuned, the configured settings were used" in capsys.readouterr().out
+    # a skipped search is not a winner a later run could reuse
+    from sparkrec import runs as run_records
+
+    assert (run_records.reusable_tuning(spark, short, 7.0) or {}).get("run_id") != ctx.run_id
+    code = main(["tune", *cli_args(first_run), "--set", "tune.min_users=1000000"], spark=spark)
+    assert code != 0 and "tune.min_users" in capsys.readouterr().err

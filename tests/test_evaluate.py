@@ -101,6 +101,10 @@ def test_time_split_and_relevant_items_new_to_the_user(spark):
     assert rel == {("a", "z"), ("c", "y")}
     rel_repeat = {tuple(r) for r in evaluate.relevant_items(split.train, split.test, ["purchase", "view"], True).collect()}
     assert rel_repeat == {("a", "x"), ("a", "z"), ("c", "x"), ("c", "y")}
+    # a short history keeps most of its days for training: at most max_share of the 41-day span is test
+    capped = evaluate.time_split(df, test_days=28, max_share=0.04)  # 1.64 days: cut at day 39.36
+    assert capped.train.count() == 5 and capped.test.count() == 3
+    assert "1.6 days (0.04 of a 41-day history)" in capped.description
 
 
 def test_leave_last_n_and_random_splits(spark):
@@ -136,30 +140,50 @@ def test_popular_lists_skip_bought_items_and_buy_again_ranks_by_frequency(spark)
     assert [(r[C.USER_ID], r[C.ITEM_ID]) for r in again] == [("a", "y"), ("a", "a1"), ("c", "x"), ("c", "z")]
 
 
-def test_trials_start_with_the_configured_settings_and_group_by_feedback():
+@pytest.mark.nojvm
+def test_trials_start_with_the_configured_settings_then_the_candidates_then_seeded_draws():
     base = TrainConfig()
-    trials = tune.sample_trials(TuneConfig(max_trials=7, feedback_settings=3, seed=1), base)
-    assert trials[0].number == 0 and trials[0].train == base
-    assert [t.feedback for t in trials] == sorted(t.feedback for t in trials)
-    assert len({(tuple(sorted(t.train.event_weights.items())), t.train.recency_half_life_days) for t in trials}) == 3
-    again = tune.sample_trials(TuneConfig(max_trials=7, feedback_settings=3, seed=1), base)
+    cfg = TuneConfig(max_trials=7, feedback_settings=3, seed=1)
+    trials = tune.sample_trials(cfg, base)
+    assert [t.number for t in trials] == list(range(7))
+    assert trials[0].train == base
+    # the shipped candidates, in order, each on top of the configured settings
+    first, second = trials[1].train, trials[2].train
+    assert (first.als.rank, first.als.alpha, first.recency_half_life_days) == (64, 5.0, 14.0)
+    assert (second.als.rank, second.als.reg_param, second.recency_half_life_days) == (16, 0.3, None)
+    assert first.event_weights == base.event_weights and first.als.max_iter == base.als.max_iter
+    # the draws cover the configured number of feedback constructions besides the candidates'
+    drawn = {(tuple(sorted(t.train.event_weights.items())), t.train.recency_half_life_days) for t in trials[3:]}
+    assert len(drawn) == 3
+    assert all(t.train.als.rank in cfg.space.rank for t in trials[3:])
+    again = tune.sample_trials(cfg, base)
     assert [t.params() for t in trials] == [t.params() for t in again]  # seeded
+    # a candidate equal to the configured settings is not tried twice; a budget of one trial is the configured one
+    same = TuneConfig(max_trials=3, candidates=[{"rank": base.als.rank}], seed=1)
+    assert [t.train for t in tune.sample_trials(same, base)][:1] == [base] and len(tune.sample_trials(same, base)) == 3
+    assert [t.train for t in tune.sample_trials(TuneConfig(max_trials=1), base)] == [base]
 
 
+@pytest.mark.nojvm
+def test_a_candidate_with_an_unknown_key_or_a_bad_value_is_a_config_error():
+    with pytest.raises(ValueError, match="unknown key"):
+        TuneConfig(candidates=[{"rnak": 8}])
+    with pytest.raises(ValueError):
+        TuneConfig(candidates=[{"rank": 0}])
+
+
+@pytest.mark.nojvm
 def test_k_must_be_one_of_ks():
     with pytest.raises(ValueError, match="must be one of"):
         EvaluateConfig(k=5, ks=[10, 20])
 
 
-def test_trials_deal_out_blend_weights_only_when_the_space_offers_a_choice():
-    base = TrainConfig()
-    plain = tune.sample_trials(TuneConfig(max_trials=6, seed=3), base)
-    assert {t.blend_weight for t in plain} == {0.0}
-    spaced = TuneConfig(max_trials=12, seed=3, space={"blend_weight": [0.0, 0.5, 1.0]})
-    blended = tune.sample_trials(spaced, base, base_blend=0.25)
-    assert next(t for t in blended if t.number == 0).blend_weight == 0.25  # the configured settings come first
-    assert {t.blend_weight for t in blended if t.number} <= {0.0, 0.5, 1.0}
-    assert len({t.blend_weight for t in blended}) >= 3
+@pytest.mark.nojvm
+def test_every_fit_is_scored_with_the_configured_blend_and_the_spaces():
+    assert tune.blend_choices(TuneConfig(), 0.2) == [0.0, 0.2, 0.5, 1.0]
+    assert tune.blend_choices(TuneConfig(space={"blend_weight": [0.0]}), 0.25) == [0.0, 0.25]
+    trials = tune.sample_trials(TuneConfig(max_trials=4), TrainConfig(), base_blend=0.25)
+    assert {t.blend_weight for t in trials} == {0.25}  # the starting point; each trial's fit picks its best
     assert tune.with_blend(RecommendConfig(), 0.5).blend.weight == 0.5
 
 

@@ -177,7 +177,7 @@ def test_forget_leaves_no_trace_in_any_file_and_the_rest_untouched(spark, tmp_pa
     wh = tmp_path / "wh"
     monkeypatch.setenv("SPARKREC_PSEUDONYM_SECRET", SECRET)
     args = ["--config", str(ROOT / "conf" / "local.yaml"), "--set", f"warehouse={wh}", "--set", f"source.path={shop}/events",
-            "--set", "items.path=null", "--set", "evaluate.enabled=false", "--set", "train.als.rank=8",
+            "--set", "items.path=null", "--set", "evaluate.enabled=false", "--set", "tune.enabled=false", "--set", "train.als.rank=8",
             "--set", "train.als.max_iter=4", "--set", "recommend.n=10", "--set", "privacy.pseudonymize_user_ids=true"]
     assert main(["run", *args], spark=spark) == 0
 
