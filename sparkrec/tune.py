@@ -1,10 +1,11 @@
-"""Searching ALS and feedback settings on a validation split.
+"""Searching ALS, feedback and blend settings on a validation split, within a time budget.
 
 Tuning never sees the test period: it carves a validation split out of the
 training period with the same split kind, picks the best trial there, and
-the caller refits the winner on the whole training period. Trials are
-grouped by feedback construction so each weighted matrix is built and
-materialised once and reused by every ALS setting that shares it.
+the caller refits the winner on the whole training period. Trials run in
+the order they are worth running (configured settings, candidates, random
+draws) because the budget may cut the list short; each feedback
+construction's matrix is built once and kept for every trial that shares it.
 """
 
 from __future__ import annotations
