@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 EVENTS ?= 100000
 DELTA_ARTIFACT := io.delta:delta-spark_4.2_2.13:4.4.0
 
-.PHONY: airflow-setup browser setup demo test test-unit test-fast test-cluster retail bench jars dist dist-env cluster-up cluster-down clean
+.PHONY: airflow-setup browser setup demo test test-unit test-fast test-cluster retail bench jars dist dist-env cluster-up cluster-down kafka-up kafka-down clean
 
 setup: $(VENV)/.installed
 
@@ -73,6 +73,13 @@ cluster-up: setup
 
 cluster-down:
 	$(BIN)/python -m sparkrec.devcluster stop --dir build/cluster
+
+# A Kafka broker (KRaft, 127.0.0.1 only) from Apache Kafka's jars on Maven Central, for the live stream.
+kafka-up: setup
+	$(BIN)/python -m sparkrec.devkafka up --dir build/kafka
+
+kafka-down:
+	$(BIN)/python -m sparkrec.devkafka down --dir build/kafka
 
 bench: setup
 	$(BIN)/python bench/bench_pipeline.py

@@ -627,7 +627,7 @@ class Config(_Strict):
         so one's winner can stand for the other's (`tune.reuse_days`).
         """
         parts = {
-            "tune": self.tune.model_dump(mode="json", exclude={"reuse_days", "max_minutes"}),
+            "tune": self.tune.model_dump(mode="json", exclude={"reuse_days", "max_minutes", "min_users", "enabled"}),
             "evaluate": self.evaluate.model_dump(mode="json", exclude={"enabled", "gate"}),
             "train": self.train.model_dump(mode="json"),
             "recommend": self.recommend.model_dump(mode="json"),

@@ -44,7 +44,7 @@ from sparkrec import tables
 from sparkrec.config import Config
 from sparkrec.devcluster import process_running
 from sparkrec.errors import StageError
-from sparkrec.gate import evaluation_line
+from sparkrec.gate import evaluation_line, tuning_line
 
 log = logging.getLogger(__name__)
 
@@ -441,6 +441,8 @@ def list_runs(spark: SparkSession, cfg: Config, limit: int = 10) -> str:
                     span = f" (events_raw versions {read[0]}-{read[1]})" if len(read) == 2 else ""
                     lines.append(" " * 29 + f"clean: {d['mode']}{span}, {_fmt(s['rows_in'])} rows in = {_fmt(s['rows_out'])} kept + "
                                  f"{_fmt(s['rows_quarantined'])} quarantined + {_fmt(s['rows_duplicate'])} duplicates")
+            if s["stage"] == "tune" and s["status"] == "succeeded":
+                lines.append(" " * 29 + tuning_line(json.loads(s["details"] or "{}")))
             if s["stage"] == "evaluate" and s["metrics"]:
                 lines.append(" " * 29 + evaluation_line(s["metrics"], json.loads(s["details"] or "{}")))
             if s["status"] == "failed" and s["error"]:

@@ -28,7 +28,9 @@ pytestmark = pytest.mark.cluster
 AIRFLOW_VENV = ROOT / ".venv-airflow"
 AIRFLOW_PY = AIRFLOW_VENV / "bin" / "python"
 STAGES = ["ingest", "clean", "evaluate", "train", "recommend"]
-FAST = "train.als.rank=8;train.als.max_iter=4;recommend.n=5;spark.driver_memory=2g;spark.shuffle_partitions=2;evaluate.test_days=14"
+# The gate's verdict on 19 evaluated users is noise: this DAG run is about scheduling (the exit codes are tested below).
+FAST = ("train.als.rank=8;train.als.max_iter=4;recommend.n=5;spark.driver_memory=2g;spark.shuffle_partitions=2;"
+        "evaluate.test_days=14;evaluate.gate.enabled=false")
 
 
 def _resolved_delta_jars(spark) -> str:
