@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -384,6 +385,16 @@ def table_properties(spark: SparkSession, cfg: Config, key: str) -> dict[str, st
     return dict(DeltaTable.forPath(spark, path).detail().select("properties").first()[0] or {})
 
 
+def sql_path(path: str) -> str:
+    """A table path as SQL's delta.`...` needs it: a relative local path (`./warehouse`, the demo's) made absolute.
+
+    The DataFrame API resolves relative paths; SQL's path identifier does not (the table is "not found").
+    """
+    if "://" in path or path.startswith(("/", "file:")):
+        return path
+    return os.path.abspath(path)
+
+
 def ensure_properties(spark: SparkSession, cfg: Config, key: str, properties: dict[str, str]) -> bool:
     """Set table properties the table lacks (one ALTER commit, only when needed); True when it changed them."""
     path = cfg.table_path(key)
@@ -394,7 +405,7 @@ def ensure_properties(spark: SparkSession, cfg: Config, key: str, properties: di
     if not missing:
         return False
     assignments = ", ".join(f"'{k}' = '{v}'" for k, v in sorted(missing.items()))
-    _retrying(cfg.table_name(key), lambda: spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ({assignments})"))
+    _retrying(cfg.table_name(key), lambda: spark.sql(f"ALTER TABLE delta.`{sql_path(path)}` SET TBLPROPERTIES ({assignments})"))
     return True
 
 
@@ -570,14 +581,14 @@ def purge_history(spark: SparkSession, cfg: Config, key: str) -> None:
         return
     properties = DeltaTable.forPath(spark, path).detail().select("properties").first()[0] or {}
     if properties.get("delta.enableDeletionVectors") == "true":
-        spark.sql(f"REORG TABLE delta.`{path}` APPLY (PURGE)")
+        spark.sql(f"REORG TABLE delta.`{sql_path(path)}` APPLY (PURGE)")
     check = "spark.databricks.delta.retentionDurationCheck.enabled"
     before = spark.conf.get(check, "true")
     spark.conf.set(check, "false")  # for this call only: a zero retention is refused otherwise
     try:
         # LITE: the files to delete come from the log's remove actions, not a listing of the directory
         # (8x faster here); the erasure test decodes every file left to prove nothing of theirs stayed.
-        spark.sql(f"VACUUM delta.`{path}` LITE RETAIN 0 HOURS")
+        spark.sql(f"VACUUM delta.`{sql_path(path)}` LITE RETAIN 0 HOURS")
     finally:
         spark.conf.set(check, before)
 

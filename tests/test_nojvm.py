@@ -278,3 +278,15 @@ def test_the_clean_plan_names_what_it_does_and_why():
     old = CleanState(done_version=4, pending_from=4, pending_version=6, pending_run="r-9", half_life_days=30.0, rules="r1.s1")
     upgraded = plan(old, 9, False, "r1.s2", 30.0)
     assert upgraded.mode == "full" and "layout" in upgraded.reason
+
+
+@pytest.mark.nojvm
+def test_sql_gets_an_absolute_path_for_a_relative_warehouse(tmp_path, monkeypatch):
+    """`make demo` uses `warehouse: ./warehouse`; SQL's delta.`path` does not resolve a relative path."""
+    from sparkrec.tables import sql_path
+
+    monkeypatch.chdir(tmp_path)
+    assert sql_path("./warehouse/events_raw") == str(tmp_path / "warehouse" / "events_raw")
+    assert sql_path("warehouse/items") == str(tmp_path / "warehouse" / "items")
+    for kept in ("/abs/wh/t", "s3a://bucket/wh/t", "file:/tmp/wh/t", "hdfs://nn/wh/t"):
+        assert sql_path(kept) == kept
