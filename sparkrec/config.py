@@ -509,12 +509,19 @@ class TuneConfig(_Strict):
             unknown = sorted(set(c) - set(CANDIDATE_KEYS))
             if unknown:
                 raise ValueError(f"candidate {i}: unknown key(s) {unknown}; allowed: {list(CANDIDATE_KEYS)}")
-            TrainConfig(
-                recency_half_life_days=c.get("recency_half_life_days"),
-                als=AlsConfig(**{k: c[k] for k in ("rank", "reg_param", "alpha", "max_iter") if k in c}),
-                **({"event_weights": c["event_weights"]} if "event_weights" in c else {}),
-            )  # the same checks as the settings themselves
+            with_candidate(TrainConfig(), c)  # the same checks as the settings themselves
         return v
+
+
+def with_candidate(base: TrainConfig, candidate: dict) -> TrainConfig:
+    """`base` with a tuning candidate's settings (keys `CANDIDATE_KEYS`), validated like any train settings."""
+    merged = base.model_dump()
+    merged["als"].update({k: candidate[k] for k in ("rank", "reg_param", "alpha", "max_iter") if k in candidate})
+    if "recency_half_life_days" in candidate:
+        merged["recency_half_life_days"] = candidate["recency_half_life_days"]
+    if "event_weights" in candidate:
+        merged["event_weights"] = {**base.event_weights, **candidate["event_weights"]}
+    return TrainConfig.model_validate(merged)
 
 
 class IntervalConfig(_Strict):

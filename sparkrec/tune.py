@@ -22,7 +22,7 @@ from pyspark.sql import functions as F
 
 from sparkrec import columns as C
 from sparkrec import evaluate, train
-from sparkrec.config import Config, RecommendConfig, TrainConfig, TuneConfig
+from sparkrec.config import Config, RecommendConfig, TrainConfig, TuneConfig, with_candidate
 from sparkrec.gate import metric_key
 from sparkrec.protocol import make_protocol, model_lists_blended, split_of
 from sparkrec.errors import StageError
@@ -70,15 +70,6 @@ def _log_uniform(rng: random.Random, lo: float, hi: float) -> float:
     return math.exp(rng.uniform(math.log(lo), math.log(hi)))
 
 
-def _with(base: TrainConfig, overrides: dict) -> TrainConfig:
-    """`base` with a candidate's ALS and feedback settings (keys as in `TuneConfig.candidates`)."""
-    als = {k: v for k, v in overrides.items() if k in ("rank", "reg_param", "alpha", "max_iter")}
-    top = {k: v for k, v in overrides.items() if k in ("recency_half_life_days", "event_weights")}
-    if "event_weights" in top:
-        top["event_weights"] = {**base.event_weights, **top["event_weights"]}
-    return base.model_copy(update={**top, "als": base.als.model_copy(update=als)})
-
-
 def blend_choices(tune: TuneConfig, base_blend: float) -> list[float]:
     """The blend weights every fit is scored with: the configured one and the space's."""
     return sorted({float(base_blend), *(float(b) for b in tune.space.blend_weight)})
@@ -103,7 +94,7 @@ def sample_trials(tune: TuneConfig, base: TrainConfig, base_blend: float = 0.0) 
 
     trials = [Trial(0, 0, base, blend_weight=base_blend)]
     for c in tune.candidates:
-        settings = _with(base, c)
+        settings = with_candidate(base, c)
         if all(settings != t.train for t in trials) and len(trials) < tune.max_trials:
             trials.append(Trial(len(trials), feedback_of(settings), settings, blend_weight=base_blend))
     # Half-lives are dealt out in a shuffled order without repeats first, so a
