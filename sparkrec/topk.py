@@ -284,17 +284,17 @@ def explain(
     if not len(rec_rows) or not len(history):
         return out
     rows = len(history)
-    hist_pos = []
-    for h in history:
-        p, hit = unit.positions(h)
-        hist_pos.append(p[hit])
-    hlen = np.fromiter((len(h) for h in hist_pos), dtype=np.int64, count=rows)
+    lens = np.fromiter((len(h) for h in history), dtype=np.int64, count=rows)
+    pos, hit = unit.positions(np.concatenate([*history, np.zeros(0, dtype=np.int64)]))
+    owner = np.repeat(np.arange(rows, dtype=np.int64), lens)[hit]
+    pos = pos[hit]  # history items with factors, still grouped by row in their order
+    hlen = np.bincount(owner, minlength=rows)
     width = int(hlen.max()) if rows else 0
     if width == 0:
         return out
     padded = np.full((rows, width), -1, dtype=np.int64)
     mask = np.arange(width)[None, :] < hlen[:, None]
-    padded[mask] = np.concatenate(hist_pos)
+    padded[mask] = pos
     rec_pos, rec_hit = unit.positions(rec_items)
     # Recommendations laid out [rows, n] by their rank order within the row.
     slot = occurrence(rec_rows)
@@ -314,3 +314,144 @@ def explain(
     ids = np.where(found, unit.item_idx[np.maximum(chosen, 0)], -1)
     out[:] = ids[rec_rows, slot]
     return out
+
+
+@dataclass
+class FillSequence:
+    """What a short list is filled from: the fallback rankings as one sequence, best first, each item once.
+
+    Attributes:
+        item_idx: int64 item ids in fill order (priority, score descending, item id).
+        score: float32 the ranking's score of each.
+        category: int32 category code, -1 for none.
+        source: int8 index into `sources` of the ranking each item came from.
+        sources: the source names.
+        by_category: index into `sources` of "popular in the categories the user touched": such
+            entries come first for each user, ahead of the whole sequence (None: no such entries).
+    """
+
+    item_idx: np.ndarray
+    score: np.ndarray
+    category: np.ndarray
+    source: np.ndarray
+    sources: tuple[str, ...]
+    by_category: int | None = None
+
+    @classmethod
+    def of(cls, item_idx, score, category, source: list[str], prio, by_category: str | None = None) -> FillSequence:
+        """From ranking rows (any order, an item possibly in several rankings): each item at its first place."""
+        item_idx = np.asarray(item_idx, dtype=np.int64)
+        score = np.asarray(score, dtype=np.float32)
+        names = tuple(sorted(set(source) | ({by_category} if by_category else set())))
+        code = np.asarray([names.index(s) for s in source], dtype=np.int8)
+        order = np.lexsort((item_idx, -score, np.asarray(prio, dtype=np.int64)))
+        item_idx, score, code = item_idx[order], score[order], code[order]
+        category = np.asarray(category, dtype=np.int32)[order]
+        first = occurrence(item_idx) == 0
+        return cls(item_idx[first], score[first], category[first], code[first], names,
+                   names.index(by_category) if by_category else None)
+
+    def __len__(self) -> int:
+        return len(self.item_idx)
+
+
+@dataclass
+class Filled:
+    """Flat result of `fill`: per filled item its row, position in the sequence, source code and rank (1-based)."""
+
+    row: np.ndarray
+    pos: np.ndarray
+    source: np.ndarray
+    rank: np.ndarray
+
+
+def _category_positions(seq: FillSequence) -> dict[int, np.ndarray]:
+    order = np.argsort(seq.category, kind="stable")
+    cats = seq.category[order]
+    bounds = np.flatnonzero(np.r_[True, cats[1:] != cats[:-1], True])
+    return {int(cats[a]): order[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if cats[a] >= 0}
+
+
+def fill(
+    have: np.ndarray,
+    gone: list[np.ndarray],
+    used: list[np.ndarray],
+    seq: FillSequence,
+    n: int,
+    cap: int | None = None,
+    touched: list[np.ndarray] | None = None,
+) -> Filled:
+    """Fill each row's list up to `n` from the sequence: never a gone item, at most `cap` per category.
+
+    A row reads only as deep into the sequence as it can need (its missing
+    items plus its gone ones); the rows that a cap or a duplicate leaves short
+    read four times deeper, until the sequence runs out. So the work grows with
+    the rows' histories, never with rows x catalogue.
+
+    Args:
+        have: items each row already has (its ranks continue after them).
+        gone: per row, item ids it must not get (excluded, and already in its list).
+        used: per row, the category codes of the items already in its list (counted by the cap).
+        touched: per row, the categories whose items come first (`seq.by_category`).
+    """
+    have = np.asarray(have, dtype=np.int64)
+    rows, total = len(have), len(seq)
+    empty = Filled(*(np.zeros(0, dtype=np.int64) for _ in range(4)))
+    if not rows or not total:
+        return empty
+    gone_len = np.fromiter((len(g) for g in gone), dtype=np.int64, count=rows)
+    span = int(max(seq.item_idx.max(), max((int(g.max()) for g in gone if len(g)), default=0))) + 1
+    none = np.zeros(0, dtype=np.int64)
+    gone_rows = np.repeat(np.arange(rows, dtype=np.int64), gone_len)
+    gone_keys = np.unique(gone_rows * span + np.concatenate([*gone, none]).astype(np.int64))
+    ncat = int(max(seq.category.max(initial=-1), max((int(u.max()) for u in used if len(u)), default=-1))) + 2
+    used_len = np.fromiter((len(u) for u in used), dtype=np.int64, count=rows)
+    used_keys = np.sort(np.repeat(np.arange(rows, dtype=np.int64), used_len) * ncat
+                        + np.concatenate([*used, none]).astype(np.int64) + 1)
+    by_cat = _category_positions(seq) if touched is not None and seq.by_category is not None else None
+    depth = np.minimum(n - have + gone_len, total)
+    todo = np.flatnonzero(have < n)
+    parts = []
+    while len(todo):
+        r_parts, p_parts, s_parts = [], [], []
+        lim = depth[todo]
+        if by_cat is not None:
+            for row, d in zip(todo, lim):
+                # A category gives at most n items to a list and skips at most its gone ones: n + gone is deep enough.
+                own = [by_cat[c][: n + gone_len[row]] for c in touched[row] if c in by_cat]
+                first = np.sort(np.concatenate(own)) if own else np.zeros(0, np.int64)
+                r_parts.append(np.full(len(first), row, dtype=np.int64))
+                p_parts.append(first)
+                s_parts.append(np.full(len(first), seq.by_category, dtype=np.int64))
+        starts = np.repeat(np.cumsum(lim) - lim, lim)
+        pos = np.arange(int(lim.sum()), dtype=np.int64) - starts
+        r_parts.append(np.repeat(todo, lim))
+        p_parts.append(pos)
+        s_parts.append(seq.source[pos].astype(np.int64))
+        row, pos, src = (np.concatenate(x) for x in (r_parts, p_parts, s_parts))
+        # Candidates in fill order: per row, the category entries, then the sequence.
+        order = np.argsort(row, kind="stable")
+        row, pos, src = row[order], pos[order], src[order]
+        item = seq.item_idx[pos]
+        keep = occurrence(row * span + item) == 0
+        if len(gone_keys):
+            keep &= ~np.isin(row * span + item, gone_keys)
+        row, pos, src, item = row[keep], pos[keep], src[keep], item[keep]
+        if cap is not None:
+            cat = seq.category[pos].astype(np.int64)
+            key = row * ncat + cat + 1
+            before = np.searchsorted(used_keys, key, "right") - np.searchsorted(used_keys, key, "left")
+            keep = (cat < 0) | (occurrence(key) + before < cap)
+            row, pos, src = row[keep], pos[keep], src[keep]
+        rank = occurrence(row) + have[row]
+        keep = rank < n
+        row, pos, src, rank = row[keep], pos[keep], src[keep], rank[keep]
+        got = np.bincount(row, minlength=rows)[todo] + have[todo]
+        again = (got < n) & (lim < total)
+        done = ~np.isin(row, todo[again])
+        parts.append(Filled(row[done], pos[done], src[done], rank[done] + 1))
+        todo = todo[again]
+        depth[todo] = np.minimum(depth[todo] * 4, total)
+    out = Filled(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("row", "pos", "source", "rank")))
+    order = np.lexsort((out.rank, out.row))
+    return Filled(out.row[order], out.pos[order], out.source[order], out.rank[order])

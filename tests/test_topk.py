@@ -117,3 +117,62 @@ def test_rows_still_tied_after_the_deeper_search_are_scored_against_every_item(d
     items = ItemMatrix(np.arange(100, 2_100), np.ones((2_000, 4), dtype=np.float32))
     sel = top_k(np.ones((2, 4), dtype=np.float32), [np.array([100, 102]), np.array([])], items, 5)
     assert as_lists(sel, items, 2) == [[101, 103, 104, 105, 106], [100, 101, 102, 103, 104]]
+
+
+def fill_reference(have, gone, used, seq: topk.FillSequence, n, cap, touched):
+    """Walk the sequence item by item (the user's categories first when given): obviously right, slow."""
+    out = []
+    for r in range(len(have)):
+        order = []
+        if touched is not None:
+            order += [(p, seq.by_category) for p in range(len(seq)) if int(seq.category[p]) in set(touched[r].tolist())]
+        order += [(p, int(seq.source[p])) for p in range(len(seq))]
+        seen, counts, got = set(), {}, []
+        for c in used[r].tolist():
+            counts[c] = counts.get(c, 0) + 1
+        for p, src in order:
+            if have[r] + len(got) >= n:
+                break
+            item = int(seq.item_idx[p])
+            if item in seen:
+                continue
+            seen.add(item)
+            c = int(seq.category[p])
+            if item in set(gone[r].tolist()) or (cap and c >= 0 and counts.get(c, 0) >= cap):
+                continue
+            counts[c] = counts.get(c, 0) + 1
+            got.append((item, src, have[r] + len(got) + 1))
+        out.append(got)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["plain", "cap", "categories", "categories-cap"])
+@pytest.mark.parametrize("seed", range(10))
+def test_fill_equals_walking_the_sequence(seed, mode):
+    rng = np.random.default_rng(seed)
+    m, rows, n = int(rng.integers(5, 40)), int(rng.integers(1, 30)), int(rng.integers(1, 12))
+    # Two rankings that share items (trending then popular), each item kept at its first place.
+    items = rng.permutation(100)[:m]
+    prio = rng.integers(0, 2, m)
+    extra = rng.choice(items, m // 2)
+    seq = topk.FillSequence.of(
+        np.r_[items, extra], rng.integers(0, 5, m + len(extra)).astype(np.float32), np.r_[rng.integers(-1, 4, m), rng.integers(-1, 4, len(extra))],
+        ["trending" if p == 0 else "popular" for p in np.r_[prio, np.ones(len(extra), int)]], np.r_[prio, np.ones(len(extra), int)],
+        by_category="category_popular" if mode.startswith("categories") else None,
+    )
+    assert len(seq) == len(set(seq.item_idx.tolist())) == m
+    have = rng.integers(0, n + 1, rows)
+    gone = [rng.choice(100, int(rng.integers(0, 15)), replace=False) for _ in range(rows)]
+    used = [rng.integers(-1, 4, int(h)) for h in have]
+    touched = [rng.choice(4, int(rng.integers(0, 3)), replace=False) for _ in range(rows)] if seq.by_category is not None else None
+    cap = int(rng.integers(1, 4)) if mode.endswith("cap") else None
+    got = topk.fill(have, gone, used, seq, n, cap, touched)
+    lists = [[(int(seq.item_idx[p]), int(s), int(k)) for p, s, k in zip(got.pos[got.row == r], got.source[got.row == r], got.rank[got.row == r])] for r in range(rows)]
+    assert lists == fill_reference(have, gone, used, seq, n, cap, touched)
+
+
+def test_fill_sequence_keeps_each_item_at_its_first_place():
+    seq = topk.FillSequence.of([5, 6, 5, 7], [1.0, 3.0, 9.0, 3.0], [0, 1, 0, -1], ["popular", "popular", "trending", "popular"], [1, 1, 0, 1])
+    assert seq.item_idx.tolist() == [5, 6, 7]
+    assert [seq.sources[s] for s in seq.source] == ["trending", "popular", "popular"]
+    assert seq.score.tolist() == [9.0, 3.0, 3.0]
