@@ -493,19 +493,17 @@ def run_recommend(ctx: RunContext, baseline: str | None = None, blend_weight: fl
         else:
             uf, itf = rec.read(C.USER_FACTORS), rec.read(C.ITEM_FACTORS)
             model_version = recommend.model_version_of(uf)
-        # Read by exclusions, sizes, rankings and explanations: joined once, kept.
+        # Read by the per-user rows, the rankings and the blend: joined once, kept.
         history = recommend.indexed_history(inter, uids, iids).persist(StorageLevel.MEMORY_AND_DISK)
-        # One row per item (bounded by the catalogue) and read by five jobs: the
+        # One row per item (bounded by the catalogue) and read by several jobs: the
         # candidates, the explanations, similar items and their counts.
         itf = itf.persist(StorageLevel.MEMORY_AND_DISK)
         meta = recommend.item_meta(iids, items, history, r.rules).persist(StorageLevel.MEMORY_AND_DISK)
         stamp = [F.lit(model_version).alias(C.MODEL_VERSION), F.lit(ctx.run_id).alias(C.RUN_ID),
                  F.lit(ctx.now).cast("timestamp").alias(C.GENERATED_AT)]
         try:
-            recs = recommend.recommend_all(history, uf, itf, r, meta)
-            if baseline is not None:
-                recs = recommend.named_as_baseline(recs, baseline)
-            keyed = recommend.with_keys(recs, uids, meta, r.trending_days).select(*recommend.PUBLISHED_COLUMNS)
+            # Scored, filled, keyed and explained in one pass over the users: the table as published.
+            keyed = recommend.recommend_all(history, uf, itf, r, meta, user_ids=uids, baseline=baseline)
             if r.exploration_slots and items is not None:
                 pool = recommend.exploration_pool(items, history, iids, r.rules, r.max_exploration_items)
                 rec.details["exploration_pool"] = len(pool)

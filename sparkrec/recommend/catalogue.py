@@ -12,7 +12,7 @@ from pyspark.sql import functions as F
 
 from sparkrec import columns as C
 from sparkrec.config import RulesConfig
-from sparkrec.recommend.names import ALLOWED, BOOST, CAT, EXPLAIN_HISTORY, HIST, HIST_TYPE, TYPE_STRENGTH
+from sparkrec.recommend.names import ALLOWED, BOOST, CAT, TYPE_STRENGTH
 
 
 def indexed_history(interactions: DataFrame, user_ids: DataFrame, item_ids: DataFrame) -> DataFrame:
@@ -25,39 +25,12 @@ def indexed_history(interactions: DataFrame, user_ids: DataFrame, item_ids: Data
     )
 
 
-def exclusions(history: DataFrame, exclude_types: list[str]) -> DataFrame:
-    """(user_idx, item_idx) pairs that must not be recommended: already bought."""
-    return history.where(F.col(C.EVENT_TYPE).isin(exclude_types)).select(C.USER_IDX, C.ITEM_IDX).distinct()
-
-
-def history_sizes(history: DataFrame) -> DataFrame:
-    return history.groupBy(C.USER_IDX).agg(F.countDistinct(C.ITEM_IDX).alias("_n_items"))
-
-
-def _strength() -> Column:
+def strength() -> Column:
+    """An event's strength (`TYPE_STRENGTH`), to say "bought" rather than "viewed" when a user did both."""
     expr = F.lit(0)
     for t, s in TYPE_STRENGTH.items():
         expr = F.when(F.col(C.EVENT_TYPE) == t, F.lit(s)).otherwise(expr)
     return expr
-
-
-def history_lists(history: DataFrame, limit: int = EXPLAIN_HISTORY) -> DataFrame:
-    """(user_idx, _hist, _hist_type): each user's items, strongest and latest first, at most `limit`."""
-    per_item = history.groupBy(C.USER_IDX, C.ITEM_IDX).agg(
-        F.max(_strength()).alias("_s"), F.max(C.EVENT_TS).alias("_t")
-    )
-    lists = per_item.groupBy(C.USER_IDX).agg(
-        F.slice(
-            F.sort_array(F.collect_list(F.struct(F.col("_s"), F.col("_t"), (-F.col(C.ITEM_IDX)).alias("_i"))), asc=False),
-            1,
-            limit,
-        ).alias("_l")
-    )
-    return lists.select(
-        C.USER_IDX,
-        F.transform("_l", lambda x: (-x["_i"]).cast("int")).alias(HIST),
-        F.transform("_l", lambda x: x["_s"].cast("int")).alias(HIST_TYPE),
-    )
 
 
 def allowed_by(rules: RulesConfig) -> Column:

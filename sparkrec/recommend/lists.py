@@ -8,16 +8,35 @@ list to items nobody has seen yet.
 
 from __future__ import annotations
 
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from sparkrec import columns as C
 from sparkrec.config import RecommendConfig, RulesConfig
 from sparkrec.errors import StageError
-from sparkrec.recommend.catalogue import allowed_by, default_meta, exclusions, history_lists, history_sizes
-from sparkrec.recommend.fallbacks import category_candidates, fallback_rankings, fill_lists, recent_popularity
-from sparkrec.recommend.names import BECAUSE_IDX, BECAUSE_NAME, BECAUSE_TYPE, CAT, EXCLUDED, HAVE, OWN_TYPE, REMINDERS, VERBS
-from sparkrec.recommend.scoring import candidate_matrix, score_top_n, with_blend_weight
+from sparkrec import topk
+from sparkrec.recommend import block
+from sparkrec.recommend.catalogue import allowed_by, default_meta, strength
+from sparkrec.recommend.fallbacks import fallback_rankings, popularity, recent_popularity
+from sparkrec.recommend.names import (
+    BECAUSE_IDX,
+    BECAUSE_TYPE,
+    CAT,
+    EXCLUDED,
+    EXPLAIN_HISTORY,
+    HIST,
+    HIST_TYPE,
+    OWN_TYPE,
+    PRESENT,
+    PRIO,
+    TOUCHED,
+)
+from sparkrec.recommend.scoring import candidate_matrix, collect_items, score_top_n, with_blend_weight
+
+log = logging.getLogger(__name__)
 
 # The published table's columns before the run's stamp (model_version, run_id, generated_at).
 PUBLISHED_COLUMNS = (C.USER_ID, C.ITEM_ID, C.RANK, C.SCORE, C.REC_SOURCE, C.BECAUSE_ITEM_ID, C.EXPLANATION)
@@ -50,20 +69,95 @@ def as_baseline(cfg: RecommendConfig, baseline: str, recent_days: float) -> Reco
                                   "min_history": 1})
 
 
-def named_as_baseline(recs: DataFrame, baseline: str) -> DataFrame:
-    """Rows of a published baseline say so: the trending fallback that builds `recent_popular` is named after it."""
-    if baseline != "recent_popular":
-        return recs
-    src = F.col(C.REC_SOURCE)
-    return recs.withColumn(C.REC_SOURCE, F.when(src == C.SOURCE_TRENDING, F.lit(baseline)).otherwise(src))
-
-
 def model_version_of(user_factors: DataFrame) -> str:
     """The model the factors came from (one row read). Raises StageError when there are none."""
     first = user_factors.select(C.MODEL_VERSION).first()
     if first is None:
         raise StageError("user_factors is empty: train a model first")
     return first[0]
+
+
+def user_rows(
+    history: DataFrame,
+    user_factors: DataFrame | None,
+    cfg: RecommendConfig,
+    meta: DataFrame,
+    users: DataFrame | None = None,
+    *,
+    every_user: bool = False,
+) -> DataFrame:
+    """One row per user: everything its list depends on, from one aggregation of its history.
+
+    Args:
+        users: (user_idx) to list; default every user in `history`.
+        every_user: list every one of `users`, with or without history (the popularity baselines).
+    Returns:
+        (user_idx, _n_items, _excluded, features (null: no model list)[, _hist, _hist_type][, _touched])
+    """
+    h = history if users is None else history.join(users.select(C.USER_IDX), C.USER_IDX, "left_semi")
+    per_item = h.groupBy(C.USER_IDX, C.ITEM_IDX).agg(
+        F.max(strength()).alias("_s"), F.max(C.EVENT_TS).alias("_t"),
+        F.max(F.col(C.EVENT_TYPE).isin(cfg.exclude_event_types).cast("int")).alias("_x"),
+    )
+    aggs = [F.count("*").alias("_n_items"), F.collect_list(F.when(F.col("_x") == 1, F.col(C.ITEM_IDX))).alias(EXCLUDED)]
+    if cfg.explain:
+        # Strongest, then latest first: the explanation prefers "bought" to "viewed".
+        aggs.append(F.slice(F.sort_array(F.collect_list(F.struct("_s", "_t", (-F.col(C.ITEM_IDX)).alias("_i"))), asc=False),
+                            1, EXPLAIN_HISTORY).alias("_l"))
+    if cfg.fallback == C.SOURCE_CATEGORY_POPULAR:
+        per_item = per_item.join(F.broadcast(meta.select(C.ITEM_IDX, CAT)), C.ITEM_IDX, "left")
+        aggs.append(F.collect_set(F.when(F.col(CAT) >= 0, F.col(CAT))).alias(TOUCHED))
+    per_user = per_item.groupBy(C.USER_IDX).agg(*aggs)
+    if every_user and users is not None:
+        per_user = users.select(C.USER_IDX).distinct().join(per_user, C.USER_IDX, "left")
+    if cfg.explain:
+        per_user = per_user.withColumn(HIST, F.transform("_l", lambda x: (-x["_i"]).cast("int"))).withColumn(
+            HIST_TYPE, F.transform("_l", lambda x: x["_s"].cast("int"))).drop("_l")
+    if user_factors is None:
+        return per_user.withColumn(C.FEATURES, F.lit(None).cast("array<float>"))
+    factors = user_factors.select(C.USER_IDX, F.col(C.FEATURES).alias("_f"))
+    return per_user.join(factors, C.USER_IDX, "left").withColumn(
+        C.FEATURES, F.when(F.col("_n_items") >= cfg.min_history, F.col("_f"))).drop("_f")
+
+
+def fill_sequence(ranking: DataFrame, by_category: bool = False, rename: dict[str, str] | None = None) -> topk.FillSequence:
+    """The fallback rankings (item_idx, score, _cat, source, _prio) as one sequence on the driver.
+
+    Bounded by the catalogue (each item at most once per ranking), so it is
+    collected and broadcast with the item matrix.
+    """
+    pdf = ranking.select(C.ITEM_IDX, C.SCORE, CAT, C.REC_SOURCE, PRIO).toPandas()
+    names = [(rename or {}).get(s, s) for s in pdf[C.REC_SOURCE]]
+    return topk.FillSequence.of(pdf[C.ITEM_IDX].to_numpy(), pdf[C.SCORE].to_numpy(), pdf[CAT].to_numpy(), names,
+                                pdf[PRIO].to_numpy(), C.SOURCE_CATEGORY_POPULAR if by_category else None)
+
+
+def catalogue_of(meta: DataFrame) -> block.Catalogue:
+    """The item keys, names and categories for keyed rows (one row per item: bounded, broadcast)."""
+    pdf = meta.select(C.ITEM_IDX, C.ITEM_ID, C.ITEM_NAME, C.CATEGORY).toPandas()
+    none = lambda col: pdf[col].astype(object).where(pdf[col].notna(), None).to_numpy()  # noqa: E731
+    return block.Catalogue(pdf[C.ITEM_IDX].to_numpy(), pdf[C.ITEM_ID].to_numpy(), none(C.ITEM_NAME), none(C.CATEGORY))
+
+
+def assemble(rows: DataFrame, plan: block.Plan) -> DataFrame:
+    """Per-user rows (`user_rows`, plus user_id for keyed output) to lists, in one pass of `block.lists`."""
+    spark = rows.sparkSession
+    bc = spark.sparkContext.broadcast(plan)
+    width = len(plan.items.item_idx) if plan.items is not None else len(plan.seq)
+    step = block.block_rows(width)
+
+    def run(batches):
+        p = bc.value
+        topk.set_threads(p.threads)
+        for batch in batches:
+            for start in range(0, len(batch), step):
+                yield block.lists(batch.iloc[start : start + step].reset_index(drop=True), p)
+
+    wanted = [C.USER_IDX, C.FEATURES, EXCLUDED, HIST, HIST_TYPE, TOUCHED, PRESENT, C.USER_ID]
+    if plan.catalogue is None:
+        wanted.remove(C.USER_ID)
+    cols = [c for c in wanted if c in rows.columns]
+    return rows.select(*cols).mapInPandas(run, block.KEYED_SCHEMA if plan.catalogue is not None else block.INDEXED_SCHEMA)
 
 
 def recommend_all(
@@ -73,110 +167,113 @@ def recommend_all(
     cfg: RecommendConfig,
     meta: DataFrame | None = None,
     users: DataFrame | None = None,
+    *,
+    user_ids: DataFrame | None = None,
+    baseline: str | None = None,
 ) -> DataFrame:
     """Exactly `n` items per user with history (whenever `n` allowed items exist), with their source.
 
     Users with at least `min_history` distinct items and factors get model
     scores; everyone else, and any list cut short by exclusions or rules, is
-    filled from the fallback ranking and then from popularity.
+    filled from the fallback ranking and then from popularity. Scoring,
+    filling, keys and explanations happen in one pass over the users
+    (`block.lists`); only a catalogue larger than `max_broadcast_items` is
+    scored in chunks first.
 
     Args:
         users: (user_idx) to list; default every user in `history`.
+        user_ids: when given, the rows come out as published (`PUBLISHED_COLUMNS`): keyed and explained.
+        baseline: the gate baseline these lists stand for; its rows are named after it.
     Returns:
-        (user_idx, item_idx, rank, score, _cat, source, _because_idx)
+        (user_idx, item_idx, rank, score, _cat, source, _because_idx, _because_type, _own_type),
+        or the published columns with `user_ids`.
     """
     if meta is None:
         meta = default_meta(item_factors, history)
     n, cap = cfg.n, cfg.rules.max_per_category
-    excluded = exclusions(history, cfg.exclude_event_types)
-    sizes = history_sizes(history)
-    if users is not None:  # only these users' lists (evaluation); rankings still use all history
-        sizes = sizes.join(users.select(C.USER_IDX), C.USER_IDX, "left_semi")
-    warm = sizes.where(F.col("_n_items") >= cfg.min_history).select(C.USER_IDX)
-    per_user_ex = excluded.groupBy(C.USER_IDX).agg(F.collect_list(C.ITEM_IDX).alias(EXCLUDED))
-    queries = user_factors.select(C.USER_IDX, C.FEATURES).join(warm, C.USER_IDX).join(per_user_ex, C.USER_IDX, "left")
-    blend = None
-    if cfg.blend.weight > 0:  # a hybrid list: model score + weight x recent popularity, one exact top-k
-        blend = recent_popularity(history, cfg.blend.days)
-        queries = with_blend_weight(queries, cfg.blend.weight)
+    blend = recent_popularity(history, cfg.blend.days) if cfg.blend.weight > 0 else None
+    candidates = candidate_matrix(item_factors, meta, blend)
+    rename = {C.SOURCE_TRENDING: baseline} if baseline == "recent_popular" else None
+    # The bounded parts the workers get are collected side by side: each is a few small Spark
+    # jobs whose cost is mostly latency, so running them at once saves seconds on a small cluster.
+    parts = {
+        # Collected whole when the catalogue fits a broadcast (no count first: one pass fewer).
+        "items": lambda: collect_items(candidates.limit(cfg.max_broadcast_items + 1), True),
+        "seq": lambda: fill_sequence(fallback_rankings(history, meta, cfg.fallback, cfg.trending_days),
+                                     cfg.fallback == C.SOURCE_CATEGORY_POPULAR, rename),
+    }
     if cfg.explain:
-        queries = queries.join(history_lists(history), C.USER_IDX, "left")
-    # Scored once and kept: the lists are read three times below, and the
-    # scoring is the expensive part.
-    als = (
-        score_top_n(
-            queries,
-            candidate_matrix(item_factors, meta, blend),
-            n,
-            cap=cap,
-            max_items=cfg.max_broadcast_items,
-            explain_items=item_factors if cfg.explain else None,
-        )
-        .withColumn(C.REC_SOURCE, F.lit(C.SOURCE_ALS))
-        .localCheckpoint(eager=True)
-    )
-    have = als.groupBy(C.USER_IDX).agg(F.count("*").alias(HAVE))
-    short = (
-        sizes.select(C.USER_IDX)
-        .join(have, C.USER_IDX, "left")
-        .select(C.USER_IDX, F.coalesce(F.col(HAVE), F.lit(0)).alias(HAVE))
-        .where(F.col(HAVE) < n)
-        .localCheckpoint(eager=True)
-    )
-    present = als.select(C.USER_IDX, C.ITEM_IDX, CAT)
-    if short.isEmpty():  # every list is full: no ranking to build, nothing to fill
-        return als
-    ranking = fallback_rankings(history, meta, cfg.fallback, cfg.trending_days)
-    per_user = None
-    if cfg.fallback == C.SOURCE_CATEGORY_POPULAR:
-        # A user skips at most the items it may not get before its n-th valid
-        # one of a category, so each category's top (n + the most any short
-        # user may not get) is enough.
-        gone = excluded.unionByName(present.select(C.USER_IDX, C.ITEM_IDX)).join(short.select(C.USER_IDX), C.USER_IDX, "left_semi")
-        max_gone = gone.groupBy(C.USER_IDX).count().agg(F.max("count")).first()[0] or 0
-        per_user = category_candidates(history, meta, ranking, n + int(max_gone))
-    filled = fill_lists(short, present, excluded, ranking, n, cap, per_user=per_user)
-    return als.unionByName(filled.select(*filled.columns, *[F.lit(-1).alias(c) for c in (BECAUSE_IDX, BECAUSE_TYPE, OWN_TYPE)]))
+        parts["unit"] = lambda: collect_items(item_factors.limit(cfg.max_broadcast_items + 1), False)
+    if user_ids is not None:
+        parts["catalogue"] = lambda: catalogue_of(meta)
+    with ThreadPoolExecutor(len(parts)) as pool:
+        futures = {k: pool.submit(f) for k, f in parts.items()}
+        got = {k: f.result() for k, f in futures.items()}
+    whole, seq = got["items"], got["seq"]
+    n_items = len(whole.item_idx)
+    rows = user_rows(history, user_factors, cfg, meta, users)
+    threads = int(history.sparkSession.conf.get("spark.task.cpus", "1") or 1)
+    plan = block.Plan(n=n, cap=cap, seq=seq, trending_days=cfg.trending_days, threads=threads,
+                      blend_weight=float(cfg.blend.weight) if blend is not None else None)
+    if 0 < n_items <= cfg.max_broadcast_items:
+        plan.items = whole
+        m = got.get("unit")
+        if m is not None and len(m.item_idx) <= cfg.max_broadcast_items:
+            plan.unit = topk.ItemMatrix(m.item_idx, topk.normalized(m.vectors))
+    elif n_items:
+        if cfg.explain:
+            log.warning("explanations skipped: more than recommend.max_broadcast_items=%d items", cfg.max_broadcast_items)
+        queries = rows.where(F.col(C.FEATURES).isNotNull())
+        if blend is not None:
+            queries = with_blend_weight(queries, cfg.blend.weight)
+        scored = score_top_n(queries, candidates, n, cap=cap, max_items=cfg.max_broadcast_items)
+        present = scored.groupBy(C.USER_IDX).agg(
+            F.collect_list(F.struct(C.RANK, C.ITEM_IDX, C.SCORE, CAT)).alias(PRESENT))
+        rows = rows.join(present, C.USER_IDX, "left").drop(HIST, HIST_TYPE)
+    if user_ids is not None:
+        rows = rows.join(user_ids, C.USER_IDX)
+        plan.catalogue = got["catalogue"]
+    return assemble(rows, plan)
+
+
+def popular_lists(
+    history: DataFrame,
+    users: DataFrame,
+    meta: DataFrame,
+    n: int,
+    exclude_types: list[str],
+    *,
+    since: Column | None = None,
+    cap: int | None = None,
+) -> DataFrame:
+    """The most popular allowed items each user has not bought: the cold-start list, and the baseline it is judged by.
+
+    Args:
+        users: (user_idx) to list, with or without history.
+        since: count only events from this time on ("recently popular").
+    Returns:
+        (user_idx, item_idx, rank, score, _cat, source, ...) as `recommend_all`.
+    """
+    source = C.SOURCE_POPULAR if since is None else C.SOURCE_TRENDING
+    ranking = popularity(history, meta, since).withColumn(C.REC_SOURCE, F.lit(source)).withColumn(PRIO, F.lit(0))
+    cfg = RecommendConfig(n=n, exclude_event_types=exclude_types, explain=False)
+    rows = user_rows(history, None, cfg, meta, users, every_user=True)
+    return assemble(rows, block.Plan(n=n, cap=cap, seq=fill_sequence(ranking)))
 
 
 def with_keys(recs: DataFrame, user_ids: DataFrame, meta: DataFrame, trending_days: float) -> DataFrame:
-    """Swap integer ids back for the shop's keys and say why each item is there."""
-    # The catalogue is bounded (one row per item) and broadcast; users are not.
-    because = F.broadcast(meta.select(F.col(C.ITEM_IDX).alias(BECAUSE_IDX), F.col(C.ITEM_ID).alias(C.BECAUSE_ITEM_ID),
-                                      F.col(C.ITEM_NAME).alias(BECAUSE_NAME)))
-    out = (
-        recs.join(F.broadcast(meta.select(C.ITEM_IDX, C.ITEM_ID, C.CATEGORY)), C.ITEM_IDX)
-        .join(because, BECAUSE_IDX, "left")
-        .join(user_ids, C.USER_IDX)
-    )
-    # An item from the user's own history is a reminder: it says so, and names no "because" item.
-    reminder = (F.col(C.REC_SOURCE) == C.SOURCE_ALS) & (F.col(OWN_TYPE) >= 0)
-    return out.withColumn(C.EXPLANATION, explanation(trending_days)).withColumn(
-        C.BECAUSE_ITEM_ID, F.when(reminder, F.lit(None).cast("string")).otherwise(F.col(C.BECAUSE_ITEM_ID))
-    )
+    """Integer rows (`recommend_all` without `user_ids`) with the shop's keys, and why each item is there."""
+    cat = recs.sparkSession.sparkContext.broadcast(catalogue_of(meta))
 
+    def run(batches):
+        c = cat.value
+        for b in batches:
+            yield block.keyed(b[C.USER_ID].to_numpy(), b[C.ITEM_IDX].to_numpy(), b[C.RANK].to_numpy(), b[C.SCORE].to_numpy(),
+                              b[C.REC_SOURCE].to_numpy(dtype=object), b[BECAUSE_IDX].to_numpy(), b[BECAUSE_TYPE].to_numpy(),
+                              b[OWN_TYPE].to_numpy(), c, trending_days)
 
-def explanation(trending_days: float) -> Column:
-    """Why an item is in a list, from its source, the user's own event on it, and the explaining item."""
-    src = F.col(C.REC_SOURCE)
-    verb = F.lit(None).cast("string")
-    for strength, text in VERBS.items():
-        verb = F.when(F.col(BECAUSE_TYPE) == strength, F.lit(text)).otherwise(verb)
-    remind = F.lit(None).cast("string")
-    for strength, text in REMINDERS.items():
-        remind = F.when(F.col(OWN_TYPE) == strength, F.lit(text)).otherwise(remind)
-    days = f"{trending_days:g}"
-    return (
-        F.when((src == C.SOURCE_ALS) & (F.col(OWN_TYPE) >= 0), remind)
-        .when((src == C.SOURCE_ALS) & F.col(C.BECAUSE_ITEM_ID).isNotNull(),
-              F.concat(F.lit("because you "), verb, F.lit(" "), F.coalesce(F.col(BECAUSE_NAME), F.col(C.BECAUSE_ITEM_ID))))
-        .when(src == C.SOURCE_ALS, F.lit("matches your tastes"))
-        .when(src == C.SOURCE_TRENDING, F.lit(f"trending in the last {days} days"))
-        .when(src == "recent_popular", F.lit(f"popular in the last {days} days"))
-        .when((src == C.SOURCE_CATEGORY_POPULAR) & F.col(C.CATEGORY).isNotNull(), F.concat(F.lit("popular in "), F.col(C.CATEGORY)))
-        .when(src == C.SOURCE_EXPLORATION, F.lit("new in the shop"))
-        .otherwise(F.lit("popular with other shoppers"))
-    )
+    cols = [C.USER_ID, C.ITEM_IDX, C.RANK, C.SCORE, C.REC_SOURCE, BECAUSE_IDX, BECAUSE_TYPE, OWN_TYPE]
+    return recs.join(user_ids, C.USER_IDX).select(*cols).mapInPandas(run, block.KEYED_SCHEMA)
 
 
 def exploration_pool(items: DataFrame, history: DataFrame, item_ids: DataFrame, rules: RulesConfig, limit: int) -> list[str]:

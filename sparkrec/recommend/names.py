@@ -25,6 +25,10 @@ BECAUSE_NAME = "_because_name"
 BLEND = "_blend"
 # The user's own strongest event on the recommended item itself (-1: none): a reminder, not a discovery.
 OWN_TYPE = "_own_type"
+# Model rows scored elsewhere (a chunked catalogue), handed to the list assembly: array<struct<rank, item_idx, score, _cat>>.
+PRESENT = "_present"
+# Category codes of the items a user touched (the category fallback).
+TOUCHED = "_touched"
 SCORED_SCHEMA = (
     f"{C.USER_IDX} int, {C.ITEM_IDX} int, {C.RANK} int, {C.SCORE} float, {CAT} int, {BECAUSE_IDX} int, "
     f"{BECAUSE_TYPE} int, {OWN_TYPE} int"

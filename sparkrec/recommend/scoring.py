@@ -1,11 +1,10 @@
-"""Model scores: exact top-N per user with faiss and numpy inside `mapInPandas`.
+"""Model scores: the candidate matrix, and exact top-N per query in chunks of the catalogue.
 
-Each Python worker scores a block of users against the broadcast item
-matrix, with the user's bought items and the per-category cap applied inside
-the top-k (`topk`), so a list is only short when too few valid items exist.
-No user factors come to the driver; item factors are broadcast only up to
-`recommend.max_broadcast_items` per chunk, and a larger catalogue is scored in
-item chunks whose candidates are merged.
+The recommend stage scores inside its one pass over the users (`block`)
+when the catalogue fits `recommend.max_broadcast_items`. `score_top_n` is for
+what does not: a larger catalogue, scored in item chunks whose candidates are
+merged, and similar items. Either way the exclusions and the per-category cap
+are applied inside the top-k (`topk`), and no user factors come to the driver.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from pyspark.sql import functions as F
 
 from sparkrec import columns as C
 from sparkrec import topk
+from sparkrec.recommend.block import block_rows
 from sparkrec.recommend.names import (
     ALLOWED,
     BECAUSE_IDX,
@@ -27,8 +27,6 @@ from sparkrec.recommend.names import (
     BOOST,
     CAT,
     EXCLUDED,
-    HIST,
-    HIST_TYPE,
     BLEND,
     OWN_TYPE,
     SCORED_SCHEMA,
@@ -36,11 +34,9 @@ from sparkrec.recommend.names import (
 
 log = logging.getLogger(__name__)
 
-# Users scored per pandas batch: bounds the Python worker's memory (batch x items floats).
-_BATCH_CELLS = 50_000_000
 
 
-def _collect_items(df: DataFrame, with_category: bool) -> topk.ItemMatrix:
+def collect_items(df: DataFrame, with_category: bool) -> topk.ItemMatrix:
     """Bring one bounded chunk of item vectors to the driver, sorted by item id."""
     cols = [C.ITEM_IDX, C.FEATURES] + ([CAT] if with_category else [])
     pdf = df.select(*cols).orderBy(C.ITEM_IDX).toPandas()
@@ -55,7 +51,6 @@ def score_top_n(
     *,
     cap: int | None = None,
     max_items: int = 500_000,
-    explain_items: DataFrame | None = None,
 ) -> DataFrame:
     """Exact top-`n` candidates per query row, never an excluded one, at most `cap` per category.
 
@@ -64,8 +59,6 @@ def score_top_n(
         candidates: (item_idx, features, _cat): the items allowed, boosts applied.
         cap: per-category limit (`_cat` -1 is never capped).
         max_items: items broadcast at once; a larger catalogue is scored in chunks and merged.
-        explain_items: (item_idx, features) of every item with factors; when given (and
-            within `max_items`), each result gets the history item most similar to it.
     Returns:
         (user_idx, item_idx, rank, score, _cat, _because_idx) with ranks 1..n.
     """
@@ -73,15 +66,8 @@ def score_top_n(
     if n_items == 0:
         return queries.sparkSession.createDataFrame([], SCORED_SCHEMA)
     chunks = -(-n_items // max_items)
-    unit = None
-    if explain_items is not None:
-        if explain_items.count() <= max_items and chunks == 1:
-            m = _collect_items(explain_items, False)
-            unit = topk.ItemMatrix(m.item_idx, topk.normalized(m.vectors))
-        else:
-            log.warning("explanations skipped: more than recommend.max_broadcast_items=%d items", max_items)
     if chunks == 1:
-        return _score_chunk(queries, _collect_items(candidates, True), n, cap, unit)
+        return _score_chunk(queries, collect_items(candidates, True), n, cap)
     # Each chunk's capped top 2n contains every item of the global capped top n
     # (a displaced item needs `cap` better items of its category, at most n of
     # them in all); without a cap, each chunk's top n suffices.
@@ -89,8 +75,8 @@ def score_top_n(
     log.info("scoring %d items in %d chunks of at most %d", n_items, chunks, max_items)
     parts = None
     for c in range(chunks):
-        chunk = _collect_items(candidates.where(F.pmod(C.ITEM_IDX, F.lit(chunks)) == c), True)
-        part = _score_chunk(queries, chunk, depth, cap, None)
+        chunk = collect_items(candidates.where(F.pmod(C.ITEM_IDX, F.lit(chunks)) == c), True)
+        part = _score_chunk(queries, chunk, depth, cap)
         parts = part if parts is None else parts.unionByName(part)
     assert parts is not None
     order = [F.col(C.SCORE).desc(), F.col(C.ITEM_IDX)]
@@ -106,66 +92,39 @@ def score_top_n(
     )
 
 
-def _score_chunk(queries: DataFrame, items: topk.ItemMatrix, n: int, cap: int | None, unit: topk.ItemMatrix | None) -> DataFrame:
+def _score_chunk(queries: DataFrame, items: topk.ItemMatrix, n: int, cap: int | None) -> DataFrame:
     spark = queries.sparkSession
-    bc = spark.sparkContext.broadcast((items, unit))
-    batch_rows = max(1, _BATCH_CELLS // max(1, len(items.item_idx)))
-    explain = unit is not None and HIST in queries.columns
+    bc = spark.sparkContext.broadcast(items)
+    batch_rows = block_rows(len(items.item_idx))
     # One Spark task owns spark.task.cpus cores; faiss's OpenMP would otherwise
     # start a thread per machine core in every Python worker and oversubscribe.
     threads = int(spark.conf.get("spark.task.cpus", "1") or 1)
 
     def score(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         topk.set_threads(threads)
-        mat, unit_m = bc.value
+        mat = bc.value
         for batch in batches:
             for start in range(0, len(batch), batch_rows):
                 part = batch.iloc[start : start + batch_rows]
                 q = np.stack(part[C.FEATURES].to_numpy()).astype(np.float32)
                 ex = [np.asarray(e if e is not None else [], dtype=np.int64) for e in part[EXCLUDED]]
                 sel = topk.top_k(q, ex, mat, n, cap)
-                item_ids = mat.item_idx[sel.pos]
-                because = np.full(len(sel.row), -1, dtype=np.int64)
-                because_type = np.full(len(sel.row), -1, dtype=np.int64)
-                own_type = np.full(len(sel.row), -1, dtype=np.int64)
-                if explain:
-                    hist = [np.asarray(h if h is not None else [], dtype=np.int64) for h in part[HIST]]
-                    because = topk.explain(sel.row, item_ids, hist, unit_m)
-                    because_type = _type_of(because, sel.row, hist, part[HIST_TYPE])
-                    own_type = _type_of(item_ids, sel.row, hist, part[HIST_TYPE])
                 cats = mat.category[sel.pos] if mat.category is not None else np.full(len(sel.row), -1)
+                none = np.full(len(sel.row), -1, dtype=np.int32)
                 yield pd.DataFrame(
                     {
                         C.USER_IDX: part[C.USER_IDX].to_numpy()[sel.row].astype(np.int32),
-                        C.ITEM_IDX: item_ids.astype(np.int32),
+                        C.ITEM_IDX: mat.item_idx[sel.pos].astype(np.int32),
                         C.RANK: sel.rank,
                         C.SCORE: sel.score,
                         CAT: cats.astype(np.int32),
-                        BECAUSE_IDX: because.astype(np.int32),
-                        BECAUSE_TYPE: because_type.astype(np.int32),
-                        OWN_TYPE: own_type.astype(np.int32),
+                        BECAUSE_IDX: none,
+                        BECAUSE_TYPE: none,
+                        OWN_TYPE: none,
                     }
                 )
 
-    cols = [C.USER_IDX, C.FEATURES, EXCLUDED] + ([HIST, HIST_TYPE] if explain else [])
-    return queries.select(*cols).mapInPandas(score, SCORED_SCHEMA)
-
-
-def _type_of(because: np.ndarray, rows: np.ndarray, hist: list[np.ndarray], types) -> np.ndarray:
-    """The event strength the user had on each explaining item, looked up in the row's own history list."""
-    width = max((len(h) for h in hist), default=0)
-    if width == 0 or not len(because):
-        return np.full(len(because), -1, dtype=np.int64)
-    lens = np.fromiter((len(h) for h in hist), dtype=np.int64, count=len(hist))
-    filled = np.arange(width)[None, :] < lens[:, None]
-    ids = np.full((len(hist), width), -2, dtype=np.int64)
-    kinds = np.full((len(hist), width), -1, dtype=np.int64)
-    ids[filled] = np.concatenate(hist)
-    kinds[filled] = np.concatenate([np.asarray(t if t is not None else [], dtype=np.int64) for t in types])
-    match = ids[rows] == because[:, None]
-    first = np.argmax(match, axis=1)
-    found = match[np.arange(len(because)), first]
-    return np.where(found, kinds[rows, first], -1)
+    return queries.select(C.USER_IDX, C.FEATURES, EXCLUDED).mapInPandas(score, SCORED_SCHEMA)
 
 
 def candidate_matrix(item_factors: DataFrame, meta: DataFrame, blend: DataFrame | None = None) -> DataFrame:
