@@ -5,7 +5,10 @@ histories and an item table, then times side by side in one process:
 
 - sparkrec's whole recommend stage (`pipeline.run_recommend`: bought-item
   exclusion, rules, fallbacks, explanations, write to Delta), with
-  `similar_items` off so it does the same job as the others (timed separately);
+  `similar_items`, the category cap and the blend off so it does the same job
+  as the stock pipeline (each timed separately as well);
+- the stock pipeline a Spark user writes for the same table (see `time_stock`),
+  its lists checked equal to sparkrec's;
 - MLlib `ALSModel.recommendForAllUsers(N)` on the same factors (a model saved
   from a tiny fit, its factor tables swapped for the generated ones), forced
   with the `noop` sink; it does not exclude bought items;
@@ -16,7 +19,7 @@ histories and an item table, then times side by side in one process:
   cached in memory, written to a new Delta table.
 
     python bench/bench_recommend.py                          # 50,000 x 20,000, rank 32, N 50
-    python bench/bench_recommend.py --scale                  # adds 1,000,000 x 100,000, rank 64, N 20 (sparkrec only)
+    python bench/bench_recommend.py --scale                  # adds 50k..1M users x 100,000 items, rank 64, N 20 (sparkrec only)
 """
 
 from __future__ import annotations
@@ -130,16 +133,90 @@ class PeakMemory:
         self._t.join()
 
 
-def time_sparkrec(spark: SparkSession, cfg) -> dict:
+def jobs_of(spark: SparkSession, group: str) -> int:
+    """Spark jobs run under a job group (what the event log lists for the stage)."""
+    return len(spark.sparkContext.statusTracker().getJobIdsForGroup(group))
+
+
+def time_sparkrec(spark: SparkSession, cfg, group: str = "sparkrec") -> dict:
     ctx = RunContext(spark, cfg)
+    spark.sparkContext.setJobGroup(group, "sparkrec recommend stage")
     with PeakMemory() as mem:
         t0 = time.monotonic()
         pipeline.run_recommend(ctx)
         secs = time.monotonic() - t0
+    spark.sparkContext.setJobGroup("bench", "checks")
     rows = tables.read_table(spark, cfg, C.RECOMMENDATIONS).df
     per_user = rows.groupBy(C.USER_ID).count()
     stats = per_user.agg(F.min("count"), F.max("count"), F.count("*")).first()
-    return {"seconds": secs, "peak_rss_gb": mem.peak / 2**30, "rows": rows.count(), "users": stats[2], "min_n": stats[0], "max_n": stats[1]}
+    return {"seconds": secs, "jobs": jobs_of(spark, group), "peak_rss_gb": mem.peak / 2**30, "rows": rows.count(),
+            "users": stats[2], "min_n": stats[0], "max_n": stats[1]}
+
+
+def stock_model(spark: SparkSession, cfg, rank: int):
+    """An MLlib ALSModel holding the warehouse's factors (a tiny fit saved, its factor tables swapped).
+
+    The item factors are only the available items': the stock pipeline then never
+    has to over-fetch past unavailable items (the strongest version of it).
+    """
+    from pyspark.ml.recommendation import ALS, ALSModel
+
+    path = OUT / "stock_model"
+    shutil.rmtree(path, ignore_errors=True)
+    tiny = spark.createDataFrame([(0, 0, 1.0), (1, 1, 1.0)], "user int, item int, rating float")
+    ALS(rank=rank, maxIter=1, implicitPrefs=True).fit(tiny).save(str(path))
+    available = tables.read_table(spark, cfg, C.ITEMS).df.where(C.AVAILABLE).join(tables.read_table(spark, cfg, C.ITEM_IDS).df, C.ITEM_ID)
+    for name, f in (
+        ("userFactors", tables.read_table(spark, cfg, C.USER_FACTORS).df.select(F.col(C.USER_IDX).alias("id"), C.FEATURES)),
+        ("itemFactors", tables.read_table(spark, cfg, C.ITEM_FACTORS).df.join(available, C.ITEM_IDX).select(F.col(C.ITEM_IDX).alias("id"), C.FEATURES)),
+    ):
+        shutil.rmtree(path / name)
+        f.write.parquet(str(path / name))
+    return ALSModel.load(str(path))
+
+
+def time_stock(spark: SparkSession, cfg, model, n: int, group: str = "stock") -> dict:
+    """What a Spark user writes for the same table: recommendForAllUsers deep enough, explode, anti-join the
+    bought items, rank, keep n, join the keys, write to Delta (as Spark's docs and public ALS examples do)."""
+    from pyspark.sql import Window
+
+    spark.sparkContext.setJobGroup(group, "stock pipeline")
+    t0 = time.monotonic()
+    uids, iids = tables.read_table(spark, cfg, C.USER_IDS).df, tables.read_table(spark, cfg, C.ITEM_IDS).df
+    bought = (
+        tables.read_table(spark, cfg, C.INTERACTIONS).df.where(F.col(C.EVENT_TYPE) == C.PURCHASE)
+        .join(uids, C.USER_ID).join(iids, C.ITEM_ID).select(F.col(C.USER_IDX).alias("user"), F.col(C.ITEM_IDX).alias("item")).distinct()
+    )
+    longest = bought.groupBy("user").count().agg(F.max("count")).first()[0] or 0
+    recs = model.recommendForAllUsers(n + longest)
+    exploded = recs.select("user", F.explode("recommendations").alias("r")).select("user", F.col("r.item").alias("item"), F.col("r.rating").alias(C.SCORE))
+    kept = exploded.join(bought, ["user", "item"], "left_anti")
+    w = Window.partitionBy("user").orderBy(F.col(C.SCORE).desc(), F.col("item"))
+    ranked = kept.withColumn(C.RANK, F.row_number().over(w)).where(F.col(C.RANK) <= n)
+    out = (
+        ranked.join(uids.withColumnRenamed(C.USER_IDX, "user"), "user").join(iids.withColumnRenamed(C.ITEM_IDX, "item"), "item")
+        .select(C.USER_ID, C.ITEM_ID, F.col(C.RANK).cast("int"), C.SCORE)
+    )
+    target = OUT / "stock_table"
+    shutil.rmtree(target, ignore_errors=True)
+    out.write.format("delta").mode("overwrite").save(str(target))
+    secs = time.monotonic() - t0
+    spark.sparkContext.setJobGroup("bench", "checks")
+    return {"seconds": secs, "jobs": jobs_of(spark, group), "depth": n + longest, "path": str(target)}
+
+
+def same_lists(spark: SparkSession, cfg, stock_path: str, n: int) -> dict:
+    """Do both tables hold the same items per user? Ties aside: a differing item must score within 1e-5 of the
+    user's n-th score in the other table (float32 sums in another order)."""
+    ours = tables.read_table(spark, cfg, C.RECOMMENDATIONS).df.select(C.USER_ID, C.ITEM_ID, F.col(C.SCORE).alias("a"))
+    theirs = spark.read.format("delta").load(stock_path).select(C.USER_ID, C.ITEM_ID, F.col(C.SCORE).alias("b"))
+    both = ours.join(theirs, [C.USER_ID, C.ITEM_ID], "full_outer")
+    last = theirs.groupBy(C.USER_ID).agg(F.min("b").alias("nth"))
+    only = both.where(F.col("a").isNull() | F.col("b").isNull()).join(last, C.USER_ID)
+    row = both.agg(F.count("*").alias("pairs"), F.sum(F.when(F.col("a").isNotNull() & F.col("b").isNotNull(), 1).otherwise(0)).alias("shared"),
+                   F.max(F.abs(F.col("a") - F.col("b"))).alias("max_score_diff")).first()
+    untied = only.where(F.abs(F.coalesce(F.col("a"), F.col("b")) - F.col("nth")) > 1e-5).count()
+    return {"pairs": row["pairs"], "shared": row["shared"], "max_score_diff": row["max_score_diff"], "differing_not_tied": untied}
 
 
 def time_mllib(spark: SparkSession, cfg, n: int, rank: int) -> float:
@@ -168,7 +245,8 @@ def time_delta_write(spark: SparkSession, cfg) -> float:
     target = OUT / "write_floor"
     shutil.rmtree(target, ignore_errors=True)
     t0 = time.monotonic()
-    rows.write.format("delta").mode("overwrite").save(str(target))
+    # With the published table's own setting (statistics on `rank` only), so the floor writes what the stage writes.
+    rows.write.format("delta").mode("overwrite").option("delta.dataSkippingStatsColumns", C.RANK).save(str(target))
     secs = time.monotonic() - t0
     rows.unpersist()
     return secs
@@ -214,16 +292,25 @@ def time_faiss(U: np.ndarray, I: np.ndarray, n: int) -> float:
 def run_case(spark, base_overrides, users, items, rank, n, per_user, compare: bool) -> dict:
     wh = OUT / f"wh_{users}x{items}_r{rank}"
     shutil.rmtree(wh, ignore_errors=True)
+    # The stock pipeline's contract: exclusions and availability, no category cap, no popularity blend.
     cfg = load_config(
         ROOT / "conf" / "local.yaml",
-        [f"warehouse={wh}", f"recommend.n={n}", "recommend.similar_items.enabled=false", "recommend.rules.max_per_category=10", *base_overrides],
+        [f"warehouse={wh}", f"recommend.n={n}", "recommend.similar_items.enabled=false", "recommend.blend.weight=0", *base_overrides],
     )
     t0 = time.monotonic()
     build_warehouse(spark, cfg, users, items, rank, per_user)
     res = {"users": users, "items": items, "rank": rank, "n": n, "build_s": time.monotonic() - t0}
+    if compare:  # each side gets one untimed run first: the JVM's and the Python workers' warm-up
+        model = stock_model(spark, cfg, rank)
+        time_stock(spark, cfg, model, n, "stock-warm-up")
+        time_sparkrec(spark, cfg, "warm-up")
     res["sparkrec"] = time_sparkrec(spark, cfg)
     log.info("sparkrec: %s", res["sparkrec"])
     if compare:
+        res["stock"] = time_stock(spark, cfg, model, n)
+        log.info("stock pipeline: %s", res["stock"])
+        res["same_lists"] = same_lists(spark, cfg, res["stock"]["path"], n)
+        log.info("same lists: %s", res["same_lists"])
         res["delta_write_only_s"] = time_delta_write(spark, cfg)
         log.info("writing the finished table to Delta again: %.1fs", res["delta_write_only_s"])
         res["mllib_s"] = time_mllib(spark, cfg, n, rank)
@@ -232,15 +319,46 @@ def run_case(spark, base_overrides, users, items, rank, n, per_user, compare: bo
         res["implicit_s"] = time_implicit(U, I, csr, n)
         res["faiss_s"] = time_faiss(U, I, n)
         log.info("implicit %.1fs, faiss %.1fs", res["implicit_s"], res["faiss_s"])
+        capped = cfg.model_copy(update={"recommend": cfg.recommend.model_copy(update={
+            "rules": cfg.recommend.rules.model_copy(update={"max_per_category": 10}),
+            "blend": cfg.recommend.blend.model_copy(update={"weight": 0.2})})})
+        res["with_cap_and_blend_s"] = time_sparkrec(spark, capped, "capped")["seconds"]
         sim_cfg = cfg.model_copy(update={"recommend": cfg.recommend.model_copy(update={"similar_items": cfg.recommend.similar_items.model_copy(update={"enabled": True})})})
-        res["with_similar_items_s"] = time_sparkrec(spark, sim_cfg)["seconds"]
+        res["with_similar_items_s"] = time_sparkrec(spark, sim_cfg, "similar")["seconds"]
+        log.info("with a category cap and the blend %.1fs, with similar items %.1fs", res["with_cap_and_blend_s"], res["with_similar_items_s"])
     return res
+
+
+def plot_growth(results: list[dict], path: Path) -> None:
+    """The stage's seconds and peak memory against users, same 100,000 items."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = [r for r in results if r["items"] == 100_000]
+    if not series:
+        return
+    users = [r["users"] for r in series]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(users, [r["sparkrec"]["seconds"] for r in series], "o-", label="recommend stage (s)")
+    ax.set_xlabel("users (100,000 items, rank 64, N = 20, 2 cores)")
+    ax.set_ylabel("seconds")
+    ax2 = ax.twinx()
+    ax2.plot(users, [r["sparkrec"]["peak_rss_gb"] for r in series], "s--", color="tab:orange", label="peak memory (GB)")
+    ax2.set_ylabel("peak resident memory, GB")
+    ax.set_title("sparkrec recommend stage: time and memory by users")
+    fig.legend(loc="upper left", bbox_to_anchor=(0.12, 0.88))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--scale", action="store_true", help="also 1,000,000 users x 100,000 items, rank 64, N 20")
     p.add_argument("--no-compare", action="store_true", help="skip the 50k x 20k comparison case")
+    p.add_argument("--growth", type=int, nargs="+", default=[50_000, 200_000, 500_000, 1_000_000],
+                   help="users of the --scale series (100,000 items, rank 64, N 20)")
     p.add_argument("--json", default=str(OUT / "results.json"))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -249,9 +367,14 @@ def main() -> None:
     results = []
     if not args.no_compare:
         results.append(run_case(spark, [], 50_000, 20_000, 32, 50, 5, compare=True))
-    if args.scale:
-        results.append(run_case(spark, [], 1_000_000, 100_000, 64, 20, 5, compare=False))
+    if args.scale:  # the same 100,000 items, more and more users (the category cap on, as in the first scale run)
+        for users in args.growth:
+            results.append(run_case(spark, ["recommend.rules.max_per_category=10"], users, 100_000, 64, 20, 5, compare=False))
+            log.info("scale %s users: %s", f"{users:,}", results[-1]["sparkrec"])
+            shutil.rmtree(OUT / f"wh_{users}x100000_r64", ignore_errors=True)
     Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.scale:
+        plot_growth(results, ROOT / "bench" / "recommend_growth.png")
     print(json.dumps(results, indent=1))
 
 
