@@ -188,41 +188,6 @@ def test_recommendations_match_local_mode(spark, both_runs):
     assert worst <= TOL
 
 
-def test_training_survives_losing_a_worker(spark, dist, shop, tmp_path_factory):
-    """SIGKILL one of two workers (and its executor) while ALS iterates: the job completes, and its
-    factors are those of an undisturbed run within the stated tolerance (lost blocks are recomputed
-    from the same seeded input), so every metric computed from them agrees too."""
-    d = tmp_path_factory.mktemp("lose-a-worker")
-    sets = [*overrides(d / "wh", shop), "train.als.max_iter=30"]
-    cfg = load_config(ROOT / "conf" / "local.yaml", sets)
-    pipeline.run_stages(RunContext(spark, cfg), ("ingest", "clean", "ids", "train"))
-    undisturbed = {
-        key: {r[idx]: np.asarray(r[C.FEATURES]) for r in read(spark, cfg, key).select(idx, C.FEATURES).collect()}
-        for key, idx in ((C.USER_FACTORS, C.USER_IDX), (C.ITEM_FACTORS, C.ITEM_IDX))
-    }
-    c = devcluster.start(d / "cluster", workers=2, cores=1, memory="1500m")
-    try:
-        log_path = d / "train.log"
-        proc = submit(c, dist, "train", sets, log_path)
-        deadline = time.monotonic() + 600
-        while "fitting ALS" not in open(log_path).read():
-            assert proc.poll() is None, open(log_path).read()[-3000:]
-            assert time.monotonic() < deadline, "ALS never started"
-            time.sleep(0.2)
-        time.sleep(3)
-        assert proc.poll() is None, "training finished before the worker could be killed"
-        c.kill_worker(1)
-        wait(proc, log_path)
-        assert "Lost executor" in open(log_path).read() or "lost worker" in open(log_path).read().lower()
-    finally:
-        c.stop()
-    for key, idx in ((C.USER_FACTORS, C.USER_IDX), (C.ITEM_FACTORS, C.ITEM_IDX)):
-        got = {r[idx]: np.asarray(r[C.FEATURES]) for r in read(spark, cfg, key).select(idx, C.FEATURES).collect()}
-        assert got.keys() == undisturbed[key].keys()
-        diff = max(float(np.max(np.abs(got[k] - undisturbed[key][k]))) for k in got)
-        assert diff <= TOL, f"{key}: largest factor difference {diff:.2e} after losing a worker"
-
-
 def _flaky_python(directory: Path, fail_times: int | None) -> Path:
     """An executor-side Python that dies before starting `fail_times` times (None: always), then runs the real one.
 
@@ -293,3 +258,37 @@ def test_a_task_that_keeps_failing_fails_the_job_naming_the_stage(spark, cluster
     assert "sparkrec: failed in stage recommend:" in text, text[-3000:]
     assert len((tmp_path / "failures").read_text()) >= 4  # every attempt was made before giving up
     assert tables.current_version(spark, cfg.table_path(C.RECOMMENDATIONS)) == before  # nothing half-published
+
+
+def test_training_survives_losing_a_worker(spark, cluster, dist, shop, tmp_path_factory):
+    """SIGKILL one of two workers (and its executor) while ALS iterates: the job completes, and its
+    factors are those of an undisturbed run within the stated tolerance (lost blocks are recomputed
+    from the same seeded input), so every metric computed from them agrees too.
+
+    The last test of the module: it kills a worker of the module's cluster (a cluster of its own
+    cost 15-20 s to start)."""
+    d = tmp_path_factory.mktemp("lose-a-worker")
+    sets = [*overrides(d / "wh", shop), "train.als.max_iter=30"]
+    cfg = load_config(ROOT / "conf" / "local.yaml", sets)
+    pipeline.run_stages(RunContext(spark, cfg), ("ingest", "clean", "ids", "train"))
+    undisturbed = {
+        key: {r[idx]: np.asarray(r[C.FEATURES]) for r in read(spark, cfg, key).select(idx, C.FEATURES).collect()}
+        for key, idx in ((C.USER_FACTORS, C.USER_IDX), (C.ITEM_FACTORS, C.ITEM_IDX))
+    }
+    log_path = d / "train.log"
+    proc = submit(cluster, dist, "train", sets, log_path)
+    deadline = time.monotonic() + 600
+    while "fitting ALS" not in open(log_path).read():
+        assert proc.poll() is None, open(log_path).read()[-3000:]
+        assert time.monotonic() < deadline, "ALS never started"
+        time.sleep(0.2)
+    time.sleep(3)
+    assert proc.poll() is None, "training finished before the worker could be killed"
+    cluster.kill_worker(1)
+    wait(proc, log_path)
+    assert "Lost executor" in open(log_path).read() or "lost worker" in open(log_path).read().lower()
+    for key, idx in ((C.USER_FACTORS, C.USER_IDX), (C.ITEM_FACTORS, C.ITEM_IDX)):
+        got = {r[idx]: np.asarray(r[C.FEATURES]) for r in read(spark, cfg, key).select(idx, C.FEATURES).collect()}
+        assert got.keys() == undisturbed[key].keys()
+        diff = max(float(np.max(np.abs(got[k] - undisturbed[key][k]))) for k in got)
+        assert diff <= TOL, f"{key}: largest factor difference {diff:.2e} after losing a worker"
