@@ -133,23 +133,34 @@ class PeakMemory:
         self._t.join()
 
 
-def jobs_of(spark: SparkSession, group: str) -> int:
-    """Spark jobs run under a job group (what the event log lists for the stage)."""
-    return len(spark.sparkContext.statusTracker().getJobIdsForGroup(group))
+_probes = iter(range(10**9))
 
 
-def time_sparkrec(spark: SparkSession, cfg, group: str = "sparkrec") -> dict:
+def job_id_now(spark: SparkSession) -> int:
+    """The id of a tiny probe job: Spark numbers jobs in order, so two probes bracket the jobs between them.
+
+    (A job group would miss the jobs the stage runs from its own threads: groups are per thread.)
+    """
+    sc = spark.sparkContext
+    group = f"probe-{next(_probes)}"
+    sc.setJobGroup(group, "job counter")
+    sc.parallelize([0], 1).count()
+    sc.setJobGroup("bench", "bench")
+    return sc.statusTracker().getJobIdsForGroup(group)[0]
+
+
+def time_sparkrec(spark: SparkSession, cfg) -> dict:
     ctx = RunContext(spark, cfg)
-    spark.sparkContext.setJobGroup(group, "sparkrec recommend stage")
+    first = job_id_now(spark)
     with PeakMemory() as mem:
         t0 = time.monotonic()
         pipeline.run_recommend(ctx)
         secs = time.monotonic() - t0
-    spark.sparkContext.setJobGroup("bench", "checks")
+    jobs = job_id_now(spark) - first - 1
     rows = tables.read_table(spark, cfg, C.RECOMMENDATIONS).df
     per_user = rows.groupBy(C.USER_ID).count()
     stats = per_user.agg(F.min("count"), F.max("count"), F.count("*")).first()
-    return {"seconds": secs, "jobs": jobs_of(spark, group), "peak_rss_gb": mem.peak / 2**30, "rows": rows.count(),
+    return {"seconds": secs, "jobs": jobs, "peak_rss_gb": mem.peak / 2**30, "rows": rows.count(),
             "users": stats[2], "min_n": stats[0], "max_n": stats[1]}
 
 
@@ -175,12 +186,12 @@ def stock_model(spark: SparkSession, cfg, rank: int):
     return ALSModel.load(str(path))
 
 
-def time_stock(spark: SparkSession, cfg, model, n: int, group: str = "stock") -> dict:
+def time_stock(spark: SparkSession, cfg, model, n: int) -> dict:
     """What a Spark user writes for the same table: recommendForAllUsers deep enough, explode, anti-join the
     bought items, rank, keep n, join the keys, write to Delta (as Spark's docs and public ALS examples do)."""
     from pyspark.sql import Window
 
-    spark.sparkContext.setJobGroup(group, "stock pipeline")
+    first = job_id_now(spark)
     t0 = time.monotonic()
     uids, iids = tables.read_table(spark, cfg, C.USER_IDS).df, tables.read_table(spark, cfg, C.ITEM_IDS).df
     bought = (
@@ -201,8 +212,7 @@ def time_stock(spark: SparkSession, cfg, model, n: int, group: str = "stock") ->
     shutil.rmtree(target, ignore_errors=True)
     out.write.format("delta").mode("overwrite").save(str(target))
     secs = time.monotonic() - t0
-    spark.sparkContext.setJobGroup("bench", "checks")
-    return {"seconds": secs, "jobs": jobs_of(spark, group), "depth": n + longest, "path": str(target)}
+    return {"seconds": secs, "jobs": job_id_now(spark) - first - 1, "depth": n + longest, "path": str(target)}
 
 
 def same_lists(spark: SparkSession, cfg, stock_path: str, n: int) -> dict:
@@ -302,8 +312,8 @@ def run_case(spark, base_overrides, users, items, rank, n, per_user, compare: bo
     res = {"users": users, "items": items, "rank": rank, "n": n, "build_s": time.monotonic() - t0}
     if compare:  # each side gets one untimed run first: the JVM's and the Python workers' warm-up
         model = stock_model(spark, cfg, rank)
-        time_stock(spark, cfg, model, n, "stock-warm-up")
-        time_sparkrec(spark, cfg, "warm-up")
+        time_stock(spark, cfg, model, n)
+        time_sparkrec(spark, cfg)
     res["sparkrec"] = time_sparkrec(spark, cfg)
     log.info("sparkrec: %s", res["sparkrec"])
     if compare:
@@ -322,9 +332,9 @@ def run_case(spark, base_overrides, users, items, rank, n, per_user, compare: bo
         capped = cfg.model_copy(update={"recommend": cfg.recommend.model_copy(update={
             "rules": cfg.recommend.rules.model_copy(update={"max_per_category": 10}),
             "blend": cfg.recommend.blend.model_copy(update={"weight": 0.2})})})
-        res["with_cap_and_blend_s"] = time_sparkrec(spark, capped, "capped")["seconds"]
+        res["with_cap_and_blend_s"] = time_sparkrec(spark, capped)["seconds"]
         sim_cfg = cfg.model_copy(update={"recommend": cfg.recommend.model_copy(update={"similar_items": cfg.recommend.similar_items.model_copy(update={"enabled": True})})})
-        res["with_similar_items_s"] = time_sparkrec(spark, sim_cfg, "similar")["seconds"]
+        res["with_similar_items_s"] = time_sparkrec(spark, sim_cfg)["seconds"]
         log.info("with a category cap and the blend %.1fs, with similar items %.1fs", res["with_cap_and_blend_s"], res["with_similar_items_s"])
     return res
 

@@ -32,11 +32,12 @@ from sparkrec.recommend.names import (
     VERBS,
 )
 
-# Users scored per numpy block. faiss searches in BLAS tiles of 4,096 queries: a block of 500
-# users (what a 100,000-item catalogue gave under a cells budget) ran at a third of its speed
-# (18 against 63 GFLOPS on one core, bench/RESULTS.md). Nothing in a block holds users x items
-# (the dense fallback slices itself), so the block is sized for faiss, not by the catalogue.
-BLOCK_ROWS = 4096
+# Users scored per numpy block. A block of 500 users (what a 100,000-item catalogue gave under
+# the old cells budget) ran faiss at a third of its speed: 18 against 63-66 GFLOPS on one core
+# from 2,000 queries up (bench/RESULTS.md). Nothing in a block holds users x items (the dense
+# fallback slices itself); its largest arrays are the explanations' users x n x history
+# vectors, so the block stays at the smallest size faiss runs at full speed.
+BLOCK_ROWS = 2048
 
 
 def block_rows(items: int) -> int:
