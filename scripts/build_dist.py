@@ -5,7 +5,7 @@
 The wheel is for clusters that install packages on every node (pip install,
 a bootstrap action, an image); the zip is for `spark-submit --py-files`,
 which puts it on the executors' Python path. The zip carries sparkrec only:
-its dependencies (numpy, pandas, pyarrow, faiss-cpu, pyyaml, pydantic) must
+its dependencies (numpy, pandas, pyarrow, faiss-cpu, scipy, pyyaml, pydantic) must
 be on the nodes, or shipped with a packed environment (`make dist-env`).
 """
 
