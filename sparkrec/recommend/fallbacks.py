@@ -1,9 +1,11 @@
-"""Filling lists that the model cannot fill: cold users and lists cut short by exclusions or rules.
+"""The rankings that fill lists the model cannot fill: cold users and lists cut short by exclusions or rules.
 
-Everything that is not a model score is filled from the configured fallback
+Everything that is not a model score comes from the configured fallback
 ranking (popular, trending, or popular in the user's categories) and then
-from overall popularity, with its `source` saying which. The same code builds
-the popularity baselines that evaluation judges the model against.
+from overall popularity, with its `source` saying which. These are computed
+here in Spark (one row per item: bounded) and applied per user in the
+workers (`topk.fill`); the same rankings build the popularity baselines that
+evaluation judges the model against.
 """
 
 from __future__ import annotations

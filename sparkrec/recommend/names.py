@@ -16,11 +16,8 @@ CAT = "_cat"
 BOOST = "_boost"
 ALLOWED = "_allowed"
 PRIO = "_prio"
-HAVE = "_have"
-POS = "_pos"
 BECAUSE_IDX = "_because_idx"
 BECAUSE_TYPE = "_because_type"
-BECAUSE_NAME = "_because_name"
 # An item's additive score in a hybrid list (recent popularity, 0..1).
 BLEND = "_blend"
 # The user's own strongest event on the recommended item itself (-1: none): a reminder, not a discovery.
