@@ -34,7 +34,7 @@ from sparkrec.recommend.names import (
     PRIO,
     TOUCHED,
 )
-from sparkrec.recommend.scoring import candidate_matrix, collect_items, score_top_n, with_blend_weight
+from sparkrec.recommend.scoring import candidate_matrix, collect_bounded, score_top_n, with_blend_weight
 
 log = logging.getLogger(__name__)
 
@@ -197,32 +197,32 @@ def recommend_all(
     # The bounded parts the workers get are collected side by side: each is a few small Spark
     # jobs whose cost is mostly latency, so running them at once saves seconds on a small cluster.
     parts = {
-        # Collected whole when the catalogue fits a broadcast (no count first: one pass fewer).
-        "items": lambda: collect_items(candidates.limit(cfg.max_broadcast_items + 1), True),
+        "items": lambda: collect_bounded(candidates, True, cfg.max_broadcast_items),
         "seq": lambda: fill_sequence(fallback_rankings(history, meta, cfg.fallback, cfg.trending_days),
                                      cfg.fallback == C.SOURCE_CATEGORY_POPULAR, rename),
     }
     if cfg.explain:
-        parts["unit"] = lambda: collect_items(item_factors.limit(cfg.max_broadcast_items + 1), False)
+        parts["unit"] = lambda: collect_bounded(item_factors, False, cfg.max_broadcast_items)
     if user_ids is not None:
         parts["catalogue"] = lambda: catalogue_of(meta)
     with ThreadPoolExecutor(len(parts)) as pool:
         futures = {k: pool.submit(f) for k, f in parts.items()}
         got = {k: f.result() for k, f in futures.items()}
     whole, seq = got["items"], got["seq"]
-    n_items = len(whole.item_idx)
     rows = user_rows(history, user_factors, cfg, meta, users)
     threads = int(history.sparkSession.conf.get("spark.task.cpus", "1") or 1)
     plan = block.Plan(n=n, cap=cap, seq=seq, trending_days=cfg.trending_days, threads=threads,
                       blend_weight=float(cfg.blend.weight) if blend is not None else None)
-    if 0 < n_items <= cfg.max_broadcast_items:
-        plan.items = whole
+    if whole is not None:
+        plan.items = whole if len(whole.item_idx) else None
         m = got.get("unit")
-        if m is not None and len(m.item_idx) <= cfg.max_broadcast_items:
+        if m is not None:
             plan.unit = topk.ItemMatrix(m.item_idx, topk.normalized(m.vectors))
-    elif n_items:
+    else:
         if cfg.explain:
             log.warning("explanations skipped: more than recommend.max_broadcast_items=%d items", cfg.max_broadcast_items)
+        # Read twice below (the queries, then the join with their scores): aggregated once.
+        rows = rows.localCheckpoint(eager=True)
         queries = rows.where(F.col(C.FEATURES).isNotNull())
         if blend is not None:
             queries = with_blend_weight(queries, cfg.blend.weight)

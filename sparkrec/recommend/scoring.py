@@ -44,6 +44,17 @@ def collect_items(df: DataFrame, with_category: bool) -> topk.ItemMatrix:
     return topk.ItemMatrix(pdf[C.ITEM_IDX].to_numpy(), vectors, pdf[CAT].to_numpy() if with_category else None)
 
 
+def collect_bounded(df: DataFrame, with_category: bool, limit: int) -> topk.ItemMatrix | None:
+    """`collect_items` when the items fit one broadcast (at most `limit`), else None, without collecting them.
+
+    Counting first (a pass that stops at `limit` + 1 rows) keeps an over-large
+    catalogue off the driver: that is what `recommend.max_broadcast_items` bounds.
+    """
+    if df.limit(limit + 1).count() > limit:
+        return None
+    return collect_items(df, with_category)
+
+
 def score_top_n(
     queries: DataFrame,
     candidates: DataFrame,
