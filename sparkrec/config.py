@@ -110,6 +110,11 @@ class SparkConfig(_Strict):
         "Set false when the submitter passes --packages or jars are configured.",
     )
     jars: list[str] = Field(default_factory=list, description="Pre-downloaded jars (offline use).")
+    packages: list[str] = Field(
+        default_factory=list,
+        description="More Maven coordinates resolved with Delta's in local mode (the stream adds Spark's Kafka "
+        "connector); under spark-submit pass them with --packages.",
+    )
     conf: dict[str, str] = Field(default_factory=dict, description="Extra Spark settings.")
     log_level: Literal["ERROR", "WARN", "INFO", "DEBUG"] = "WARN"
 
@@ -576,6 +581,59 @@ class PrivacyConfig(_Strict):
         return v
 
 
+class StreamSourceConfig(_Strict):
+    """Where the live events come from (`stream.source`): a Kafka topic, or a directory new files land in."""
+
+    kind: Literal["kafka", "files"] = "kafka"
+    bootstrap_servers: str = Field(default="127.0.0.1:9092", description="Kafka's bootstrap servers (kind kafka).")
+    topic: str = Field(default="events", description="The topic of JSON events, one event per message (kind kafka).")
+    starting_offsets: Literal["earliest", "latest"] = Field(
+        default="earliest", description="Where a stream with no checkpoint starts reading (kind kafka)."
+    )
+    max_offsets_per_trigger: int | None = Field(
+        default=5000, ge=1, description="At most this many events per micro-batch (kind kafka): bounds a batch after a pause."
+    )
+    path: str | None = Field(default=None, description="The directory to watch (kind files); files in source.format.")
+    max_files_per_trigger: int = Field(default=50, ge=1, description="At most this many new files per micro-batch (kind files).")
+    options: dict[str, str] = Field(default_factory=dict, description="More options for Spark's reader (kafka.* settings).")
+
+    @model_validator(mode="after")
+    def _has_place(self) -> StreamSourceConfig:
+        if self.kind == "files" and not self.path:
+            raise ValueError("stream.source.path is required when stream.source.kind is 'files'")
+        if self.kind == "kafka" and not self.topic.strip():
+            raise ValueError("stream.source.topic must name a topic")
+        return self
+
+
+class StreamConfig(_Strict):
+    """The live path (`sparkrec stream`): micro-batches cleaned like batch, customers re-scored within seconds."""
+
+    source: StreamSourceConfig = StreamSourceConfig()
+    trigger_seconds: float = Field(default=1.0, ge=0, description="How often a micro-batch starts (0: as soon as the last ends).")
+    checkpoint: str | None = Field(default=None, description="The stream's checkpoint; default <checkpoint_dir>/stream.")
+    clean_seconds: float = Field(
+        default=10.0, gt=0,
+        description="How often the clean classifies what the stream appended (the batch clean, incremental). "
+        "Lists are published before it, from the clean tables plus the unclassified rows passed through the row rules.",
+    )
+    kafka_package: str = Field(
+        default="org.apache.spark:spark-sql-kafka-0-10_2.13:4.2.0",
+        description="Spark's Kafka connector, resolved from Maven Central in local mode (pass it with --packages under spark-submit).",
+    )
+    refresh_minutes: float = Field(
+        default=5.0, gt=0,
+        description="How often the fallback rankings (popular, trending) and the blend are recomputed from the interactions, "
+        "the stream's included; a new model is picked up at once.",
+    )
+    compact_every: int = Field(
+        default=100, ge=0, description="Compact the tables the stream appends to every this many micro-batches (0: never)."
+    )
+    max_users_per_batch: int = Field(
+        default=20000, ge=1, description="Customers re-scored per micro-batch at most (they are scored on the driver)."
+    )
+
+
 class Config(_Strict):
     warehouse: str
     checkpoint_dir: str | None = Field(default=None, description="Defaults to <warehouse>/_checkpoints.")
@@ -590,6 +648,7 @@ class Config(_Strict):
     tune: TuneConfig = TuneConfig()
     interval: IntervalConfig = IntervalConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    stream: StreamConfig = StreamConfig()
 
     @model_validator(mode="after")
     def _kept_columns_are_not_dropped(self) -> Config:
@@ -623,6 +682,10 @@ class Config(_Strict):
     @property
     def checkpoint_root(self) -> str:
         return self.checkpoint_dir or f"{self.warehouse.rstrip('/')}/_checkpoints"
+
+    @property
+    def stream_checkpoint(self) -> str:
+        return self.stream.checkpoint or f"{self.checkpoint_root.rstrip('/')}/stream"
 
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

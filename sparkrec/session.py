@@ -120,8 +120,9 @@ def remove_damaged_jars(roots: list[Path]) -> list[Path]:
                 except OSError as exc:
                     log.debug("could not remove %s: %s", jar, exc)
     cache = _jar_cache_file()
-    if removed and cache is not None and cache.is_file():
-        cache.unlink()  # the remembered list may name a removed file
+    if removed and cache is not None:
+        for remembered in cache.parent.glob("delta-jars-*.txt"):  # a remembered list may name a removed file
+            remembered.unlink(missing_ok=True)
     return removed
 
 
@@ -161,17 +162,17 @@ def _build(cfg: SparkConfig) -> SparkSession:
         builder = builder.config("spark.jars", ",".join(cfg.jars))
     remember = False
     if not cfg.jars and cfg.delta_packages and local:
-        cached = _cached_delta_jars()
+        cached = _cached_delta_jars(cfg.packages)
         if cached:
             builder = builder.config("spark.jars", ",".join(cached))
         else:
             from delta import configure_spark_with_delta_pip
 
-            builder = configure_spark_with_delta_pip(builder)
+            builder = configure_spark_with_delta_pip(builder, extra_packages=list(cfg.packages))
             remember = True
     spark = builder.getOrCreate()
     if remember:
-        _remember_delta_jars(spark)
+        _remember_delta_jars(spark, cfg.packages)
     spark.sparkContext.setLogLevel(cfg.log_level)
     log.info("spark %s, master %s", spark.version, spark.sparkContext.master)
     return spark
@@ -212,18 +213,23 @@ def spark_log_path(run_id: str) -> Path:
     return root / "sparkrec" / "logs" / f"spark-{run_id}.log"
 
 
-def _jar_cache_file() -> Path | None:
+def _jar_cache_file(packages: list[str] | tuple[str, ...] = ()) -> Path | None:
+    """Where the resolved jar list is remembered, one file per pyspark, delta-spark and extra packages."""
     try:
         key = f"pyspark-{version('pyspark')}-delta-{version('delta-spark')}"
     except PackageNotFoundError:
         return None
+    if packages:
+        import hashlib
+
+        key += "-" + hashlib.sha256(",".join(sorted(packages)).encode()).hexdigest()[:12]
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return root / "sparkrec" / f"delta-jars-{key}.txt"
 
 
-def _cached_delta_jars() -> list[str] | None:
+def _cached_delta_jars(packages: list[str] | tuple[str, ...] = ()) -> list[str] | None:
     """The jar files a previous session resolved for these versions, or None to resolve again."""
-    path = _jar_cache_file()
+    path = _jar_cache_file(packages)
     if path is None or not path.is_file():
         return None
     jars = [line for line in path.read_text().splitlines() if line.strip()]
@@ -232,9 +238,9 @@ def _cached_delta_jars() -> list[str] | None:
     return jars
 
 
-def _remember_delta_jars(spark: SparkSession) -> None:
+def _remember_delta_jars(spark: SparkSession, packages: list[str] | tuple[str, ...] = ()) -> None:
     """Write the jar files Ivy resolved for this session, for the next one to load directly."""
-    path = _jar_cache_file()
+    path = _jar_cache_file(packages)
     try:
         listed = spark.sparkContext.getConf().get("spark.jars") or ""
         jars = [unquote(urlparse(u).path) if u.startswith("file:") else u for u in listed.split(",") if u]
