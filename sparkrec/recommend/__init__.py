@@ -23,6 +23,7 @@ from sparkrec.recommend.fallbacks import fallback_rankings, popularity
 from sparkrec.recommend.lists import (
     PUBLISHED_COLUMNS,
     as_baseline,
+    bounded_plan,
     exploration_pool,
     list_lengths,
     model_version_of,
@@ -39,7 +40,7 @@ from sparkrec.recommend.similar import similar_items, with_item_keys
 
 __all__ = [
     "BECAUSE_IDX", "BECAUSE_TYPE", "CAT", "EXCLUDED", "HIST", "HIST_TYPE", "PUBLISHED_COLUMNS",
-    "allowed_by", "as_baseline", "candidate_matrix", "default_meta", "exploration_pool",
+    "allowed_by", "as_baseline", "bounded_plan", "candidate_matrix", "default_meta", "exploration_pool",
     "fallback_rankings", "indexed_history", "item_meta", "list_lengths", "model_version_of", "no_factors", "user_rows",
     "popular_lists", "popularity", "recommend_all", "score_top_n", "similar_items", "with_exploration",
     "with_item_keys", "with_keys",

@@ -77,6 +77,7 @@ class Plan:
         unit: every item with factors, normalised, for explanations (None: none).
         blend_weight: the queries' extra component matching the candidates' blend column.
         catalogue: when given, rows come out keyed and explained (`PUBLISHED_COLUMNS`).
+        whole: False when the candidates exceed `max_broadcast_items`: scores then come with the block.
     """
 
     n: int
@@ -88,6 +89,7 @@ class Plan:
     catalogue: Catalogue | None = None
     trending_days: float = 7.0
     threads: int = 1
+    whole: bool = True  # the candidate matrix fits `max_broadcast_items` (else it is scored in chunks)
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -130,6 +132,16 @@ def _type_of(ids: np.ndarray, rows: np.ndarray, hist: list[np.ndarray], types: l
 def _split(rows: np.ndarray, values: np.ndarray, count: int) -> list[np.ndarray]:
     """Values grouped by their (sorted) row, one array per row 0..count-1."""
     return np.split(values, np.searchsorted(rows, np.arange(1, count)))
+
+
+KEYED_NAMES = tuple(part.split()[0] for part in KEYED_SCHEMA.split(", "))
+
+
+def lists_in_blocks(batch: pd.DataFrame, plan: Plan):
+    """`lists` over a batch of any size, `block_rows` users at a time (faiss's tile, bounded memory)."""
+    step = block_rows(len(plan.items.item_idx) if plan.items is not None else len(plan.seq))
+    for start in range(0, len(batch), step):
+        yield lists(batch.iloc[start : start + step].reset_index(drop=True), plan)
 
 
 def lists(batch: pd.DataFrame, plan: Plan) -> pd.DataFrame:

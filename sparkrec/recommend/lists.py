@@ -143,15 +143,12 @@ def assemble(rows: DataFrame, plan: block.Plan) -> DataFrame:
     """Per-user rows (`user_rows`, plus user_id for keyed output) to lists, in one pass of `block.lists`."""
     spark = rows.sparkSession
     bc = spark.sparkContext.broadcast(plan)
-    width = len(plan.items.item_idx) if plan.items is not None else len(plan.seq)
-    step = block.block_rows(width)
 
     def run(batches):
         p = bc.value
         topk.set_threads(p.threads)
         for batch in batches:
-            for start in range(0, len(batch), step):
-                yield block.lists(batch.iloc[start : start + step].reset_index(drop=True), p)
+            yield from block.lists_in_blocks(batch, p)
 
     wanted = [C.USER_IDX, C.FEATURES, EXCLUDED, HIST, HIST_TYPE, TOUCHED, PRESENT, C.USER_ID]
     if plan.catalogue is None:
@@ -190,6 +187,42 @@ def recommend_all(
     """
     if meta is None:
         meta = default_meta(item_factors, history)
+    plan, candidates, blend = bounded_plan(history, item_factors, cfg, meta, keyed=user_ids is not None, baseline=baseline)
+    rows = user_rows(history, user_factors, cfg, meta, users)
+    if plan.items is None and not plan.whole:
+        if cfg.explain:
+            log.warning("explanations skipped: more than recommend.max_broadcast_items=%d items", cfg.max_broadcast_items)
+        # Read twice below (the queries, then the join with their scores): aggregated once.
+        rows = rows.localCheckpoint(eager=True)
+        queries = rows.where(F.col(C.FEATURES).isNotNull())
+        if blend is not None:
+            queries = with_blend_weight(queries, cfg.blend.weight)
+        scored = score_top_n(queries, candidates, cfg.n, cap=cfg.rules.max_per_category, max_items=cfg.max_broadcast_items)
+        present = scored.groupBy(C.USER_IDX).agg(
+            F.collect_list(F.struct(C.RANK, C.ITEM_IDX, C.SCORE, CAT)).alias(PRESENT))
+        rows = rows.join(present, C.USER_IDX, "left").drop(HIST, HIST_TYPE)
+    if user_ids is not None:
+        rows = rows.join(user_ids, C.USER_IDX)
+    return assemble(rows, plan)
+
+
+def bounded_plan(
+    history: DataFrame,
+    item_factors: DataFrame,
+    cfg: RecommendConfig,
+    meta: DataFrame,
+    *,
+    keyed: bool,
+    baseline: str | None = None,
+) -> tuple[block.Plan, DataFrame, DataFrame | None]:
+    """What every block of users needs, collected to the driver: the candidate matrix, the fallback
+    sequence, the explanation matrix and (keyed) the catalogue. The batch stage broadcasts it once; the
+    live path keeps it between micro-batches.
+
+    Returns:
+        (plan, candidates, blend): `plan.whole` is False when the catalogue is larger than
+        `max_broadcast_items` (its items then stay None and are scored in chunks from `candidates`).
+    """
     n, cap = cfg.n, cfg.rules.max_per_category
     blend = recent_popularity(history, cfg.blend.days) if cfg.blend.weight > 0 else None
     candidates = candidate_matrix(item_factors, meta, blend)
@@ -203,37 +236,22 @@ def recommend_all(
     }
     if cfg.explain:
         parts["unit"] = lambda: collect_bounded(item_factors, False, cfg.max_broadcast_items)
-    if user_ids is not None:
+    if keyed:
         parts["catalogue"] = lambda: catalogue_of(meta)
     with ThreadPoolExecutor(len(parts)) as pool:
         futures = {k: pool.submit(f) for k, f in parts.items()}
         got = {k: f.result() for k, f in futures.items()}
     whole, seq = got["items"], got["seq"]
-    rows = user_rows(history, user_factors, cfg, meta, users)
     threads = int(history.sparkSession.conf.get("spark.task.cpus", "1") or 1)
     plan = block.Plan(n=n, cap=cap, seq=seq, trending_days=cfg.trending_days, threads=threads,
-                      blend_weight=float(cfg.blend.weight) if blend is not None else None)
+                      blend_weight=float(cfg.blend.weight) if blend is not None else None,
+                      catalogue=got.get("catalogue"), whole=whole is not None)
     if whole is not None:
         plan.items = whole if len(whole.item_idx) else None
         m = got.get("unit")
         if m is not None:
             plan.unit = topk.ItemMatrix(m.item_idx, topk.normalized(m.vectors))
-    else:
-        if cfg.explain:
-            log.warning("explanations skipped: more than recommend.max_broadcast_items=%d items", cfg.max_broadcast_items)
-        # Read twice below (the queries, then the join with their scores): aggregated once.
-        rows = rows.localCheckpoint(eager=True)
-        queries = rows.where(F.col(C.FEATURES).isNotNull())
-        if blend is not None:
-            queries = with_blend_weight(queries, cfg.blend.weight)
-        scored = score_top_n(queries, candidates, n, cap=cap, max_items=cfg.max_broadcast_items)
-        present = scored.groupBy(C.USER_IDX).agg(
-            F.collect_list(F.struct(C.RANK, C.ITEM_IDX, C.SCORE, CAT)).alias(PRESENT))
-        rows = rows.join(present, C.USER_IDX, "left").drop(HIST, HIST_TYPE)
-    if user_ids is not None:
-        rows = rows.join(user_ids, C.USER_IDX)
-        plan.catalogue = got["catalogue"]
-    return assemble(rows, plan)
+    return plan, candidates, blend
 
 
 def popular_lists(
