@@ -372,6 +372,17 @@ def deduplicated(raw: DataFrame, src: InputConfig, clean: CleanConfig, now: date
     )
 
 
+def provisional(raw: DataFrame, src: InputConfig, clean: CleanConfig, now: datetime) -> DataFrame:
+    """The rows of `raw` that pass the row rules and are not duplicates among themselves, as interactions.
+
+    What the live path scores before the clean has classified a micro-batch: the same rules, minus the
+    two that need the warehouse's state (duplicates of earlier rows, the bot thresholds), which the clean
+    applies to the tables moments later.
+    """
+    rows = deduplicated(raw, src, clean, now)
+    return rows.where(F.col(C.REASON).isNull() & F.col(DUPLICATE).isNull()).select(*INTERACTION_COLUMNS)
+
+
 def finish(deduped: DataFrame, clean: CleanConfig) -> DataFrame:
     """Bot users and the final outcome, on top of `deduplicated`."""
     return deduped.transform(with_bot_reason, clean=clean).transform(with_outcome)

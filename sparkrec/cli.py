@@ -95,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
                 help="reclassify all of events_raw instead of only the rows no clean has seen (after a change of rules; "
                 "same as --set clean.full=true)",
             )
+    st = sub.add_parser("stream", help="the live path: micro-batches from Kafka (or new files) cleaned, folded in, "
+                        "re-scored and published to live_recommendations within seconds")
+    with_config(st)
+    st.add_argument("--once", action="store_true",
+                    help="process every event available now, then stop (a backfill, a test, a cron job)")
     runs = sub.add_parser("runs", help="list recent runs")
     with_config(runs)
     runs.add_argument("--limit", type=_positive_int, default=10, help="runs to list (default 10)")
@@ -215,6 +220,10 @@ def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> in
         from sparkrec import pipeline
         from sparkrec.runs import RunContext
 
+        if args.command == "stream" and cfg.stream.source.kind == "kafka" and cfg.spark.master is not None:
+            # local mode resolves Spark's Kafka connector like Delta's jars (spark-submit passes --packages)
+            packages = list(dict.fromkeys([*cfg.spark.packages, cfg.stream.kafka_package]))
+            cfg = cfg.model_copy(update={"spark": cfg.spark.model_copy(update={"packages": packages})})
         session = _spark(cfg.spark, spark, args.verbose)
         ctx = RunContext(session, cfg, now=cfg.interval.end)
         log.info("run %s: %s with config %s (hash %s)", ctx.run_id, args.command, args.config, cfg.digest())
@@ -233,6 +242,10 @@ def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> in
                         log.debug("no summary", exc_info=True)
             if args.command == "tune":
                 print(tuned_settings(settings))
+        elif args.command == "stream":
+            from sparkrec import stream
+
+            print(stream.run(session, cfg, once=args.once))
         elif args.command == "forget":
             done = pipeline.run_forget(ctx, keys)
             print(forget_summary(done))

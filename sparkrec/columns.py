@@ -28,8 +28,11 @@ INGEST_RUN_ID = "_ingest_run_id"
 RAW_KEY = "_raw_key"
 ROW_HASH = "_row_hash"
 CORRUPT_RECORD = "_corrupt_record"
+# When the event reached sparkrec's input (a Kafka message's timestamp, a streamed file's modification
+# time): the live path measures its latency from it. Null for batch ingest.
+ARRIVED_AT = "_arrived_at"
 # What ingest adds to every raw row (everything else in events_raw came from the input).
-LINEAGE_COLUMNS = (SOURCE_FILE, INGEST_RUN_ID, ROW_HASH, RAW_KEY)
+LINEAGE_COLUMNS = (SOURCE_FILE, INGEST_RUN_ID, ROW_HASH, RAW_KEY, ARRIVED_AT)
 RUN_ID = "run_id"
 
 # Quarantine.
@@ -90,6 +93,9 @@ CLEAN_SURVIVORS = "clean_survivors"
 CLEAN_USER_DAYS = "clean_user_days"
 CLEAN_ITEM_LATEST = "clean_item_latest"
 ERASURES = "erasures"  # one row per `sparkrec forget` request
+# The stream's lists of the customers it re-scored (`sparkrec stream`); readers take, per customer,
+# the newer of this and `recommendations` (`tables.current_recommendations`).
+LIVE_RECOMMENDATIONS = "live_recommendations"
 TABLES = (
     EVENTS_RAW,
     INTERACTIONS,
@@ -108,6 +114,7 @@ TABLES = (
     CLEAN_ITEM_LATEST,
     RUNS,
     ERASURES,
+    LIVE_RECOMMENDATIONS,
 )
 
 # Columns of the weight table and the clean state.

@@ -25,7 +25,8 @@ from sparkrec.config import Config, InputConfig
 from sparkrec.errors import ConfigError
 
 # Tables keyed by the stored user key (the raw rows and the quarantine are found by raw key instead).
-BY_USER = (C.INTERACTIONS, C.CLEAN_SURVIVORS, C.CLEAN_USER_DAYS, C.WEIGHTS, C.RECOMMENDATIONS, C.USER_IDS)
+BY_USER = (C.INTERACTIONS, C.CLEAN_SURVIVORS, C.CLEAN_USER_DAYS, C.WEIGHTS, C.RECOMMENDATIONS, C.LIVE_RECOMMENDATIONS,
+           C.USER_IDS)
 # Every table a customer's rows or traces can be in, whose history the purge removes: the ones above, the
 # raw rows and the quarantine, the factors, and the item tables derived from their rows (latest price, name).
 HOLDS_CUSTOMERS = (C.EVENTS_RAW, C.QUARANTINE, *BY_USER, C.USER_FACTORS, C.CLEAN_ITEM_LATEST, C.ITEMS, C.CLEAN_STATE)

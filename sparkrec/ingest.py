@@ -80,3 +80,15 @@ def with_lineage(raw: DataFrame, run_id: str) -> DataFrame:
         .withColumn(C.INGEST_RUN_ID, F.lit(run_id))
         .drop("_occurrence")
     )
+
+
+def with_stream_lineage(raw: DataFrame, run_id: str, keyed: bool) -> DataFrame:
+    """Lineage for a micro-batch (`sources.read_stream`).
+
+    Args:
+        keyed: the rows carry their key (Kafka: topic, partition, offset, so a message read again is the
+            same row); otherwise (streamed files) they are keyed like a batch file's rows.
+    """
+    if not keyed:
+        return with_lineage(raw.drop(C.RAW_KEY), run_id)
+    return raw.withColumn(C.ROW_HASH, row_content_hash(data_columns(raw))).withColumn(C.INGEST_RUN_ID, F.lit(run_id))

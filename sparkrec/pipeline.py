@@ -141,8 +141,9 @@ def _clean_full(ctx: RunContext, rec, state: incremental.CleanState | None, raw_
     classified = clean.finish(deduped, cfg.clean)
     try:
         tally = ledger.tally(raw.count(), clean.ledger_rows(clean.ledger(classified).collect()))
-        ledger.guard(tally, runs.previous_kept_share(ctx.spark, cfg), cfg.clean.min_kept_ratio,
-                     cfg.table_name(C.INTERACTIONS))
+        if not ctx.live:
+            ledger.guard(tally, runs.previous_kept_share(ctx.spark, cfg), cfg.clean.min_kept_ratio,
+                         cfg.table_name(C.INTERACTIONS))
         kept = clean.interactions_of(classified)
         rec.overwrite(kept, C.INTERACTIONS, properties=clean.INTERACTIONS_PROPERTIES)
         written_kept = rec.rows_written(C.INTERACTIONS)
@@ -191,7 +192,8 @@ def _clean_batch(ctx: RunContext, rec, new_rows, plan: incremental.Plan) -> ledg
     try:
         with rec.step("classify"):
             tally = ledger.tally(rows.count(), clean.ledger_rows(clean.ledger(rows).collect()))
-        ledger.guard(tally, runs.previous_kept_share(spark, cfg), cfg.clean.min_kept_ratio, cfg.table_name(C.INTERACTIONS))
+        if not ctx.live:
+            ledger.guard(tally, runs.previous_kept_share(spark, cfg), cfg.clean.min_kept_ratio, cfg.table_name(C.INTERACTIONS))
         # Users whose bot verdict changed: their earlier surviving rows move between the two tables.
         with rec.step("bot verdicts"):
             flips = incremental.flipped(flags).localCheckpoint()
@@ -453,8 +455,11 @@ def run_train(ctx: RunContext, settings: TrainConfig | None = None) -> str:
             rec.overwrite(items, C.ITEM_FACTORS)
         rec.rows_in = inter.count()
         rec.rows_out = pairs
+        # What the live path's fold-in needs to solve a customer's factor as this model would have:
+        # the feedback and ALS settings (a tuning winner may differ from the config) and the decay reference.
         rec.details.update(model_version=model_version, model_path=ctx.model_path(model_version),
-                           als=settings.als.model_dump())
+                           als=settings.als.model_dump(), train=settings.model_dump(mode="json"),
+                           decay_reference=None if reference is None else reference.isoformat())
         return model_version
 
 

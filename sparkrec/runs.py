@@ -193,10 +193,14 @@ class RunContext:
     """Shared by the stages of one CLI invocation: one run id, one config."""
 
     def __init__(
-        self, spark: SparkSession, cfg: Config, run_id: str | None = None, now: datetime | None = None
+        self, spark: SparkSession, cfg: Config, run_id: str | None = None, now: datetime | None = None,
+        live: bool = False,
     ) -> None:
         self.spark = spark
         self.cfg = cfg
+        # A micro-batch of the live stream: its clean skips the kept-share guard, which judges a day's
+        # run and would stop a stream on a handful of malformed messages.
+        self.live = live
         self.run_id = run_id or new_run_id()
         # One clock reading per run: rules such as "not in the future" use it,
         # so every stage of a run agrees on what "now" is.
@@ -390,6 +394,16 @@ def last_input_version(spark: SparkSession, cfg: Config, stage: str, key: str) -
         return None
     version = (row["input_versions"] or {}).get(cfg.table_name(key))
     return None if version is None else int(version)
+
+
+def train_record(spark: SparkSession, cfg: Config, model_version: str) -> dict | None:
+    """The details the train stage that made `model_version` recorded (settings, decay reference), or None."""
+    read = tables.read_table(spark, cfg, C.RUNS, required=False)
+    if read is None:
+        return None
+    row = (read.df.where((F.col("stage") == "train") & (F.col("status") == "succeeded") & (F.col(C.RUN_ID) == model_version))
+           .select("details").first())
+    return None if row is None else json.loads(row["details"] or "{}")
 
 
 def reusable_tuning(spark: SparkSession, cfg: Config, max_age_days: float) -> dict | None:

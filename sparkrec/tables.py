@@ -435,6 +435,73 @@ def append_rows(df: DataFrame, cfg: Config, key: str, *, properties: dict[str, s
     return _version_after_write(df.sparkSession, path)
 
 
+def append_once(df: DataFrame, cfg: Config, key: str, app_id: str, batch: int, *,
+                properties: dict[str, str] | None = None) -> int | None:
+    """Append in one commit unless this (app_id, batch) was committed to the table already; returns the new
+    version, or None when Delta skipped the write as a repeat.
+
+    Delta's idempotent write: `txnAppId`/`txnVersion` go on this writer only (the session-wide settings would
+    stay set after the write and silently skip later writes), so a micro-batch replayed after a crash
+    appends nothing the first attempt already committed.
+    """
+    spark, path = df.sparkSession, cfg.table_path(key)
+    before = current_version(spark, path)
+    writer = (df.write.format("delta").mode("append").option("mergeSchema", "true")
+              .option("txnAppId", app_id).option("txnVersion", str(batch)))
+    if before is None:
+        for k, v in (properties or {}).items():
+            writer = writer.option(k, v)
+    _retrying(cfg.table_name(key), lambda: writer.save(path))
+    after = _version_after_write(spark, path)
+    return None if after == before else after
+
+
+def replace_lists(df: DataFrame, cfg: Config, key: str, max_rank: int, *, properties: dict[str, str] | None = None) -> int:
+    """Make the listed users' rows of a list table equal to `df`'s in one MERGE (`upsert` by (user, rank)): their
+    ranks are updated or inserted, and the ranks up to `max_rank` a shorter list no longer has are deleted. Other
+    users' rows are left alone. No user key is written into the table's log (the condition names columns only).
+    Returns the table's version after it."""
+    spark = df.sparkSession
+    users = df.select(C.USER_ID).distinct()
+    ranks = spark.range(1, max_rank + 1).select(F.col("id").cast("int").alias(C.RANK))
+    stale = (users.crossJoin(ranks).join(df.select(C.USER_ID, C.RANK), [C.USER_ID, C.RANK], "left_anti")
+             .withColumn(DROP_FLAG, F.lit(True)))
+    changes = df.withColumn(DROP_FLAG, F.lit(False)).unionByName(stale, allowMissingColumns=True)
+    result, _ = upsert(changes, cfg, key, [C.USER_ID, C.RANK], properties=properties)
+    return result.version
+
+
+def compact(spark: SparkSession, cfg: Config, key: str) -> dict[str, int]:
+    """Rewrite a table's small files into few large ones (Delta OPTIMIZE): frequent small commits (a stream's)
+    would otherwise make every read and MERGE open more files through the day. Readers are not disturbed."""
+    path = cfg.table_path(key)
+    if not table_exists(spark, path):
+        return {}
+    row = DeltaTable.forPath(spark, path).optimize().executeCompaction().first()
+    metrics = row["metrics"] if row is not None else None
+    return {"files_removed": int(metrics["numFilesRemoved"]), "files_added": int(metrics["numFilesAdded"])} if metrics else {}
+
+
+def current_recommendations(spark: SparkSession, cfg: Config) -> DataFrame:
+    """Each customer's current list: the newer of the stream's (`live_recommendations`) and the batch's
+    (`recommendations`), by `generated_at`, with `origin` saying which ("live" or "batch").
+
+    The two tables are written by different jobs and never by both, so neither write can fail or be
+    overwritten by the other; a reader decides per customer. A batch list generated after a live one
+    (it read the interactions the stream had cleaned by then) replaces it, and a live list replaces the
+    batch list it is newer than.
+    """
+    batch = read_table(spark, cfg, C.RECOMMENDATIONS, required=False)
+    live = read_table(spark, cfg, C.LIVE_RECOMMENDATIONS, required=False)
+    frames = [(r.df, origin) for r, origin in ((batch, "batch"), (live, "live")) if r is not None]
+    if not frames:
+        raise StageError(f"no recommendations in {cfg.warehouse}: run the pipeline (or the stream) first")
+    tagged = [df.withColumn("origin", F.lit(origin)) for df, origin in frames]
+    both = tagged[0] if len(tagged) == 1 else tagged[0].unionByName(tagged[1], allowMissingColumns=True)
+    newest = both.groupBy(C.USER_ID).agg(F.max_by("origin", F.struct(C.GENERATED_AT, "origin")).alias("_pick"))
+    return both.join(newest, C.USER_ID).where(F.col("origin") == F.col("_pick")).drop("_pick")
+
+
 def _version_after_write(spark: SparkSession, path: str) -> int:
     version = current_version(spark, path)
     if version is None:  # pragma: no cover - a successful write always leaves a version
