@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
 import pytest
 
-from sparkrec.config import Config, SparkConfig, load_config
+from sparkrec.config import Config, SparkConfig, StreamConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_RETAIL = ROOT.parent / "shared" / "data" / "online_retail_ii_2009_2010.parquet"
@@ -23,6 +24,8 @@ def spark(tmp_path_factory):
         app_name="sparkrec-tests",
         shuffle_partitions=2,
         log_level="ERROR",
+        # Spark's Kafka connector beside Delta, resolved from Maven Central once: the live stream's tests use it.
+        packages=[StreamConfig().kafka_package],
         conf={
             "spark.ui.enabled": "false",
             "spark.default.parallelism": "2",
@@ -30,7 +33,13 @@ def spark(tmp_path_factory):
             "spark.driver.memory": "3g",
         },
     )
-    session = build_session(cfg)
+    # With pytest-xdist each worker starts its own session: one at a time resolves the jars from Maven
+    # Central (Ivy's cache is not safe for two resolvers at once); the next loads the files it remembered.
+    lock = Path.home() / ".cache" / "sparkrec" / "session-start.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        session = build_session(cfg)
     yield session
     session.stop()
 
@@ -55,3 +64,5 @@ def retail_path() -> Path:
 
 def pytest_configure(config):
     os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
+    # The stream's tests talk to a broker on 127.0.0.1; Spark's driver stays on the same address.
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
