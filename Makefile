@@ -26,8 +26,10 @@ demo: setup
 retail: setup
 	$(BIN)/sparkrec run --config conf/online_retail.yaml
 
+# Two workers (pytest-xdist), one test file each at a time: most of the suite waits on processes it
+# started (spark-submit, Airflow, a cluster, a broker), so two files overlap on 2 cores.
 test: setup airflow-setup browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # Headless Chromium for the report test (Debian's package; needs root or sudo the first time).
 browser:
