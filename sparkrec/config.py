@@ -627,7 +627,7 @@ class StreamConfig(_Strict):
         "the stream's included; a new model is picked up at once.",
     )
     compact_every: int = Field(
-        default=100, ge=0, description="Compact the tables the stream appends to every this many micro-batches (0: never)."
+        default=30, ge=0, description="Compact the tables the stream appends to every this many clean passes (0: never)."
     )
     max_users_per_batch: int = Field(
         default=20000, ge=1, description="Customers re-scored per micro-batch at most (they are scored on the driver)."
