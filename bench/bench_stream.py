@@ -160,8 +160,9 @@ def run_side(name: str, args, broker, users, items, wh, gen) -> dict:
         proc = subprocess.Popen([sys.executable, "-c", PLAIN_JOB, broker.bootstrap, topic, str(wh / "plain_raw"), str(OUT / "plain_ckpt")],
                                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "SPARK_LOCAL_IP": "127.0.0.1"}, cwd=ROOT)
     else:
+        extra = [a for o in args.set for a in ("--set", o)]
         proc = sparkrec("stream", "--config", "conf/local.yaml", *sets(wh, gen, broker.bootstrap),
-                        "--set", f"stream.source.topic={topic}", stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+                        "--set", f"stream.source.topic={topic}", *extra, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     time.sleep(args.warmup)  # the JVM, the session and the first (empty) batches
     sent = produce(broker.bootstrap, topic, args.rate, args.seconds, users, items, args.seed)
     time.sleep(args.drain)
@@ -183,6 +184,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=60.0)
     ap.add_argument("--drain", type=float, default=30.0)
     ap.add_argument("--skip-plain", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for the stream")
+    ap.add_argument("--tag", default="", help="a suffix for the output files (a variant's run)")
     args = ap.parse_args()
     import numpy as np
 
@@ -209,7 +212,8 @@ def main() -> None:
         summary[name] = row
         table.append(f"| {name} | {row['sent']:,} | {row['measured']:,} | {row['p50']:.2f} | {row['p95']:.2f} | {row['max']:.2f} | "
                      f"{row['p95_first_minute']:.2f} | {row['p95_last_minute']:.2f} |")
-    (OUT / "stream.json").write_text(json.dumps(summary, indent=2))
+    summary["overrides"] = args.set
+    (OUT / f"stream{args.tag}.json").write_text(json.dumps(summary, indent=2))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -223,7 +227,7 @@ def main() -> None:
     ax.set_title(f"sparkrec stream at {args.rate:g} events/s, 2 cores")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(ROOT / "bench" / "stream_latency.png", dpi=110)
+    fig.savefig(ROOT / "bench" / f"stream_latency{args.tag}.png", dpi=110)
     print("\n".join(table))
 
 
