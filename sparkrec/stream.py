@@ -26,6 +26,7 @@ popular and trending fallbacks follow the stream).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import threading
@@ -45,6 +46,7 @@ from sparkrec import columns as C
 from sparkrec.config import Config, TrainConfig
 from sparkrec.errors import StageError
 from sparkrec.recommend import block
+from sparkrec.recommend.scoring import collect_bounded
 from sparkrec.runs import RunContext
 
 log = logging.getLogger(__name__)
@@ -87,8 +89,6 @@ def app_id(spark: SparkSession, checkpoint: str) -> str:
     text = spark.read.text(f"{checkpoint.rstrip('/')}/metadata").first()
     if text is None:
         raise StageError(f"the stream's checkpoint {checkpoint} has no metadata file")
-    import json
-
     return "sparkrec-stream-" + json.loads(text[0])["id"]
 
 
@@ -118,21 +118,19 @@ def load_model(ctx: RunContext, history: DataFrame) -> LiveModel:
         log.warning("stream: no model in %s yet; live lists come from the fallbacks until `sparkrec run` trains one",
                     cfg.warehouse)
         itf = recommend.no_factors(spark, C.ITEM_IDX)
-    meta = recommend.item_meta(iids, items.df if items is not None else None, history, cfg.recommend.rules)
-    meta = meta.persist(StorageLevel.MEMORY_AND_DISK)
-    plan, _, _ = recommend.bounded_plan(history, itf, cfg.recommend, meta, keyed=True)
-    if not plan.whole:
+    # The fold-in and the explanations both need every item factor on the driver: collected once, here.
+    matrix = collect_bounded(itf, False, cfg.recommend.max_broadcast_items)
+    if matrix is None:
         raise StageError(
             f"the catalogue has more than recommend.max_broadcast_items={cfg.recommend.max_broadcast_items} items: "
             "the live path scores on the driver and needs the whole item matrix; raise the limit or run batch only"
         )
-    pdf = itf.toPandas()  # bounded: checked by the plan above
-    order = np.argsort(pdf[C.ITEM_IDX].to_numpy(), kind="stable")
-    idx = pdf[C.ITEM_IDX].to_numpy()[order].astype(np.int64)
-    vectors = (np.stack(pdf[C.FEATURES].to_numpy()[order]).astype(np.float32) if len(pdf)
-               else np.zeros((0, 0), dtype=np.float32))
-    return LiveModel(model_version, factors.version if factors is not None else None, settings, reference, idx, vectors,
-                     foldin.gram(vectors) if len(vectors) else None, plan, meta, time.monotonic())
+    meta = recommend.item_meta(iids, items.df if items is not None else None, history, cfg.recommend.rules)
+    meta = meta.persist(StorageLevel.MEMORY_AND_DISK)
+    plan, _, _ = recommend.bounded_plan(history, itf, cfg.recommend, meta, keyed=True, factors=matrix)
+    idx = np.asarray(matrix.item_idx, dtype=np.int64)
+    return LiveModel(model_version, factors.version if factors is not None else None, settings, reference, idx,
+                     matrix.vectors, foldin.gram(matrix.vectors) if len(idx) else None, plan, meta, time.monotonic())
 
 
 def folded_factors(model: LiveModel, matrix: pd.DataFrame) -> dict[int, np.ndarray]:
@@ -159,7 +157,6 @@ class LiveStream:
         self.model: LiveModel | None = None
         self.app_id: str | None = None
         self.secret = privacy.load_secret(cfg.privacy) if cfg.privacy.pseudonymize_user_ids else None
-        self.batches = 0
         self.ledger: list[dict] = []  # one entry per batch this process ran (the CLI prints a summary)
         self.cleans: list[ledger_.Ledger] = []  # one per clean pass this process ran
         self._raw_ready = False
@@ -211,7 +208,6 @@ class LiveStream:
             rec.details.update(entry, stream=self.app_id, repeat=version is None,
                                model_version=self.model.model_version if self.model else None)
             self.ledger.append(entry)
-        self.batches += 1
         log.info("stream batch %d: %d events, %d lists updated in %.1f s (latency median %s s)", batch_id, len(arrivals),
                  published, entry["seconds"], entry["latency_p50_s"])
 

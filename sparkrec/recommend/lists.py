@@ -214,11 +214,15 @@ def bounded_plan(
     *,
     keyed: bool,
     baseline: str | None = None,
+    factors: topk.ItemMatrix | None = None,
 ) -> tuple[block.Plan, DataFrame, DataFrame | None]:
     """What every block of users needs, collected to the driver: the candidate matrix, the fallback
     sequence, the explanation matrix and (keyed) the catalogue. The batch stage broadcasts it once; the
     live path keeps it between micro-batches.
 
+    Args:
+        factors: `item_factors` already on the driver (the live path keeps them for the fold-in): the
+            explanation matrix is built from them instead of collecting the table again.
     Returns:
         (plan, candidates, blend): `plan.whole` is False when the catalogue is larger than
         `max_broadcast_items` (its items then stay None and are scored in chunks from `candidates`).
@@ -234,7 +238,7 @@ def bounded_plan(
         "seq": lambda: fill_sequence(fallback_rankings(history, meta, cfg.fallback, cfg.trending_days),
                                      cfg.fallback == C.SOURCE_CATEGORY_POPULAR, rename),
     }
-    if cfg.explain:
+    if cfg.explain and factors is None:
         parts["unit"] = lambda: collect_bounded(item_factors, False, cfg.max_broadcast_items)
     if keyed:
         parts["catalogue"] = lambda: catalogue_of(meta)
@@ -248,7 +252,7 @@ def bounded_plan(
                       catalogue=got.get("catalogue"), whole=whole is not None)
     if whole is not None:
         plan.items = whole if len(whole.item_idx) else None
-        m = got.get("unit")
+        m = factors if cfg.explain and factors is not None else got.get("unit")
         if m is not None:
             plan.unit = topk.ItemMatrix(m.item_idx, topk.normalized(m.vectors))
     return plan, candidates, blend
