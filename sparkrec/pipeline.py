@@ -36,10 +36,15 @@ def run_ingest(ctx: RunContext) -> None:
         existing = tables.table_properties(ctx.spark, cfg, C.EVENTS_RAW)
         raw = privacy.prepare_raw(sources.read_source(ctx.spark, cfg.source), cfg, existing, secret)
         selected = ingest.of_interval(raw, cfg.source, cfg.interval)
+        # A table made before the key statistics gets them now; its older files, without any, are always read.
+        tables.ensure_properties(ctx.spark, cfg, C.EVENTS_RAW, ingest.KEY_STATS)
+        with rec.step("list sources"):
+            hashes = [r[0] for r in raw.select(ingest.source_hash(F.col(C.SOURCE_FILE))).distinct().collect()]
         result = rec.merge_new_rows(
             ingest.with_lineage(selected, ctx.run_id), C.EVENTS_RAW, on=[C.RAW_KEY],
-            properties=ingest.RAW_TABLE_PROPERTIES, evolve_schema=True,
+            properties=ingest.RAW_TABLE_PROPERTIES, evolve_schema=True, target_where=ingest.key_window(hashes),
         )
+        rec.details["sources"] = len(hashes)
         # Delta takes only `delta.*` options as properties at creation: the feed and sparkrec's own mark of
         # what its user keys are go on by an ALTER (the check above runs before every write).
         if tables.ensure_properties(ctx.spark, cfg, C.EVENTS_RAW, {**ingest.CHANGE_FEED, **privacy.raw_table_properties(cfg)}):
@@ -275,10 +280,13 @@ def _item_changes(ctx: RunContext, rec, adds, drops, plan: incremental.Plan):
     remaining = (
         rec.read(C.INTERACTIONS).join(F.broadcast(stale), C.ITEM_ID, "left_semi")
         .join(drops.select(C.RAW_KEY), C.RAW_KEY, "left_anti").select(*clean.INTERACTION_COLUMNS)
-    )
+    ).localCheckpoint()
     if ctx.cfg.source.columns.item_name:  # names are in the raw rows only
+        # A few keys are broadcast, so events_raw is filtered as it is read instead of shuffled whole.
+        keys = remaining.select(C.RAW_KEY)
+        keys = F.broadcast(keys) if remaining.count() <= _FEW_ROWS else keys
         named = (
-            clean.normalize(rec.read_at(C.EVENTS_RAW, plan.to_version).join(remaining.select(C.RAW_KEY), C.RAW_KEY, "left_semi"),
+            clean.normalize(rec.read_at(C.EVENTS_RAW, plan.to_version).join(keys, C.RAW_KEY, "left_semi"),
                             ctx.cfg.source)
             .select(C.RAW_KEY, clean.ITEM_NAME_COLUMN)
         )

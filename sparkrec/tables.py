@@ -174,6 +174,7 @@ def merge_new_rows(
     properties: dict[str, str] | None = None,
     evolve_schema: bool = False,
     retry_conflicts: bool = True,
+    target_where: Column | None = None,
 ) -> MergeResult:
     """Insert the rows of `df` whose `on` key is not in the table yet (insert-only MERGE).
 
@@ -183,16 +184,21 @@ def merge_new_rows(
     `retry_conflicts=False` when `df` was derived from the table itself (new
     ids numbered after its maximum): re-running it after another writer's
     commit could hand out ids that writer just used, so such a conflict fails.
+    `target_where` is a condition on the target alone (`t.` columns) that every
+    row with a key of `df` meets: Delta then reads only the files whose
+    statistics allow it, instead of the whole table.
 
     Example:
         result = merge_new_rows(new_ids_df, cfg, C.USER_IDS, on=[C.USER_ID])
     """
     attempts = WRITE_ATTEMPTS if retry_conflicts else 1
-    return _retrying(cfg.table_name(key), lambda: _merge_once(df, cfg, key, on, properties, evolve_schema), attempts)
+    return _retrying(cfg.table_name(key), lambda: _merge_once(df, cfg, key, on, properties, evolve_schema, target_where),
+                     attempts)
 
 
 def _merge_once(
-    df: DataFrame, cfg: Config, key: str, on: list[str], properties: dict[str, str] | None, evolve_schema: bool
+    df: DataFrame, cfg: Config, key: str, on: list[str], properties: dict[str, str] | None, evolve_schema: bool,
+    target_where: Column | None = None,
 ) -> MergeResult:
     spark = df.sparkSession
     path = cfg.table_path(key)
@@ -215,6 +221,8 @@ def _merge_once(
         term = F.col(f"t.`{c}`") == F.col(f"s.`{c}`")
         cond = term if cond is None else cond & term
     assert cond is not None
+    if target_where is not None:
+        cond = cond & target_where
     builder = target.alias("t").merge(df.alias("s"), cond).whenNotMatchedInsertAll()
     if evolve_schema:
         builder = builder.withSchemaEvolution()

@@ -104,3 +104,30 @@ def test_generate_command_writes_events_items_and_manifest(spark, tmp_path, caps
     manifest = (out / "manifest.json").read_text()
     assert '"seed": 3' in manifest and '"users": 50' in manifest
     assert main(["generate", "--events", "0", "--out", str(out)], spark=spark) == 2
+
+
+def test_ingest_reads_only_the_files_of_its_own_sources(spark, make_config, tmp_path):
+    """The row key starts with its source's hash and events_raw keeps statistics on it, so ingest's MERGE skips
+    the files of other sources: a day's ingest does not read all earlier days. Re-ingesting stays a no-op."""
+    from sparkrec import ingest
+
+    src = tmp_path / "in"
+    src.mkdir()
+    header = "event_id,user_id,item_id,event_type,timestamp\n"
+    (src / "a.csv").write_text(header + "e1,u1,i1,view,2025-06-01T10:00:00Z\ne2,u2,i1,view,2025-06-01T10:01:00Z\n")
+    cfg = make_config("source.format=csv", f"source.path={src}", "items.path=null")
+    pipeline.run_stages(RunContext(spark, cfg), ("ingest",))
+    (src / "b.csv").write_text(header + "e3,u3,i2,view,2025-06-02T10:00:00Z\n")
+    pipeline.run_stages(RunContext(spark, cfg), ("ingest", "ingest"))
+    raw = tables.read_table(spark, cfg, C.EVENTS_RAW).df
+    assert raw.count() == 3
+    runs = tables.read_table(spark, cfg, C.RUNS).df.where("stage = 'ingest'").orderBy("started_at")
+    assert [r["rows_out"] for r in runs.collect()] == [2, 1, 0]
+    prefix = {r[0].rsplit("/", 1)[-1]: r[1].split(":")[0] for r in raw.select(C.SOURCE_FILE, C.RAW_KEY).distinct().collect()}
+    assert set(prefix) == {"a.csv", "b.csv"}
+    every = set(raw.inputFiles())
+    only_b = set(raw.alias("t").where(ingest.key_window([prefix["b.csv"]])).inputFiles())
+    assert only_b and only_b < every  # a.csv's file is skipped
+    assert raw.alias("t").where(ingest.key_window([prefix["b.csv"]])).count() == 1
+    assert raw.alias("t").where(ingest.key_window(["0" * 16])).inputFiles() == []
+    assert ingest.key_window([]) is None
