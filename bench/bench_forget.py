@@ -81,7 +81,7 @@ def main() -> None:
               "pseudonymized": args.pseudonymize}
     (OUT / "forget.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
-    print(f"\n| customers | forget, wall (fresh process) | forget stage | rows deleted | model factors removed | purged |")
+    print("\n| customers | forget, wall (fresh process) | forget stage | rows deleted | model factors removed | purged |")
     print("| --- | --- | --- | --- | --- | --- |")
     print(f"| {len(chosen)} | {wall:.1f} s | {rec['duration_s']:.1f} s | {sum((result['rows_deleted'] or {}).values()):,} | "
           f"{result['model_factors_deleted']} | {result['purged']} |")
