@@ -216,13 +216,7 @@ def _merge_once(
                 raise
             log.info("table %s appeared while creating it (%s); merging instead", path, type(exc).__name__)
     target = DeltaTable.forPath(spark, path)
-    cond: Column | None = None
-    for c in on:
-        term = F.col(f"t.`{c}`") == F.col(f"s.`{c}`")
-        cond = term if cond is None else cond & term
-    assert cond is not None
-    if target_where is not None:
-        cond = cond & target_where
+    cond = _key_condition(on) if target_where is None else _key_condition(on) & target_where
     builder = target.alias("t").merge(df.alias("s"), cond).whenNotMatchedInsertAll()
     if evolve_schema:
         builder = builder.withSchemaEvolution()
