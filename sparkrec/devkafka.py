@@ -136,9 +136,17 @@ class Broker:
         Path(self.directory, STATE).unlink(missing_ok=True)
 
 
-def _cluster_id() -> str:
-    """A KRaft cluster id: a random UUID in URL-safe base64 without padding (what `random-uuid` prints)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+def _cluster_id(draw=uuid.uuid4) -> str:
+    """A KRaft cluster id: a random UUID in URL-safe base64 without padding (what `random-uuid` prints).
+
+    One UUID in 64 encodes to a string starting with '-', which the storage tool's argument parser
+    takes for an option ("--cluster-id: expected one argument"); Kafka's own `random-uuid` draws again
+    in that case, and so does this.
+    """
+    while True:
+        cid = base64.urlsafe_b64encode(draw().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
 
 
 def _properties(data: Path, port: int, controller_port: int) -> str:
