@@ -72,19 +72,21 @@ def matrix_seconds(spark, cfg, from_weights: bool) -> tuple[float, int]:
     return round(time.perf_counter() - t, 2), n
 
 
+def day_config(warehouse: Path, source: Path, extra: list[str], full: bool = False):
+    """The config every day of this bench (and `bench_incremental_ceiling.py`) runs with."""
+    sets = [f"warehouse={warehouse}", f"source.path={source}", "items.path=null", "evaluate.enabled=false",
+            "train.recency_half_life_days=30", "clean.min_kept_ratio=null", *extra]
+    if full:
+        sets.append("clean.full=true")
+    return load_config(ROOT / "conf" / "local.yaml", sets)
+
+
 def day_run(spark, mode: str, day_dirs: list[Path], warehouse: Path, extra: list[str]) -> dict:
     """Ingest `day_dirs` (the day's, or for the full warehouse every day since its last clean), then clean,
     ids and the matrix. Ingest is timed only when it took one day (the same code runs in both modes)."""
-    def config(day_dir: Path):
-        sets = [f"warehouse={warehouse}", f"source.path={day_dir}", "items.path=null", "evaluate.enabled=false",
-                "train.recency_half_life_days=30", "clean.min_kept_ratio=null", *extra]
-        if mode == "full":
-            sets.append("clean.full=true")
-        return load_config(ROOT / "conf" / "local.yaml", sets)
-
     row = {"mode": mode}
     for day_dir in day_dirs:
-        cfg = config(day_dir)
+        cfg = day_config(warehouse, day_dir, extra, full=mode == "full")
         row["ingest"] = timed(lambda: pipeline.run_stages(RunContext(spark, cfg), ("ingest",)))
     if len(day_dirs) > 1:
         row["ingest"] = None

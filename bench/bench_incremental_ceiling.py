@@ -27,7 +27,6 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,27 +35,16 @@ sys.path.insert(0, str(ROOT))
 
 from pyspark.sql import functions as F  # noqa: E402
 
+# The day bench (this directory) gives the settings every day runs with, where its state lies, and the timer.
+from bench_incremental import OUT, timed  # noqa: E402
+from bench_incremental import day_config as config  # noqa: E402
 from sparkrec import columns as C  # noqa: E402
 from sparkrec import incremental, pipeline, tables, train  # noqa: E402
-from sparkrec.config import load_config  # noqa: E402
 from sparkrec.generate import GenerateParams, generate  # noqa: E402
 from sparkrec.runs import RunContext  # noqa: E402
 from sparkrec.session import build_session  # noqa: E402
 
-OUT = ROOT / "bench" / "out" / "incremental"
 WORK = OUT / "ceiling"
-
-
-def timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return round(time.perf_counter() - t, 2)
-
-
-def config(warehouse: Path, source: Path, overrides: list[str]):
-    return load_config(ROOT / "conf" / "local.yaml", [
-        f"warehouse={warehouse}", f"source.path={source}", "items.path=null", "evaluate.enabled=false",
-        "train.recency_half_life_days=30", "clean.min_kept_ratio=null", *overrides])
 
 
 def fresh_day(spark, source: Path, warehouse: Path, overrides: list[str]) -> float:
@@ -97,10 +85,15 @@ def main() -> None:
     generate(GenerateParams(events=50_000, seed=3, days=1), str(WORK / "warm_in"))
     print(f"warm-up: {fresh_day(spark, WORK / 'warm_in' / 'events', WORK / 'wh_warm', args.overrides)} s", flush=True)
 
-    deltas = tables.read_scratch(spark, config(state, day_dir, args.overrides), "clean/weights").localCheckpoint()
-    changes = tables.read_scratch(spark, config(state, day_dir, args.overrides), "clean/interactions")
-    drops = changes.where(F.col(C.DROP_FLAG)).localCheckpoint()
+    state_cfg = config(state, day_dir, args.overrides)
+    deltas = tables.read_scratch(spark, state_cfg, "clean/weights").localCheckpoint()
+    drops = tables.read_scratch(spark, state_cfg, "clean/interactions").where(F.col(C.DROP_FLAG)).localCheckpoint()
     n_deltas, n_drops = deltas.count(), drops.count()
+    window = None
+    if n_drops:  # what the clean's first application names: the dropped rows' time range and their keys (a few thousand)
+        lo, hi = drops.agg(F.min(C.EVENT_TS), F.max(C.EVENT_TS)).first()
+        keys = [r[0] for r in drops.select(C.RAW_KEY).collect()]
+        window = F.col(f"t.{C.EVENT_TS}").between(F.lit(lo), F.lit(hi)) & F.col(f"t.{C.RAW_KEY}").isin(keys)
     surv_path, weights_path, inter_path = state / C.CLEAN_SURVIVORS, state / C.WEIGHTS, state / C.INTERACTIONS
     survivors = spark.read.format("delta").option("versionAsOf", previous_version(spark, surv_path)).load(str(surv_path))
     n_survivors = survivors.count()
@@ -125,12 +118,9 @@ def main() -> None:
         appended = deltas.alias("s").select(*[v.alias(k) for k, v in inserts.items()])
         row["weights_append"] = timed(lambda: tables.append_rows(appended, wcfg, C.WEIGHTS))
 
-        if n_drops:
+        if window is not None:
             icfg = config(WORK / "wh_i", day_dir, args.overrides)
             version = previous_version(spark, inter_path)
-            lo, hi = drops.agg(F.min(C.EVENT_TS), F.max(C.EVENT_TS)).first()
-            keys = [r[0] for r in drops.select(C.RAW_KEY).collect()]
-            window = F.col(f"t.{C.EVENT_TS}").between(F.lit(lo), F.lit(hi)) & F.col(f"t.{C.RAW_KEY}").isin(keys)
             copy_at(spark, inter_path, WORK / "wh_i" / C.INTERACTIONS, version)
             row["delete"] = timed(lambda: tables.apply_changes(drops, icfg, C.INTERACTIONS, [C.RAW_KEY], target_where=window))
             copy_at(spark, inter_path, WORK / "wh_i" / C.INTERACTIONS, version)
