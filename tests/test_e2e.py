@@ -189,7 +189,7 @@ def test_result_is_identical_when_shuffle_partitions_change(spark, first_run, tm
     )
 
 
-def test_ids_are_stable_when_new_keys_arrive(spark, first_run, shop, tmp_path):
+def test_ids_are_stable_when_new_keys_arrive(spark, first_run, tmp_path):
     """A second run over more data keeps every old id and appends the new keys.
 
     It starts from a copy of the first run's warehouse (Delta tables keep relative file paths, so a copied
