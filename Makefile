@@ -71,17 +71,17 @@ dist-env: dist
 
 # A standalone cluster on localhost (a master and two 1-core workers); prints the master URL.
 cluster-up: setup
-	$(BIN)/python -m sparkrec.devcluster start --dir build/cluster
+	$(BIN)/python -m sparkrec.dev.cluster start --dir build/cluster
 
 cluster-down:
-	$(BIN)/python -m sparkrec.devcluster stop --dir build/cluster
+	$(BIN)/python -m sparkrec.dev.cluster stop --dir build/cluster
 
 # A Kafka broker (KRaft, 127.0.0.1 only) from Apache Kafka's jars on Maven Central, for the live stream.
 kafka-up: setup
-	$(BIN)/python -m sparkrec.devkafka up --dir build/kafka
+	$(BIN)/python -m sparkrec.dev.kafka up --dir build/kafka
 
 kafka-down:
-	$(BIN)/python -m sparkrec.devkafka down --dir build/kafka
+	$(BIN)/python -m sparkrec.dev.kafka down --dir build/kafka
 
 bench: setup
 	$(BIN)/python bench/bench_pipeline.py

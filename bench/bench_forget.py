@@ -39,8 +39,8 @@ def run(cmd: list[str], log: Path, env: dict) -> float:
 def forget_record(warehouse: Path) -> dict:
     code = (
         "import json\n"
-        "from sparkrec.session import build_session\n"
-        "from sparkrec.config import SparkConfig\n"
+        "from sparkrec.storage.session import build_session\n"
+        "from sparkrec.core.config import SparkConfig\n"
         "s=build_session(SparkConfig(log_level='ERROR'))\n"
         f"df=s.read.format('delta').load({str(warehouse / 'runs')!r})\n"
         "r=df.where(\"stage = 'forget'\").orderBy('started_at', ascending=False).first()\n"

@@ -40,8 +40,8 @@ def stage_times(warehouse: Path) -> list[dict]:
     """Read the last run's stage rows from the runs table (small: a few rows)."""
     code = (
         "import json,sys\n"
-        "from sparkrec.session import build_session\n"
-        "from sparkrec.config import SparkConfig\n"
+        "from sparkrec.storage.session import build_session\n"
+        "from sparkrec.core.config import SparkConfig\n"
         "s=build_session(SparkConfig(log_level='ERROR'))\n"
         f"df=s.read.format('delta').load({str(warehouse / 'runs')!r})\n"
         "last=df.orderBy('started_at', ascending=False).first()['run_id']\n"

@@ -97,7 +97,7 @@ def generated_events(lines: list[str]) -> pd.DataFrame:
 
 
 def generated_case(out: Path, events: int, seed: int, days: int) -> tuple[list[str], pd.DataFrame, pd.Timestamp]:
-    from sparkrec.generate import GenerateParams, generate
+    from sparkrec.dev.generate import GenerateParams, generate
 
     shop = out / "shop"
     shutil.rmtree(shop, ignore_errors=True)
@@ -168,8 +168,8 @@ def score(events: pd.DataFrame, cut: pd.Timestamp, published: pd.DataFrame) -> d
 def published_lists(warehouse: Path) -> pd.DataFrame:
     code = (
         "import sys\n"
-        "from sparkrec.session import build_session\n"
-        "from sparkrec.config import SparkConfig\n"
+        "from sparkrec.storage.session import build_session\n"
+        "from sparkrec.core.config import SparkConfig\n"
         "s = build_session(SparkConfig(log_level='ERROR'))\n"
         f"df = s.read.format('delta').load({str(warehouse / 'recommendations')!r}).select('user_id', 'item_id', 'rank', 'source')\n"
         f"df.toPandas().to_parquet({str(warehouse.parent / 'published.parquet')!r})\n"
@@ -181,8 +181,8 @@ def published_lists(warehouse: Path) -> pd.DataFrame:
 def last_run(warehouse: Path) -> list[dict]:
     code = (
         "import json\n"
-        "from sparkrec.session import build_session\n"
-        "from sparkrec.config import SparkConfig\n"
+        "from sparkrec.storage.session import build_session\n"
+        "from sparkrec.core.config import SparkConfig\n"
         "s = build_session(SparkConfig(log_level='ERROR'))\n"
         f"df = s.read.format('delta').load({str(warehouse / 'runs')!r})\n"
         "last = df.orderBy('started_at', ascending=False).first()['run_id']\n"

@@ -1,6 +1,6 @@
 """The live path's latency: from producing an event to that customer's new list being readable.
 
-A warehouse is built by a batch run over a generated shop; a real Kafka broker (`sparkrec.devkafka`,
+A warehouse is built by a batch run over a generated shop; a real Kafka broker (`sparkrec.dev.kafka`,
 127.0.0.1 only) is started; `sparkrec stream` runs in a process of its own (local[2], as a user runs
 it); this process produces events at a steady rate for the duration (5% purchases, a mix of the
 shop's customers and new ones, timestamped now). Afterwards each event's latency is read off the
@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sparkrec import devkafka  # noqa: E402
+from sparkrec.dev import kafka as devkafka  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "stream"
 BIN = Path(sys.executable).parent
@@ -99,8 +99,8 @@ def latencies(wh: Path, plain: bool):
     """Per-event seconds from arrival to publication, and the publication times (for the trend)."""
     from pyspark.sql import functions as F
 
-    from sparkrec.config import SparkConfig
-    from sparkrec.session import build_session
+    from sparkrec.core.config import SparkConfig
+    from sparkrec.storage.session import build_session
 
     spark = build_session(SparkConfig(master="local[2]", shuffle_partitions=2, conf={"spark.ui.enabled": "false"}))
     if plain:
@@ -123,8 +123,8 @@ def latencies(wh: Path, plain: bool):
 PLAIN_JOB = r'''
 import sys, time
 from pyspark.sql import functions as F
-from sparkrec.config import SparkConfig
-from sparkrec.session import build_session
+from sparkrec.core.config import SparkConfig
+from sparkrec.storage.session import build_session
 bootstrap, topic, target, ckpt = sys.argv[1:5]
 spark = build_session(SparkConfig(master="local[2]", shuffle_partitions=2, conf={"spark.ui.enabled": "false"},
                                   packages=["org.apache.spark:spark-sql-kafka-0-10_2.13:4.2.0"]))

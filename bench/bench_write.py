@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT))
 from pyspark.sql import DataFrame  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
-from sparkrec import columns as C  # noqa: E402
-from sparkrec.config import load_config  # noqa: E402
-from sparkrec.session import build_session  # noqa: E402
+from sparkrec.core import columns as C  # noqa: E402
+from sparkrec.core.config import load_config  # noqa: E402
+from sparkrec.storage.session import build_session  # noqa: E402
 
 log = logging.getLogger("bench")
 SOURCE = ROOT / "bench" / "out" / "recommend" / "wh_50000x20000_r32" / "recommendations"

@@ -49,12 +49,12 @@ EXTRA = [s.strip() for s in os.environ.get("SPARKREC_SET", "").split(";") if s.s
 
 
 def _scheduled_commands() -> tuple[str, ...]:
-    """sparkrec's own list of scheduled commands (`sparkrec/stages.py`), loaded as a file.
+    """sparkrec's own list of scheduled commands (`sparkrec/core/stages.py`), loaded as a file.
 
     The scheduler need not have sparkrec or Spark installed: stages.py uses the
     standard library only, so it is loaded by path instead of imported as a package.
     """
-    spec = importlib.util.spec_from_file_location("sparkrec_stages", HOME / "sparkrec" / "stages.py")
+    spec = importlib.util.spec_from_file_location("sparkrec_stages", HOME / "sparkrec" / "core" / "stages.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return tuple(module.SCHEDULED)

@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sparkrec import __version__
-from sparkrec import columns as C
-from sparkrec import stages
-from sparkrec.config import Config, SparkConfig, check_input_paths, check_warehouse, load_config
-from sparkrec.errors import ConfigError, SparkrecError
-from sparkrec.gate import evaluation_line, tuning_line
+from sparkrec.core import columns as C
+from sparkrec.core import stages
+from sparkrec.core.config import Config, SparkConfig, check_input_paths, check_warehouse, load_config
+from sparkrec.core.errors import ConfigError, SparkrecError
+from sparkrec.core.gate import evaluation_line, tuning_line
 
 if TYPE_CHECKING:  # pyspark is imported only by commands that start Spark
     from pyspark.sql import SparkSession
@@ -124,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
 def _spark(cfg_spark: SparkConfig, spark: SparkSession | None, verbose: bool = False) -> SparkSession:
     if spark is not None:
         return spark
-    from sparkrec import session
+    from sparkrec.storage import session
 
     if cfg_spark.master is not None and not verbose:
         # Local mode: this process starts the JVM, so its warnings can go to a file.
@@ -141,7 +141,7 @@ def summary(spark: SparkSession, cfg: Config, run_id: str, rows: list[dict]) -> 
     """
     from pyspark.sql import functions as F
 
-    from sparkrec import tables
+    from sparkrec.storage import tables
 
     lines = [f"run {run_id}"]
     for r in rows:
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> in
     ctx = None
     try:
         if args.command == "generate":
-            from sparkrec.generate import GenerateParams, generate
+            from sparkrec.dev.generate import GenerateParams, generate
 
             if args.config:  # accepted for symmetry with the other commands; validated, not needed
                 load_config(args.config, args.overrides)
@@ -199,26 +199,26 @@ def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> in
         overrides = [*args.overrides, *(["clean.full=true"] if getattr(args, "full", False) else [])]
         cfg = load_config(args.config, overrides)
         if args.command == "lookup-user":  # no Spark: the pseudonym is a keyed hash of the key
-            from sparkrec import privacy
+            from sparkrec.core import pseudonyms
 
             if not cfg.privacy.pseudonymize_user_ids:
                 raise ConfigError("privacy.pseudonymize_user_ids is off in this config: user keys are stored as they are")
-            print(privacy.pseudonym(privacy.load_secret(cfg.privacy), privacy.lookup_key(args.key)))
+            print(pseudonyms.pseudonym(pseudonyms.load_secret(cfg.privacy), pseudonyms.lookup_key(args.key)))
             return 0
         if args.command == "forget":
-            from sparkrec import forget
+            from sparkrec.batch import forget
 
             keys = forget.read_keys(args.users, args.users_file)
         if cfg.privacy.pseudonymize_user_ids and args.command in ("ingest", "run", "forget"):
-            from sparkrec import privacy
+            from sparkrec.core import pseudonyms
 
-            privacy.load_secret(cfg.privacy)  # a missing secret fails here, before Spark starts
+            pseudonyms.load_secret(cfg.privacy)  # a missing secret fails here, before Spark starts
         check_warehouse(cfg)
         if args.command in ("ingest", "run"):
             check_input_paths(cfg)
         out = report_path(args.run_id, args.out) if args.command == "report" else None
-        from sparkrec import pipeline
-        from sparkrec.runs import RunContext
+        from sparkrec.batch import pipeline
+        from sparkrec.storage.runs import RunContext
 
         if args.command == "stream" and cfg.stream.source.kind == "kafka" and cfg.spark.master is not None:
             # local mode resolves Spark's Kafka connector like Delta's jars (spark-submit passes --packages)
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> in
             if args.command == "tune":
                 print(tuned_settings(settings))
         elif args.command == "stream":
-            from sparkrec import stream
+            from sparkrec.stream import live as stream
 
             print(stream.run(session, cfg, once=args.once))
         elif args.command == "forget":
@@ -253,15 +253,15 @@ def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> in
                 pipeline.run_stages(ctx, ("ids", "train", "recommend"))
                 print("retrained: the model and the lists no longer use their events")
         elif args.command == "runs":
-            from sparkrec import runs
+            from sparkrec.storage import runs
 
             print(runs.list_runs(session, cfg, args.limit))
         elif args.command == "rollback":
-            from sparkrec import runs
+            from sparkrec.storage import runs
 
             print(runs.rollback(ctx, args.to))
         elif args.command == "report":
-            from sparkrec import report
+            from sparkrec.batch import report
 
             report.write_report(session, cfg, args.run_id, str(out))
             print(f"report written to {out}")

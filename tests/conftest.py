@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sparkrec.config import Config, SparkConfig, StreamConfig, load_config
+from sparkrec.core.config import Config, SparkConfig, StreamConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_RETAIL = ROOT.parent / "shared" / "data" / "online_retail_ii_2009_2010.parquet"
@@ -16,7 +16,7 @@ SHARED_RETAIL = ROOT.parent / "shared" / "data" / "online_retail_ii_2009_2010.pa
 
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
-    from sparkrec.session import build_session
+    from sparkrec.storage.session import build_session
 
     warehouse = tmp_path_factory.mktemp("spark-warehouse")
     cfg = SparkConfig(

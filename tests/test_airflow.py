@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from sparkrec import columns as C
-from sparkrec import tables
-from sparkrec.config import load_config
-from sparkrec.generate import GenerateParams, generate
+from sparkrec.core import columns as C
+from sparkrec.storage import tables
+from sparkrec.core.config import load_config
+from sparkrec.dev.generate import GenerateParams, generate
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.cluster

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sparkrec import columns as C
-from sparkrec import topk
-from sparkrec.recommend import block
+from sparkrec.core import columns as C
+from sparkrec.core import topk
+from sparkrec.core import block
 
 pytestmark = pytest.mark.nojvm
 

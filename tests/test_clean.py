@@ -8,10 +8,10 @@ from chispa import assert_df_equality
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, LongType, StringType, StructField, StructType
 
-from sparkrec import clean
-from sparkrec import columns as C
-from sparkrec.config import load_config
-from sparkrec.ingest import with_lineage
+from sparkrec.batch import clean
+from sparkrec.core import columns as C
+from sparkrec.core.config import load_config
+from sparkrec.batch.ingest import with_lineage
 from tests.conftest import ROOT
 from tests.helpers import raw_events
 

@@ -30,12 +30,14 @@ import pytest
 from chispa import assert_df_equality
 from pyspark.sql import functions as F
 
-from sparkrec import columns as C
-from sparkrec import devcluster, pipeline, tables
+from sparkrec.core import columns as C
+from sparkrec.dev import cluster as devcluster
+from sparkrec.batch import pipeline
+from sparkrec.storage import tables
 from sparkrec.cli import main
-from sparkrec.config import load_config
-from sparkrec.generate import GenerateParams, generate
-from sparkrec.runs import RunContext
+from sparkrec.core.config import load_config
+from sparkrec.dev.generate import GenerateParams, generate
+from sparkrec.storage.runs import RunContext
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.cluster

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from sparkrec.cli import main
-from sparkrec.config import check_input_paths, load_config
-from sparkrec.errors import ConfigError
+from sparkrec.core.config import check_input_paths, load_config
+from sparkrec.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,11 +7,12 @@ from chispa import assert_df_equality
 from pyspark.sql import functions as F
 from pyspark.sql import Window
 
-from sparkrec import columns as C
-from sparkrec import pipeline, tables
+from sparkrec.core import columns as C
+from sparkrec.batch import pipeline
+from sparkrec.storage import tables
 from sparkrec.cli import main
-from sparkrec.generate import GenerateParams, generate
-from sparkrec.runs import RunContext
+from sparkrec.dev.generate import GenerateParams, generate
+from sparkrec.storage.runs import RunContext
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e
@@ -43,7 +44,7 @@ def first_run(spark, shop, tmp_path_factory):
     """The whole pipeline through the CLI, as a user runs it."""
     wh = tmp_path_factory.mktemp("wh")
     assert main(["run", *cli_args(wh, shop)], spark=spark) == 0
-    from sparkrec.config import load_config
+    from sparkrec.core.config import load_config
 
     cfg = load_config(ROOT / "conf" / "local.yaml", [f"warehouse={wh}", f"source.path={shop}/events", f"items.path={shop}/items", *FAST_ALS])
     return cfg
@@ -384,7 +385,7 @@ def test_rollback_restores_every_table_the_run_wrote(spark, first_run, capsys):
 
 def test_a_first_run_whose_model_loses_publishes_the_best_baseline(spark, shop, tmp_path, capsys):
     """Issue 17: the first run in a warehouse whose model lost the gate left the shop with no lists at all."""
-    from sparkrec.config import load_config
+    from sparkrec.core.config import load_config
 
     wh = tmp_path / "wh"
     code = main(["run", *cli_args(wh, shop), "--set", "evaluate.gate.margin=1000"], spark=spark)
@@ -415,7 +416,7 @@ def test_run_reuses_recent_tuned_settings_of_the_same_search_and_searches_again_
     """Issue 17: tuned settings are stored with the run that found them and reused until they expire."""
     import json
 
-    from sparkrec.runs import RunContext as Ctx
+    from sparkrec.storage.runs import RunContext as Ctx
 
     tuned = first_run.model_copy(update={"tune": first_run.tune.model_copy(update={"max_trials": 1, "feedback_settings": 1, "seed": 99})})
     searched = pipeline.run_tune(Ctx(spark, tuned), reuse=True)  # no earlier tuning of this search: it searches
@@ -430,7 +431,7 @@ def test_run_reuses_recent_tuned_settings_of_the_same_search_and_searches_again_
     pipeline.run_tune(fresh_ctx, reuse=True)
     fresh = json.loads(table(spark, first_run, C.RUNS).where(f"run_id = '{fresh_ctx.run_id}' and stage = 'tune'").first()["details"])
     assert "reused_from" not in fresh and len(fresh["trials"]) == 1
-    from sparkrec import runs as run_records
+    from sparkrec.storage import runs as run_records
 
     # Another search (another seed) finds nothing to reuse; the same search finds the fresh one.
     other = tuned.model_copy(update={"tune": tuned.tune.model_copy(update={"seed": 100})})
@@ -443,7 +444,7 @@ def test_run_keeps_the_configured_settings_when_the_history_is_too_short_to_tune
     `sparkrec tune`, asked for by name, fails with the reason."""
     import json
 
-    from sparkrec.runs import RunContext as Ctx
+    from sparkrec.storage.runs import RunContext as Ctx
 
     short = first_run.model_copy(update={"tune": first_run.tune.model_copy(update={"min_users": 10**6, "seed": 5})})
     ctx = Ctx(spark, short)
@@ -455,7 +456,7 @@ def test_run_keeps_the_configured_settings_when_the_history_is_too_short_to_tune
     assert main(["runs", *cli_args(first_run)], spark=spark) == 0
     assert "not tuned, the configured settings were used" in capsys.readouterr().out
     # a skipped search is not a winner a later run could reuse
-    from sparkrec import runs as run_records
+    from sparkrec.storage import runs as run_records
 
     assert (run_records.reusable_tuning(spark, short, 7.0) or {}).get("run_id") != ctx.run_id
     code = main(["tune", *cli_args(first_run), "--set", "tune.min_users=1000000"], spark=spark)

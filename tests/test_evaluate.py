@@ -7,9 +7,9 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from sparkrec import columns as C
-from sparkrec import evaluate, recommend, tune
-from sparkrec.config import EvaluateConfig, RecommendConfig, TrainConfig, TuneConfig
+from sparkrec.core import columns as C
+from sparkrec.batch import evaluate, recommend, tune
+from sparkrec.core.config import EvaluateConfig, RecommendConfig, TrainConfig, TuneConfig
 
 T0 = datetime(2025, 1, 1)
 INTER = "user_id string, item_id string, event_type string, event_ts timestamp"
@@ -191,7 +191,7 @@ def test_spark_metrics_equal_the_plain_reference_on_random_lists(spark):
     """`evaluate.ranking_metrics` (Spark aggregates) against `metrics.ranking_metrics` (the written-out definitions)."""
     import numpy as np
 
-    from sparkrec import metrics
+    from sparkrec.core import metrics
 
     rng = np.random.default_rng(11)
     lists = {f"u{u}": [f"i{x}" for x in rng.permutation(30)[: int(rng.integers(0, 12))]] for u in range(25)}

@@ -20,12 +20,13 @@ from pathlib import Path
 import pytest
 from chispa import assert_df_equality
 
-from sparkrec import columns as C
-from sparkrec import pipeline, tables
+from sparkrec.core import columns as C
+from sparkrec.batch import pipeline
+from sparkrec.storage import tables
 from sparkrec.cli import main
-from sparkrec.config import load_config
-from sparkrec.generate import GenerateParams, generate
-from sparkrec.runs import RunContext
+from sparkrec.core.config import load_config
+from sparkrec.dev.generate import GenerateParams, generate
+from sparkrec.storage.runs import RunContext
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.cluster

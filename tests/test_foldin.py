@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sparkrec import foldin
+from sparkrec.core import foldin
 
 
 @pytest.mark.nojvm

@@ -6,10 +6,11 @@ import pytest
 from chispa import assert_df_equality
 from pyspark.sql import functions as F
 
-from sparkrec import columns as C
-from sparkrec import pipeline, sources, tables
-from sparkrec.generate import DIRT_RATES, GenerateParams, event_lines
-from sparkrec.runs import RunContext
+from sparkrec.core import columns as C
+from sparkrec.batch import pipeline
+from sparkrec.storage import sources, tables
+from sparkrec.dev.generate import DIRT_RATES, GenerateParams, event_lines
+from sparkrec.storage.runs import RunContext
 
 
 def lines_frame(spark, lines):
@@ -82,7 +83,7 @@ def test_raw_table_keeps_column_names_with_spaces(spark, make_config, tmp_path):
 
 
 def test_unreadable_source_is_an_input_error(spark, make_config, tmp_path):
-    from sparkrec.errors import InputError
+    from sparkrec.core.errors import InputError
 
     bad = tmp_path / "notparquet"
     bad.mkdir()
@@ -109,7 +110,7 @@ def test_generate_command_writes_events_items_and_manifest(spark, tmp_path, caps
 def test_ingest_reads_only_the_files_of_its_own_sources(spark, make_config, tmp_path):
     """The row key starts with its source's hash and events_raw keeps statistics on it, so ingest's MERGE skips
     the files of other sources: a day's ingest does not read all earlier days. Re-ingesting stays a no-op."""
-    from sparkrec import ingest
+    from sparkrec.batch import ingest
 
     src = tmp_path / "in"
     src.mkdir()

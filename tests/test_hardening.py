@@ -9,10 +9,11 @@ from datetime import datetime, timezone
 
 from pyspark.sql import functions as F
 
-from sparkrec import clean, pipeline, tables
-from sparkrec import columns as C
-from sparkrec.config import load_config
-from sparkrec.runs import RunContext
+from sparkrec.batch import clean, pipeline
+from sparkrec.storage import tables
+from sparkrec.core import columns as C
+from sparkrec.core.config import load_config
+from sparkrec.storage.runs import RunContext
 from tests.conftest import ROOT
 from tests.helpers import raw_events
 
@@ -102,7 +103,7 @@ def test_n_above_what_a_user_can_be_offered_gives_every_allowed_item_and_one_war
     _tiny_shop(tmp_path / "events.json")
     cfg = make_config(f"source.path={tmp_path / 'events.json'}", "items.path=null", "recommend.n=50",
                       "train.als.rank=4", "train.als.max_iter=3", "recommend.similar_items.enabled=false")
-    with caplog.at_level("WARNING", logger="sparkrec.pipeline"):
+    with caplog.at_level("WARNING", logger="sparkrec.batch.pipeline"):
         pipeline.run_stages(RunContext(spark, cfg))
     recs = tables.read_table(spark, cfg, C.RECOMMENDATIONS).df
     inter = tables.read_table(spark, cfg, C.INTERACTIONS).df
@@ -144,7 +145,7 @@ def test_a_stage_whose_process_died_is_recorded_and_its_checkpoints_removed(spar
     import sys
 
     from sparkrec.cli import main
-    from sparkrec.runs import active_dir
+    from sparkrec.storage.runs import active_dir
 
     _tiny_shop(tmp_path / "events.json")
     cfg = make_config(f"source.path={tmp_path / 'events.json'}", "items.path=null")
@@ -176,8 +177,8 @@ def test_transaction_lines_name_their_items_and_explanations_use_the_names(spark
     """Item 18: Online Retail explanations read "because you bought 48188"; the lines carry a Description."""
     from pyspark.sql.types import DoubleType, LongType, StringType, StructField, StructType
 
-    from sparkrec import recommend
-    from sparkrec.ingest import with_lineage
+    from sparkrec.batch import recommend
+    from sparkrec.batch.ingest import with_lineage
 
     retail = load_config(ROOT / "conf" / "online_retail.yaml")
     assert retail.source.columns.item_name == "Description"
@@ -234,7 +235,7 @@ def test_the_terminal_shows_sparkrecs_own_lines_and_the_jvm_output_goes_to_a_fil
 
 def test_spark_itself_is_asked_about_the_timestamp_format_before_a_row_is_read(spark):
     """Item 10: a pattern Spark refuses failed mid-stage with a truncated cross-version message."""
-    from sparkrec.errors import ConfigError
+    from sparkrec.core.errors import ConfigError
 
     clean.check_timestamp_format(spark, CFG.source.model_copy(update={"timestamp_format": "yyyy-MM-dd HH:mm:ss"}))
     unchecked = CFG.source.model_copy(update={"timestamp_format": "QQQQQ yyyy"})  # past the config check, as a file could be

@@ -22,9 +22,9 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from sparkrec import clean  # noqa: E402
-from sparkrec import columns as C  # noqa: E402
-from sparkrec.config import load_config  # noqa: E402
+from sparkrec.batch import clean  # noqa: E402
+from sparkrec.core import columns as C  # noqa: E402
+from sparkrec.core.config import load_config  # noqa: E402
 from tests.helpers import raw_events  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +113,7 @@ def test_no_row_is_lost_and_every_kept_row_meets_the_rules(spark, batch, bad_lin
 
 
 def test_the_report_shows_data_and_config_as_text_never_as_markup():
-    from sparkrec import report
+    from sparkrec.batch import report
 
     hostile = '<script>alert("x")</script>'
     row = {"details": json.dumps({"reasons": {hostile: 3}, "mode": "incremental", "why": hostile, "read_versions": [1, 2]}),
@@ -146,8 +146,9 @@ def test_the_nasty_corpus_is_ingested_with_a_reason_per_row_and_nothing_lost(spa
     whose times are real timestamps and whose price is a boolean."""
     from pyspark.sql import functions as F
 
-    from sparkrec import pipeline, tables
-    from sparkrec.runs import RunContext
+    from sparkrec.batch import pipeline
+    from sparkrec.storage import tables
+    from sparkrec.storage.runs import RunContext
 
     cfg = make_config(f"source.format={fmt}", f"source.path={PROBES / name}", "items.path=null", "clean.min_kept_ratio=null",
                       "clean.max_id_length=256")

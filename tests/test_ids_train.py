@@ -7,10 +7,10 @@ from datetime import datetime
 import pytest
 from chispa import assert_df_equality
 
-from sparkrec import columns as C
-from sparkrec import ids, train
-from sparkrec.config import TrainConfig
-from sparkrec.errors import StageError
+from sparkrec.core import columns as C
+from sparkrec.batch import ids, train
+from sparkrec.core.config import TrainConfig
+from sparkrec.core.errors import StageError
 
 
 def test_new_ids_are_dense_ordered_and_skip_known_keys(spark):

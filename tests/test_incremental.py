@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 from pyspark.sql import functions as F
 
-from sparkrec import columns as C
-from sparkrec import pipeline, tables
-from sparkrec.runs import RunContext
+from sparkrec.core import columns as C
+from sparkrec.batch import pipeline
+from sparkrec.storage import tables
+from sparkrec.storage.runs import RunContext
 
 pytestmark = pytest.mark.e2e
 
@@ -121,7 +122,7 @@ def assert_same_tables(spark, got_cfg, want_cfg):
 @pytest.fixture(scope="module")
 def full_reference(spark, day_files, tmp_path_factory):
     """All three days cleaned at once by a full clean."""
-    from sparkrec.config import load_config
+    from sparkrec.core.config import load_config
     from tests.conftest import ROOT
 
     wh = tmp_path_factory.mktemp("full") / "wh"
@@ -188,7 +189,7 @@ def test_days_out_of_order_give_the_full_recompute(spark, make_config, day_files
 
 
 def test_train_builds_the_same_matrix_from_the_weight_table(spark, full_reference):
-    from sparkrec import train
+    from sparkrec.batch import train
 
     cfg = full_reference
     pipeline.run_stages(RunContext(spark, cfg), ("ids",))
@@ -211,7 +212,7 @@ def test_train_builds_the_same_matrix_from_the_weight_table(spark, full_referenc
 def test_a_generated_shop_in_daily_intervals_out_of_order_gives_the_full_recompute(spark, make_config, tmp_path):
     """One generated input (duplicates, replays, bots, bad rows) taken as three Airflow intervals, the last day
     first, against the same intervals ingested and cleaned once in full."""
-    from sparkrec.generate import GenerateParams, generate
+    from sparkrec.dev.generate import GenerateParams, generate
 
     generate(GenerateParams(events=6000, seed=5, days=3), str(tmp_path / "shop"))
     sets = [f"source.path={tmp_path / 'shop' / 'events'}", f"items.path={tmp_path / 'shop' / 'items'}",

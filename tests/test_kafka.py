@@ -1,4 +1,4 @@
-"""The development Kafka broker (`sparkrec.devkafka`, `make kafka-up`): real, local, and stopped by process id.
+"""The development Kafka broker (`sparkrec.dev.kafka`, `make kafka-up`): real, local, and stopped by process id.
 
 The live stream's tests need a real broker, not a mock; this proves the one
 they get: fetched from Maven Central, bound to 127.0.0.1, keeping its data
@@ -13,8 +13,8 @@ import socket
 
 import pytest
 
-from sparkrec import devkafka
-from sparkrec.devcluster import process_running
+from sparkrec.dev import kafka as devkafka
+from sparkrec.core.processes import process_running
 
 pytestmark = pytest.mark.kafka
 

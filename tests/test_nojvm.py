@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from sparkrec import gate, ledger, stages
-from sparkrec.config import EvaluateConfig
-from sparkrec.errors import StageError
+from sparkrec.core import gate, ledger, stages
+from sparkrec.core.config import EvaluateConfig
+from sparkrec.core.errors import StageError
 
 pytestmark = pytest.mark.nojvm
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.nojvm
 def test_the_tier_really_needs_no_jvm():
     """Importing the CLI and the pure modules must not import pyspark (so `--help` and config errors need no JVM)."""
     code = (
-        "import sys, sparkrec.cli, sparkrec.config, sparkrec.gate, sparkrec.ledger, sparkrec.privacy, sparkrec.stages, sparkrec.topk;"
+        "import sys, sparkrec.cli, sparkrec.core.config, sparkrec.core.gate, sparkrec.core.ledger, sparkrec.batch.privacy, sparkrec.core.stages, sparkrec.core.topk;"
         "print('pyspark' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -108,7 +108,7 @@ def test_the_dag_schedules_the_stage_tables_commands():
     from pathlib import Path
 
     dag = (Path(__file__).resolve().parents[1] / "jobs" / "sparkrec_dag.py").read_text()
-    assert 'spec_from_file_location("sparkrec_stages", HOME / "sparkrec" / "stages.py")' in dag
+    assert 'spec_from_file_location("sparkrec_stages", HOME / "sparkrec" / "core" / "stages.py")' in dag
     for cmd in stages.SCHEDULED:
         assert (Path(__file__).resolve().parents[1] / "jobs" / f"{cmd}.py").is_file()
 
@@ -143,7 +143,7 @@ def test_a_clean_whose_kept_share_collapses_is_refused_unless_the_check_is_off()
 def test_damaged_cached_jars_are_found_and_removed(tmp_path):
     import zipfile
 
-    from sparkrec.session import remove_damaged_jars, start_failure_message
+    from sparkrec.storage.session import remove_damaged_jars, start_failure_message
 
     cache = tmp_path / ".ivy2.5.2" / "jars"
     cache.mkdir(parents=True)
@@ -163,7 +163,7 @@ def test_damaged_cached_jars_are_found_and_removed(tmp_path):
 
 
 def test_the_session_module_needs_no_jvm_to_import():
-    code = "import sys, sparkrec.session; print('pyspark' in sys.modules)"
+    code = "import sys, sparkrec.storage.session; print('pyspark' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -189,7 +189,7 @@ def test_generate_writes_files_without_a_jvm(tmp_path):
 
 
 def test_generated_lines_do_not_depend_on_how_they_are_chunked():
-    from sparkrec.generate import GenerateParams, event_lines
+    from sparkrec.dev.generate import GenerateParams, event_lines
 
     p = GenerateParams(events=2_000, seed=9)
     assert event_lines(p) == event_lines(p, 0, 700) + event_lines(p, 700, 1_999) + event_lines(p, 1_999)
@@ -218,7 +218,7 @@ def test_ranking_metrics_match_a_plain_computation():
     """Each metric worked out by hand for a small case, then random lists against a direct numpy loop."""
     import math
 
-    from sparkrec import metrics
+    from sparkrec.core import metrics
 
     got = metrics.ranking_metrics({"u": ["a", "x", "b", "y"]}, {"u": {"a", "b", "c"}}, [2, 4])
     dcg4 = 1 / math.log2(2) + 1 / math.log2(4)
@@ -252,7 +252,7 @@ def test_ranking_metrics_match_a_plain_computation():
 
 
 def test_the_clean_plan_names_what_it_does_and_why():
-    from sparkrec.incremental import CleanState, plan
+    from sparkrec.batch.incremental import CleanState, plan
 
     done = CleanState(done_version=4, half_life_days=30.0, rules="r1")
     assert plan(None, 3, False, "r1", 30.0).mode == "full"
@@ -283,7 +283,7 @@ def test_the_clean_plan_names_what_it_does_and_why():
 @pytest.mark.nojvm
 def test_sql_gets_an_absolute_path_for_a_relative_warehouse(tmp_path, monkeypatch):
     """`make demo` uses `warehouse: ./warehouse`; SQL's delta.`path` does not resolve a relative path."""
-    from sparkrec.tables import sql_path
+    from sparkrec.storage.tables import sql_path
 
     monkeypatch.chdir(tmp_path)
     assert sql_path("./warehouse/events_raw") == str(tmp_path / "warehouse" / "events_raw")
@@ -297,7 +297,7 @@ def test_a_kafka_cluster_id_never_starts_with_a_dash():
     (the stream's tests failed at their broker's start)."""
     import uuid
 
-    from sparkrec import devkafka
+    from sparkrec.dev import kafka as devkafka
 
     dash = uuid.UUID(bytes=b"\xf8" + bytes(15))  # first 6 bits 111110: base64url '-'
     plain = uuid.UUID(bytes=bytes(range(16)))

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from sparkrec import columns as C
-from sparkrec.config import load_config
-from sparkrec.errors import ConfigError
+from sparkrec.core import columns as C
+from sparkrec.core.config import load_config
+from sparkrec.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "correct horse battery staple 42"
@@ -37,36 +37,36 @@ def hmac_by_definition(key: bytes, msg: bytes) -> str:
 
 @pytest.mark.nojvm
 def test_a_pseudonym_is_hmac_sha256_of_the_key_and_stable():
-    from sparkrec import privacy
+    from sparkrec.core import pseudonyms
 
-    got = privacy.pseudonym(SECRET.encode(), "13085")
+    got = pseudonyms.pseudonym(SECRET.encode(), "13085")
     assert got == "p_" + hmac_by_definition(SECRET.encode(), b"13085")[:32]
-    assert got == privacy.pseudonym(SECRET.encode(), "13085")  # the same in every run
-    assert got != privacy.pseudonym(SECRET.encode(), "13086")
-    assert got != privacy.pseudonym(b"another secret of some length", "13085")
-    assert privacy.lookup_key("  13085 ") == "13085"
+    assert got == pseudonyms.pseudonym(SECRET.encode(), "13085")  # the same in every run
+    assert got != pseudonyms.pseudonym(SECRET.encode(), "13086")
+    assert got != pseudonyms.pseudonym(b"another secret of some length", "13085")
+    assert pseudonyms.lookup_key("  13085 ") == "13085"
 
 
 @pytest.mark.nojvm
 def test_the_secret_comes_from_the_environment_or_a_file_never_the_config(tmp_path, monkeypatch):
-    from sparkrec import privacy
+    from sparkrec.core import pseudonyms
 
     cfg = load_config(ROOT / "conf" / "local.yaml", ["privacy.pseudonymize_user_ids=true", "privacy.secret_env=SHOP_SECRET"])
     monkeypatch.delenv("SHOP_SECRET", raising=False)
     with pytest.raises(ConfigError, match="environment variable SHOP_SECRET"):
-        privacy.load_secret(cfg.privacy)
+        pseudonyms.load_secret(cfg.privacy)
     monkeypatch.setenv("SHOP_SECRET", "short")
     with pytest.raises(ConfigError, match="at least 16"):
-        privacy.load_secret(cfg.privacy)
+        pseudonyms.load_secret(cfg.privacy)
     monkeypatch.setenv("SHOP_SECRET", SECRET)
-    assert privacy.load_secret(cfg.privacy) == SECRET.encode()
+    assert pseudonyms.load_secret(cfg.privacy) == SECRET.encode()
     secret_file = tmp_path / "secret"
     secret_file.write_text(SECRET + "\n")
     cfg = load_config(ROOT / "conf" / "local.yaml", [f"privacy.secret_file={secret_file}"])
-    assert privacy.load_secret(cfg.privacy) == SECRET.encode()
+    assert pseudonyms.load_secret(cfg.privacy) == SECRET.encode()
     cfg = load_config(ROOT / "conf" / "local.yaml", [f"privacy.secret_file={tmp_path / 'missing'}"])
     with pytest.raises(ConfigError, match="privacy.secret_file"):
-        privacy.load_secret(cfg.privacy)
+        pseudonyms.load_secret(cfg.privacy)
     with pytest.raises(ConfigError, match="privacy.secret_env"):
         load_config(ROOT / "conf" / "local.yaml", ["privacy.secret_env='my secret value'"])
     with pytest.raises(ConfigError, match="source.columns maps"):
@@ -117,8 +117,10 @@ def all_values(spark, path: str) -> list[str]:
 
 @pytest.mark.e2e
 def test_ingest_stores_pseudonyms_only_and_clean_keeps_its_rules(spark, make_config, tmp_path, monkeypatch):
-    from sparkrec import pipeline, privacy, tables
-    from sparkrec.runs import RunContext
+    from sparkrec.batch import pipeline
+    from sparkrec.core import pseudonyms
+    from sparkrec.storage import tables
+    from sparkrec.storage.runs import RunContext
 
     src = tmp_path / "shop"
     src.mkdir()
@@ -137,11 +139,11 @@ def test_ingest_stores_pseudonyms_only_and_clean_keeps_its_rules(spark, make_con
     assert "email" not in tables.read_required(spark, cfg, C.EVENTS_RAW).df.columns
 
     secret = SECRET.encode()
-    alice, bob = privacy.pseudonym(secret, "alice-7731"), privacy.pseudonym(secret, "bob-4410")
+    alice, bob = pseudonyms.pseudonym(secret, "alice-7731"), pseudonyms.pseudonym(secret, "bob-4410")
     inter = tables.read_required(spark, cfg, C.INTERACTIONS).df
     kept = sorted((r[C.USER_ID], r[C.EVENT_ID]) for r in inter.collect())
     assert kept == sorted([(alice, "e1"), (alice, "e2"), (bob, "e3"), (bob, "e4"),
-                           (privacy.pseudonym(secret, "carol-9902"), "e5")])
+                           (pseudonyms.pseudonym(secret, "carol-9902"), "e5")])
     reasons = sorted(r[C.REASON] for r in tables.read_required(spark, cfg, C.QUARANTINE).df.collect())
     assert reasons == ["invalid_user_id", "malformed_line"]
     clean_rec = next(r for r in ctx.written if r["stage"] == "clean")
@@ -168,9 +170,10 @@ def test_forget_leaves_no_trace_in_any_file_and_the_rest_untouched(spark, tmp_pa
     from delta.tables import DeltaTable
     from pyspark.sql import functions as F
 
-    from sparkrec import forget, privacy
+    from sparkrec.batch import forget
+    from sparkrec.core import pseudonyms
     from sparkrec.cli import main
-    from sparkrec.generate import GenerateParams, generate
+    from sparkrec.dev.generate import GenerateParams, generate
 
     shop = tmp_path / "shop"
     generate(GenerateParams(events=12_000, seed=5), str(shop))
@@ -192,9 +195,9 @@ def test_forget_leaves_no_trace_in_any_file_and_the_rest_untouched(spark, tmp_pa
         return user if isinstance(user, str) else None
 
     keys = sorted({u for f in (shop / "events").glob("*.json") for line in f.read_text().splitlines() if (u := user_of(line))})
-    chosen = [k for k in keys if privacy.pseudonym(secret, k.strip()) in listed][:3]
+    chosen = [k for k in keys if pseudonyms.pseudonym(secret, k.strip()) in listed][:3]
     assert len(chosen) == 3
-    gone = [privacy.pseudonym(secret, k.strip()) for k in chosen]
+    gone = [pseudonyms.pseudonym(secret, k.strip()) for k in chosen]
     others_before = sorted(tuple(r) for r in recs.where(~F.col(C.USER_ID).isin(gone)).collect())
     inter = spark.read.format("delta").load(str(wh / C.INTERACTIONS))
     other_rows_before = inter.where(~F.col(C.USER_ID).isin(gone)).count()

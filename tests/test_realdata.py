@@ -8,10 +8,11 @@ from __future__ import annotations
 import pytest
 from pyspark.sql import functions as F
 
-from sparkrec import columns as C
-from sparkrec import pipeline, tables
-from sparkrec.config import load_config
-from sparkrec.runs import RunContext
+from sparkrec.core import columns as C
+from sparkrec.batch import pipeline
+from sparkrec.storage import tables
+from sparkrec.core.config import load_config
+from sparkrec.storage.runs import RunContext
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.realdata]

@@ -6,9 +6,9 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from sparkrec import columns as C
-from sparkrec import recommend
-from sparkrec.config import RecommendConfig
+from sparkrec.core import columns as C
+from sparkrec.batch import recommend
+from sparkrec.core.config import RecommendConfig
 
 T0 = datetime(2025, 6, 1)
 HISTORY_SCHEMA = "user_idx int, item_idx int, event_type string, event_ts timestamp"

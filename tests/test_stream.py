@@ -1,6 +1,6 @@
 """The live path against a real Kafka broker: events in, exactly once; lists out, within a micro-batch.
 
-One broker (`sparkrec.devkafka`, 127.0.0.1 only) and one warehouse built by a batch run serve the
+One broker (`sparkrec.dev.kafka`, 127.0.0.1 only) and one warehouse built by a batch run serve the
 module; each test writes its own topic. A broker that cannot start fails the tests, it never skips.
 """
 
@@ -18,12 +18,14 @@ from pathlib import Path
 import pytest
 from pyspark.sql import functions as F
 
-from sparkrec import columns as C
-from sparkrec import devkafka, stream, tables
+from sparkrec.core import columns as C
+from sparkrec.dev import kafka as devkafka
+from sparkrec.stream import live as stream
+from sparkrec.storage import tables
 from sparkrec.cli import main
-from sparkrec.config import load_config
-from sparkrec.generate import GenerateParams, generate
-from sparkrec.runs import RunContext
+from sparkrec.core.config import load_config
+from sparkrec.dev.generate import GenerateParams, generate
+from sparkrec.storage.runs import RunContext
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.kafka, pytest.mark.e2e]

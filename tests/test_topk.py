@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sparkrec import topk
-from sparkrec.topk import ItemMatrix, explain, normalized, occurrence, top_k
+from sparkrec.core import topk
+from sparkrec.core.topk import ItemMatrix, explain, normalized, occurrence, top_k
 
 pytestmark = pytest.mark.nojvm
 

@@ -1,0 +1,772 @@
+"""The stages, each the data's path: read through the stage record, transform, write through it.
+
+Each stage runs inside `RunContext.stage`, which records it in `runs` with
+the Delta versions it read and wrote (noted by `rec.read` / `rec.overwrite` /
+`rec.merge_new_rows` themselves), whether it succeeded or failed. The logic
+of each step lives in its module (`ingest`, `clean`, `ids`, `train`,
+`recommend`, `protocol`, `gate`, `tune`); here it is only put in order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+
+from pyspark import StorageLevel
+from pyspark.sql import Column
+from pyspark.sql import functions as F
+
+from sparkrec.batch import clean, forget, ids, incremental, ingest, joins, privacy, protocol, recommend, train, tune
+from sparkrec.core import gate, ledger, pseudonyms, stages
+from sparkrec.storage import runs, sources, tables
+from sparkrec.core import columns as C
+from sparkrec.core.config import TrainConfig
+from sparkrec.core.errors import BaselinePublished, GateError, StageError
+from sparkrec.storage.runs import RunContext
+
+log = logging.getLogger(__name__)
+
+
+def run_ingest(ctx: RunContext) -> None:
+    """Raw input -> `events_raw` (insert-only by row key), item file -> `items`."""
+    cfg = ctx.cfg
+    with ctx.stage("ingest") as rec:
+        if cfg.interval.enabled:  # ingest parses event times only to select the interval
+            clean.check_timestamp_format(ctx.spark, cfg.source)
+        secret = pseudonyms.load_secret(cfg.privacy) if cfg.privacy.pseudonymize_user_ids else None
+        existing = tables.table_properties(ctx.spark, cfg, C.EVENTS_RAW)
+        raw = privacy.prepare_raw(sources.read_source(ctx.spark, cfg.source), cfg, existing, secret)
+        selected = ingest.of_interval(raw, cfg.source, cfg.interval)
+        # A table made before the key statistics gets them now; its older files, without any, are always read.
+        tables.ensure_properties(ctx.spark, cfg, C.EVENTS_RAW, ingest.KEY_STATS)
+        with rec.step("list sources"):
+            hashes = [r[0] for r in raw.select(ingest.source_hash(F.col(C.SOURCE_FILE))).distinct().collect()]
+        result = rec.merge_new_rows(
+            ingest.with_lineage(selected, ctx.run_id), C.EVENTS_RAW, on=[C.RAW_KEY],
+            properties=ingest.RAW_TABLE_PROPERTIES, evolve_schema=True, target_where=ingest.key_window(hashes),
+        )
+        rec.details["sources"] = len(hashes)
+        # Delta takes only `delta.*` options as properties at creation: the feed and sparkrec's own mark of
+        # what its user keys are go on by an ALTER (the check above runs before every write).
+        if tables.ensure_properties(ctx.spark, cfg, C.EVENTS_RAW, {**ingest.CHANGE_FEED, **privacy.raw_table_properties(cfg)}):
+            rec.outputs[cfg.table_name(C.EVENTS_RAW)] = tables.current_version(ctx.spark, cfg.table_path(C.EVENTS_RAW))
+        # Delta counted the source while writing; count again only when nothing was committed.
+        in_scope = result.source_rows if result.source_rows is not None else selected.count()
+        rec.rows_in = raw.count() if cfg.interval.enabled else in_scope
+        rec.rows_out = result.inserted
+        rec.details["already_ingested"] = in_scope - rec.rows_out
+        if cfg.interval.enabled:  # not lost: they belong to another interval's run
+            rec.details["interval"] = [cfg.interval.start.isoformat(), cfg.interval.end.isoformat()]
+            rec.details["outside_interval"] = rec.rows_in - in_scope
+        rec.details["source"] = cfg.source.path
+        items = sources.read_items_source(ctx.spark, cfg.items)
+        if items is not None:
+            rec.overwrite(clean.normalize_items(items), C.ITEMS)
+
+
+def run_clean(ctx: RunContext) -> ledger.Ledger:
+    """`events_raw` -> `interactions` + `quarantine` (+ `user_item_weights`), with an exact ledger.
+
+    Incremental by default: only the rows of events_raw no clean has classified
+    are read (Delta's change data feed from the version `clean_state` records),
+    and the tables are changed by MERGE to what a full recompute would give.
+    A full clean (first run, `--full`, a change of rules) reclassifies
+    everything and replaces the tables. The ledger counts the rows this run
+    classified: rows in = kept + quarantined + duplicates.
+    """
+    cfg = ctx.cfg
+    with ctx.stage("clean") as rec:
+        clean.check_timestamp_format(ctx.spark, cfg.source)
+        tables.ensure_properties(ctx.spark, cfg, C.EVENTS_RAW, ingest.CHANGE_FEED)
+        tables.ensure_properties(ctx.spark, cfg, C.INTERACTIONS, clean.INTERACTIONS_PROPERTIES)
+        tables.ensure_properties(ctx.spark, cfg, C.QUARANTINE, clean.QUARANTINE_PROPERTIES)
+        raw_version = tables.read_required(ctx.spark, cfg, C.EVENTS_RAW).version
+        state = _clean_state(rec)
+        h = cfg.train.recency_half_life_days
+        operations = None
+        if (state is not None and state.done_version is not None and state.pending_version is None
+                and not state.full_pending and raw_version > state.done_version and not cfg.clean.full):
+            operations = tables.operations_between(ctx.spark, cfg, C.EVENTS_RAW, state.done_version, raw_version)
+        plan = incremental.plan(state, raw_version, cfg.clean.full, incremental.state_rules(cfg), h, operations)
+        if plan.mode == "incremental":
+            try:
+                new_rows = rec.read_inserts(C.EVENTS_RAW, plan.after_version, plan.to_version)
+            except StageError as exc:
+                log.warning("run %s: %s; classifying all of events_raw instead", ctx.run_id, exc)
+                plan = incremental.Plan("full", f"the change feed does not cover the new versions ({exc})", None, raw_version)
+        rec.details["mode"] = plan.mode
+        rec.details["why"] = plan.reason
+        log.info("run %s: clean is %s: %s", ctx.run_id, plan.mode, plan.reason)
+        if plan.mode == "full":
+            tally = _clean_full(ctx, rec, state, plan.to_version)
+        elif plan.mode == "none":
+            tally = ledger.Ledger(0, 0, 0, 0)
+            rec.details["read_versions"] = []
+        else:
+            if plan.mode == "incremental":
+                tally = _clean_batch(ctx, rec, new_rows, plan)
+            else:
+                tally = ledger.Ledger(**json.loads(state.pending_ledger)) if state and state.pending_ledger else ledger.Ledger(0, 0, 0, 0)
+            resume = plan.mode == "resume"
+            _apply_batch(ctx, rec, plan, state.pending_run if resume and state else ctx.run_id, first=not resume)
+        rec.rows_in, rec.rows_out = tally.rows_in, tally.kept
+        rec.rows_quarantined, rec.rows_duplicate = tally.quarantined, tally.duplicates
+        rec.details.update(reasons=tally.reasons, duplicates=tally.duplicate_kinds)
+        log.info(
+            "run %s: ledger %s in = %s kept + %s quarantined + %s duplicates; reasons %s",
+            ctx.run_id, f"{tally.rows_in:,}", f"{tally.kept:,}", f"{tally.quarantined:,}", f"{tally.duplicates:,}",
+            tally.reasons,
+        )
+        return tally
+
+
+def _clean_state(rec) -> incremental.CleanState | None:
+    """Where the clean stands (`clean_state`'s one row, read once), or None before the first clean."""
+    state_df = rec.read_optional(C.CLEAN_STATE)
+    row = state_df.first() if state_df is not None else None
+    return incremental.CleanState.of_row(row) if row is not None else None
+
+
+def _write_state(ctx: RunContext, rec, state: incremental.CleanState) -> None:
+    df = ctx.spark.createDataFrame([state.row(ctx.run_id, ctx.now)], incremental.STATE_SCHEMA)
+    rec.overwrite(df.coalesce(1), C.CLEAN_STATE)
+
+
+def _clean_full(ctx: RunContext, rec, state: incremental.CleanState | None, raw_version: int) -> ledger.Ledger:
+    """Reclassify all of events_raw and replace every table of the clean, its state included."""
+    cfg = ctx.cfg
+    h = cfg.train.recency_half_life_days
+    base = state or incremental.CleanState()
+    _write_state(ctx, rec, incremental.CleanState(**{**base.__dict__, "full_pending": True, "pending_from": None,
+                                                     "pending_version": None, "pending_run": None, "pending_ledger": None}))
+    raw = rec.read_at(C.EVENTS_RAW, raw_version)
+    rec.details["read_versions"] = [0, raw_version]
+    # Persisted before bot detection, which reads it twice; the outcome on
+    # top is a cheap broadcast join, recomputed by each write from the cache.
+    deduped = clean.deduplicated(raw, cfg.source, cfg.clean, ctx.now).persist(StorageLevel.MEMORY_AND_DISK)
+    classified = clean.finish(deduped, cfg.clean)
+    try:
+        tally = ledger.tally(raw.count(), clean.ledger_rows(clean.ledger(classified).collect()))
+        if not ctx.live:
+            ledger.guard(tally, runs.previous_kept_share(ctx.spark, cfg), cfg.clean.min_kept_ratio,
+                         cfg.table_name(C.INTERACTIONS))
+        kept = clean.interactions_of(classified)
+        rec.overwrite(kept, C.INTERACTIONS, properties=clean.INTERACTIONS_PROPERTIES)
+        written_kept = rec.rows_written(C.INTERACTIONS)
+        rec.overwrite(clean.quarantine_of(classified, ctx.run_id), C.QUARANTINE, properties=clean.QUARANTINE_PROPERTIES)
+        written_quarantined = rec.rows_written(C.QUARANTINE)
+        survivors = clean.survivors_of(classified)
+        props = incremental.state_properties
+        rec.overwrite(survivors, C.CLEAN_SURVIVORS, properties=props(C.CLEAN_SURVIVORS))
+        rec.overwrite(clean.user_days_of(rec.read_output(C.CLEAN_SURVIVORS)), C.CLEAN_USER_DAYS, properties=props(C.CLEAN_USER_DAYS))
+        weights = train.weight_sums(rec.read_output(C.INTERACTIONS), h).withColumn(C.RUN_ID, F.lit(ctx.run_id))
+        rec.overwrite(weights, C.WEIGHTS, properties=props(C.WEIGHTS))
+        if cfg.items.path is None:  # no item file: derive items from what was kept, still cached
+            rec.overwrite(clean.item_latest(clean.kept_with_names(classified)), C.CLEAN_ITEM_LATEST, properties=props(C.CLEAN_ITEM_LATEST))
+            rec.overwrite(clean.items_of_latest(rec.read_output(C.CLEAN_ITEM_LATEST)), C.ITEMS)
+    finally:
+        deduped.unpersist()
+    ledger.check(tally, written_kept, written_quarantined)
+    _write_state(ctx, rec, incremental.CleanState(done_version=raw_version, half_life_days=h, rules=incremental.state_rules(cfg)))
+    return tally
+
+
+_WORK = "clean"  # the saved batch: _work/clean/<part>
+_FEW_ROWS = 200_000  # rows whose keys a batch may broadcast (a few megabytes)
+_DROP_KEYS_MAX = 100_000  # dropped rows a first application names in its MERGE condition (more: the time window only)
+
+
+def _clean_batch(ctx: RunContext, rec, new_rows, plan: incremental.Plan) -> ledger.Ledger:
+    """Classify the new rows against the clean's state and save every table's changes (not applied yet)."""
+    cfg, spark = ctx.cfg, ctx.spark
+    h = cfg.train.recency_half_life_days
+    rec.details["read_versions"] = [plan.after_version + 1, plan.to_version]
+    survivors = rec.read_optional(C.CLEAN_SURVIVORS)
+    with rec.step("read new rows"):
+        small = new_rows.count() <= joins.BROADCAST_KEYS_MAX
+    # Judged once and kept: the demoted rows, the bot counts and the outcomes all read it. The per-day counts
+    # are persisted before the verdicts, outcomes and changed days are computed from them, so Spark reuses them.
+    judged = incremental.judge_batch(new_rows, survivors, cfg.source, cfg.clean, ctx.now, small=small).persist(StorageLevel.MEMORY_AND_DISK)
+    batch = incremental.finish_batch(judged, rec.read_optional(C.CLEAN_USER_DAYS), cfg.clean)
+    with rec.step("judge against survivors"):
+        demoted = batch.demoted.localCheckpoint()
+    with rec.step("bot counts"):
+        counts = batch.counts.persist(StorageLevel.MEMORY_AND_DISK)
+        counts.count()
+        flags = batch.flags
+    rows = batch.rows.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        with rec.step("classify"):
+            tally = ledger.tally(rows.count(), clean.ledger_rows(clean.ledger(rows).collect()))
+        if not ctx.live:
+            ledger.guard(tally, runs.previous_kept_share(spark, cfg), cfg.clean.min_kept_ratio, cfg.table_name(C.INTERACTIONS))
+        # Users whose bot verdict changed: their earlier surviving rows move between the two tables.
+        with rec.step("bot verdicts"):
+            flips = incremental.flipped(flags).localCheckpoint()
+            moved = None
+            if survivors is not None and flips.count():
+                moves = incremental.earlier_rows_of(survivors, flips, demoted)
+                raw_all = rec.read_at(C.EVENTS_RAW, plan.to_version)
+                moved = incremental.reclassified(raw_all, moves, cfg.source).localCheckpoint()
+        columns = clean.INTERACTION_COLUMNS + [clean.ITEM_NAME_COLUMN]
+        adds = incremental.kept(rows).select(*columns)
+        q_adds = incremental.with_raw_record(incremental.quarantined(rows), new_rows, cfg.source, few=tally.quarantined <= _FEW_ROWS)
+        with rec.step("rows that leave"):
+            demoted_human = demoted.where(~F.coalesce(F.col("was_bot"), F.lit(False)))
+            drops_kept = None
+            if demoted_human.count():
+                inter = rec.read(C.INTERACTIONS)
+                lo, hi = demoted_human.agg(F.min(C.EVENT_TS), F.max(C.EVENT_TS)).first()
+                drops_kept = (inter.where(F.col(C.EVENT_TS).between(lo, hi))
+                              .join(demoted_human.select(C.RAW_KEY), C.RAW_KEY, "left_semi").select(*clean.INTERACTION_COLUMNS))
+            q_drops = demoted.where(F.coalesce(F.col("was_bot"), F.lit(False))).select(C.RAW_KEY)
+            if moved is not None:
+                moved_in = moved.where(~F.col("bot_after"))
+                moved_out = moved.where(F.col("bot_after"))
+                adds = adds.unionByName(moved_in.select(*columns))
+                q_adds = q_adds.unionByName(moved_out, allowMissingColumns=True)
+                q_drops = q_drops.unionByName(moved_in.select(C.RAW_KEY))
+                out_rows = moved_out.select(*clean.INTERACTION_COLUMNS)
+                drops_kept = out_rows if drops_kept is None else drops_kept.unionByName(out_rows)
+            if drops_kept is None:
+                drops_kept = adds.limit(0).select(*clean.INTERACTION_COLUMNS)
+            drops_kept = drops_kept.localCheckpoint()
+            adds = adds.localCheckpoint()
+        inter_changes = incremental.interaction_changes(adds, drops_kept)
+        quarantine = clean.quarantine_of(q_adds.withColumn(clean.OUTCOME, F.lit(ledger.QUARANTINED)), ctx.run_id)
+        q_changes = quarantine.withColumn(C.DROP_FLAG, F.lit(False)).unionByName(
+            q_drops.select(C.RAW_KEY, F.lit(True).alias(C.DROP_FLAG)), allowMissingColumns=True)
+        saved = {
+            "interactions": inter_changes,
+            "quarantine": q_changes,
+            "survivors": incremental.new_survivors(rows).withColumn(C.DROP_FLAG, F.lit(False)),
+            "user_days": batch.user_days.withColumn(C.DROP_FLAG, F.col(C.EVENTS) <= 0),
+            "weights": train.weight_deltas(train.weight_sums(adds, h), train.weight_sums(drops_kept, h), ctx.run_id),
+        }
+        if cfg.items.path is None:
+            saved["item_latest"] = _item_changes(ctx, rec, adds, drops_kept, plan).withColumn(C.DROP_FLAG, F.col(C.EVENTS) <= 0)
+        for part, df in saved.items():
+            with rec.step(f"save {part}"):
+                tables.write_scratch(df, cfg, f"{_WORK}/{part}")
+        expected = {"adds": adds.count(), "drops": drops_kept.count(), "demoted": demoted.count(),
+                    "moved": 0 if moved is None else moved.count(),
+                    "quarantine_adds": tally.quarantined + (0 if moved is None else moved_out.count()),
+                    "quarantine_drops": q_drops.count()}
+        rec.details["changes"] = expected
+    finally:
+        rows.unpersist()
+        counts.unpersist()
+        judged.unpersist()
+    state = incremental.CleanState(
+        done_version=plan.after_version, pending_from=plan.after_version, pending_version=plan.to_version,
+        pending_run=ctx.run_id, pending_ledger=json.dumps({**tally.as_dict(), "reasons": tally.reasons,
+                                                          "duplicate_kinds": tally.duplicate_kinds}),
+        half_life_days=h, rules=incremental.state_rules(cfg),
+    )
+    _write_state(ctx, rec, state)
+    return tally
+
+
+def _item_changes(ctx: RunContext, rec, adds, drops, plan: incremental.Plan):
+    """`clean_item_latest` rows for the items a batch touched. An item whose newest price or name came from a
+    row that left `interactions` is recomputed from its remaining rows (their names from events_raw): rare,
+    as it takes a demoted or moved row that was the item's newest."""
+    merged = incremental.merged_item_latest(
+        rec.read_optional(C.CLEAN_ITEM_LATEST), clean.item_latest(adds), drops.select(C.ITEM_ID, C.RAW_KEY)
+    ).localCheckpoint()
+    stale = merged.where(F.col(incremental.STALE) & (F.col(C.EVENTS) > 0)).select(C.ITEM_ID).localCheckpoint()
+    merged = merged.drop(incremental.STALE)
+    if not stale.count():
+        return merged
+    remaining = (
+        rec.read(C.INTERACTIONS).join(F.broadcast(stale), C.ITEM_ID, "left_semi")
+        .join(drops.select(C.RAW_KEY), C.RAW_KEY, "left_anti").select(*clean.INTERACTION_COLUMNS)
+    ).localCheckpoint()
+    if ctx.cfg.source.columns.item_name:  # names are in the raw rows only
+        # A few keys are broadcast, so events_raw is filtered as it is read instead of shuffled whole.
+        keys = remaining.select(C.RAW_KEY)
+        keys = F.broadcast(keys) if remaining.count() <= _FEW_ROWS else keys
+        named = (
+            clean.normalize(rec.read_at(C.EVENTS_RAW, plan.to_version).join(keys, C.RAW_KEY, "left_semi"),
+                            ctx.cfg.source)
+            .select(C.RAW_KEY, clean.ITEM_NAME_COLUMN)
+        )
+        remaining = remaining.join(named, C.RAW_KEY, "left")
+    else:
+        remaining = remaining.withColumn(clean.ITEM_NAME_COLUMN, F.lit(None).cast("string"))
+    rows = remaining.unionByName(adds.join(F.broadcast(stale), C.ITEM_ID, "left_semi"))
+    redone = clean.item_latest(rows)
+    return merged.join(stale, C.ITEM_ID, "left_anti").unionByName(redone)
+
+
+def _apply_batch(ctx: RunContext, rec, plan: incremental.Plan, batch_run: str, first: bool) -> None:
+    """Apply a saved batch to every table, then move `clean_state` past it. A crash in between is finished by
+    the next clean, which applies the same batch again (`first` False): every change is then a MERGE of
+    absolute rows keyed by the table's key, so what was applied already changes nothing.
+
+    Args:
+        first: this run computed the batch, so no table has any of it yet: rows that only add are appended.
+    Each MERGE names the range of event time (or day, or run id) its target rows can lie in, so Delta
+    reads only those files, not all of history.
+    """
+    cfg, spark = ctx.cfg, ctx.spark
+    work = {part: tables.read_scratch(spark, cfg, f"{_WORK}/{part}") for part in
+            ("interactions", "quarantine", "survivors", "user_days", "weights")}
+    drops = {part: work[part].where(F.col(C.DROP_FLAG)).limit(1).count() > 0 for part in ("interactions", "quarantine")}
+
+    def changed(part: str, key: str, df, on: list[str], window, **kwargs) -> dict:
+        if first and not drops[part]:
+            written = rec.append(df.where(~F.col(C.DROP_FLAG)).drop(C.DROP_FLAG), key, **kwargs)
+            return {"inserted": written, "deleted": 0}
+        result, deleted = rec.apply_changes(df, key, on, target_where=window, **kwargs)
+        return {"inserted": result.inserted, "deleted": deleted}
+
+    def dropped_keys(part: str) -> Column | None:
+        """On a first application the only target rows a MERGE can meet are the dropped ones (its inserts are keys
+        no table holds yet): naming them lets Delta filter the target while reading it, so the join meets a few
+        rows instead of every row of the files in the window. None when there are too many to name."""
+        keys = [r[0] for r in work[part].where(F.col(C.DROP_FLAG)).select(C.RAW_KEY).limit(_DROP_KEYS_MAX + 1).collect()]
+        return F.col(f"t.{C.RAW_KEY}").isin(keys) if len(keys) <= _DROP_KEYS_MAX else None
+
+    part = "interactions"
+    # A first application meets only the dropped rows: their time range is the window (the day's own files are not
+    # read) and their keys the filter. A re-run may also meet its own inserts, so it takes every row's range.
+    rows = work[part].where(F.col(C.DROP_FLAG)) if first else work[part]
+    lo, hi = rows.agg(F.min(C.EVENT_TS), F.max(C.EVENT_TS)).first() if drops[part] or not first else (None, None)
+    window = None if lo is None else F.col(f"t.{C.EVENT_TS}").between(F.lit(lo), F.lit(hi))
+    if first and window is not None and (named := dropped_keys(part)) is not None:
+        window = window & named
+    if first or lo is not None:
+        with rec.step("apply interactions"):
+            rec.details["interactions_changed"] = changed(part, C.INTERACTIONS, work[part], [C.RAW_KEY], window,
+                                                          properties=clean.INTERACTIONS_PROPERTIES)
+    part = "quarantine"
+    # Without drops the target rows can only be this batch's own (a re-run's): Delta reads that run's files.
+    window = None if drops[part] else F.col(f"t.{C.RUN_ID}") == batch_run
+    if first and drops[part]:
+        window = dropped_keys(part)
+    with rec.step("apply quarantine"):
+        rec.details["quarantine_changed"] = changed(part, C.QUARANTINE, work[part], [C.RAW_KEY], window, properties=clean.QUARANTINE_PROPERTIES)
+    if first:  # the ledger on what Delta wrote: every row this batch moves, exactly once
+        want = rec.details["changes"]
+        got = rec.details.get("interactions_changed", {"inserted": 0, "deleted": 0}), rec.details["quarantine_changed"]
+        if (got[0]["inserted"], got[0]["deleted"], got[1]["inserted"], got[1]["deleted"]) != (
+                want["adds"], want["drops"], want["quarantine_adds"], want["quarantine_drops"]):
+            raise StageError(f"ledger does not balance: the batch moves {want} but Delta changed interactions {got[0]} "
+                             f"and quarantine {got[1]}")
+
+    props = incremental.state_properties
+    survivors = work["survivors"]
+    old_lo, old_hi, new_lo, new_hi = survivors.agg(F.min(incremental.OLD_TS), F.max(incremental.OLD_TS),
+                                                   F.min(C.EVENT_TS), F.max(C.EVENT_TS)).first()
+    rows = survivors.drop(incremental.OLD_TS)
+    with rec.step("apply survivors"):
+        if first and old_lo is None:  # new groups only
+            rec.append(rows.drop(C.DROP_FLAG), C.CLEAN_SURVIVORS, properties=props(C.CLEAN_SURVIVORS))
+        elif new_lo is not None:
+            # The rows to replace are the demoted survivors (times known); a re-run may also meet its own new rows.
+            bounds = [b for b in (old_lo, old_hi) if b is not None] + ([] if first else [new_lo, new_hi])
+            window = F.col(f"t.{C.EVENT_TS}").between(F.lit(min(bounds)), F.lit(max(bounds)))
+            rec.upsert(rows, C.CLEAN_SURVIVORS, [C.DEDUP_GROUP], target_where=window, properties=props(C.CLEAN_SURVIVORS))
+    days = work["user_days"]
+    d_lo, d_hi = days.agg(F.min(C.DAY), F.max(C.DAY)).first()
+    if d_lo is not None:
+      with rec.step("apply user_days"):
+        rec.upsert(days, C.CLEAN_USER_DAYS, [C.USER_ID, C.DAY], target_where=F.col(f"t.{C.DAY}").between(F.lit(d_lo), F.lit(d_hi)),
+                   properties=props(C.CLEAN_USER_DAYS))
+    with rec.step("apply weights"):
+        updates, delete_when, insert_when, inserts = train.apply_weight_deltas()
+        rec.merge_deltas(work["weights"], C.WEIGHTS, [C.USER_ID, C.ITEM_ID, C.EVENT_TYPE], batch=C.RUN_ID, updates=updates,
+                         delete_when=delete_when, insert_when=insert_when, inserts=inserts, properties=props(C.WEIGHTS))
+    if cfg.items.path is None:
+      with rec.step("apply items"):
+        rec.upsert(tables.read_scratch(spark, cfg, f"{_WORK}/item_latest"), C.CLEAN_ITEM_LATEST, [C.ITEM_ID], properties=props(C.CLEAN_ITEM_LATEST))
+        rec.overwrite(clean.items_of_latest(rec.read_output(C.CLEAN_ITEM_LATEST)), C.ITEMS)
+    _write_state(ctx, rec, incremental.CleanState(done_version=plan.to_version, half_life_days=cfg.train.recency_half_life_days,
+                                                  rules=incremental.state_rules(cfg)))
+
+
+def run_ids(ctx: RunContext) -> None:
+    """Extend `user_ids` and `item_ids` with the keys seen for the first time."""
+    cfg = ctx.cfg
+    with ctx.stage("ids") as rec:
+        current = tables.read_required(ctx.spark, cfg, C.INTERACTIONS).version
+        last = runs.last_input_version(ctx.spark, cfg, "ids", C.INTERACTIONS)
+        have_ids = all(tables.table_exists(ctx.spark, cfg.table_path(t)) for t in (C.USER_IDS, C.ITEM_IDS))
+        inter = None
+        if have_ids and last is not None and last <= current:
+            try:  # only the keys of rows added since the last ids run can be new
+                inter = rec.read_inserts(C.INTERACTIONS, last, current) if last < current else rec.read_at(C.INTERACTIONS, current).limit(0)
+                # Read now: a vacuum (`sparkrec forget`) may have removed the change files, which only a read finds.
+                inter = inter.select(C.USER_ID, C.ITEM_ID).localCheckpoint()
+                rec.details["read_versions"] = [last + 1, current]
+            except Exception as exc:  # noqa: BLE001 - any failure to read the feed: the whole table gives the same ids
+                inter = None
+                log.info("run %s: ids reads all of interactions: %s", ctx.run_id, str(exc).strip().splitlines()[0][:300])
+        if inter is None:
+            inter = rec.read_at(C.INTERACTIONS, current)
+            rec.details["read_versions"] = [0, current]
+        inter = inter.select(C.USER_ID, C.ITEM_ID)
+        new_total = 0
+        for key_col, idx_col, table in ((C.USER_ID, C.USER_IDX, C.USER_IDS), (C.ITEM_ID, C.ITEM_IDX, C.ITEM_IDS)):
+            existing = rec.read_optional(table)
+            offset = ids.next_id(existing, idx_col) if existing is not None else 0
+            # new_ids materialised the new keys already: the count and the merge both read that copy.
+            fresh = ids.new_ids(inter, existing, key_col, idx_col, offset)
+            ids.check_id_space(offset, fresh.count(), ctx.cfg.table_name(table))
+            # statistics on the index only: never a user key in the table's log (see `sparkrec forget`)
+            added = rec.merge_new_rows(fresh, table, on=[key_col], retry_conflicts=False,
+                                       properties={"delta.dataSkippingStatsColumns": idx_col}).inserted
+            rec.details[f"new_{table}"] = added
+            new_total += added
+        rec.rows_in = inter.count()
+        rec.rows_out = new_total
+
+
+def run_train(ctx: RunContext, settings: TrainConfig | None = None) -> str:
+    """Interactions -> weighted matrix -> ALS -> `user_factors`, `item_factors`, saved model.
+
+    Args:
+        settings: the feedback and ALS settings to train with (a tuning winner); default `cfg.train`.
+    """
+    cfg = ctx.cfg
+    settings = settings or cfg.train
+    with ctx.stage("train") as rec:
+        inter, uids, iids = rec.read(C.INTERACTIONS), rec.read(C.USER_IDS), rec.read(C.ITEM_IDS)
+        reference = train.decay_reference(inter, settings)
+        weights, why = _weight_table(ctx, rec, settings)
+        rec.details["matrix_from"] = C.WEIGHTS if weights is not None else C.INTERACTIONS
+        with ctx.checkpoints() as ckpt:
+            # ALS needs deterministic input and a checkpoint dir; without the
+            # latter it silently ignores checkpointInterval.
+            if weights is not None:
+                matrix = train.matrix_from_weights(weights, uids, iids, settings, reference)
+            else:
+                log.info("run %s: the training matrix is aggregated from every interaction: %s", ctx.run_id, why)
+                matrix = train.training_matrix(inter, uids, iids, settings, reference)
+            matrix = matrix.checkpoint(eager=True)
+            pairs = train.require_pairs(matrix.count(), settings)
+            heavy, share = train.largest_user_share(matrix)
+            rec.details["largest_user_share"] = round(share, 6)
+            if share > train.SKEW_WARN_SHARE:
+                train.warn_skew(uids, heavy, share, ctx.run_id)
+            log.info("run %s: fitting ALS on %s user-item pairs (rank %d, %d iterations)",
+                     ctx.run_id, f"{pairs:,}", settings.als.rank, settings.als.max_iter)
+            model = train.fit_als(matrix, settings.als)
+            # The matrix is one checkpoint; ALS's own (every checkpoint_interval
+            # iterations, older ones deleted) are the rest. Recorded as proof
+            # that long training cut its lineage.
+            rec.details["checkpoints"] = ctx.checkpointed_rdds(ckpt)
+            model_version = ctx.run_id
+            ctx.save_model(model, model_version)
+            users, items = train.factors(model, model_version)
+            rec.overwrite(users, C.USER_FACTORS)
+            rec.overwrite(items, C.ITEM_FACTORS)
+        rec.rows_in = inter.count()
+        rec.rows_out = pairs
+        # What the live path's fold-in needs to solve a customer's factor as this model would have:
+        # the feedback and ALS settings (a tuning winner may differ from the config) and the decay reference.
+        rec.details.update(model_version=model_version, model_path=ctx.model_path(model_version),
+                           als=settings.als.model_dump(), train=settings.model_dump(mode="json"),
+                           decay_reference=None if reference is None else reference.isoformat())
+        return model_version
+
+
+def _weight_table(ctx: RunContext, rec, settings: TrainConfig):
+    """(`user_item_weights`, None) when it holds this training's matrix, else (None, why not)."""
+    state_df = rec.read_optional(C.CLEAN_STATE)
+    row = state_df.first() if state_df is not None else None
+    if row is None:
+        return None, "no clean_state (the warehouse was cleaned by an earlier sparkrec)"
+    state = incremental.CleanState.of_row(row)
+    if state.pending_version is not None or state.full_pending:
+        return None, "the last clean did not finish (the next clean completes it)"
+    why = train.weights_usable(settings, state.half_life_days)
+    if why is not None:
+        return None, why
+    return rec.read(C.WEIGHTS), None
+
+
+def run_recommend(ctx: RunContext, baseline: str | None = None, blend_weight: float | None = None) -> None:
+    """Factors + history + rules -> `recommendations` and `similar_items`, each replaced atomically.
+
+    Args:
+        baseline: publish this baseline's lists (`gate.PUBLISHABLE`) instead of the model's: no factors are
+            read, every user is listed from the baseline ranking with the same rules, and no similar items are written.
+    """
+    cfg = ctx.cfg
+    r = cfg.recommend if blend_weight is None else tune.with_blend(cfg.recommend, blend_weight)
+    with ctx.stage("recommend") as rec:
+        inter, uids, iids = rec.read(C.INTERACTIONS), rec.read(C.USER_IDS), rec.read(C.ITEM_IDS)
+        items = rec.read_optional(C.ITEMS)
+        if baseline is not None:
+            uf, itf = recommend.no_factors(ctx.spark), recommend.no_factors(ctx.spark, C.ITEM_IDX)
+            r = recommend.as_baseline(r, baseline, cfg.evaluate.recent_days)
+            model_version = f"baseline:{baseline}"
+            rec.details["baseline"] = baseline
+        else:
+            uf, itf = rec.read(C.USER_FACTORS), rec.read(C.ITEM_FACTORS)
+            model_version = recommend.model_version_of(uf)
+        # Read by the per-user rows, the rankings and the blend: joined once, kept.
+        history = recommend.indexed_history(inter, uids, iids).persist(StorageLevel.MEMORY_AND_DISK)
+        # One row per item (bounded by the catalogue) and read by several jobs: the
+        # candidates, the explanations, similar items and their counts.
+        itf = itf.persist(StorageLevel.MEMORY_AND_DISK)
+        meta = recommend.item_meta(iids, items, history, r.rules).persist(StorageLevel.MEMORY_AND_DISK)
+        stamp = [F.lit(model_version).alias(C.MODEL_VERSION), F.lit(ctx.run_id).alias(C.RUN_ID),
+                 F.lit(ctx.now).cast("timestamp").alias(C.GENERATED_AT)]
+        try:
+            # Scored, filled, keyed and explained in one pass over the users: the table as published.
+            keyed = recommend.recommend_all(history, uf, itf, r, meta, user_ids=uids, baseline=baseline)
+            if r.exploration_slots and items is not None:
+                pool = recommend.exploration_pool(items, history, iids, r.rules, r.max_exploration_items)
+                rec.details["exploration_pool"] = len(pool)
+                keyed = recommend.with_exploration(keyed, pool, r.n, r.exploration_slots)
+            # No statistics on the user key: a Delta log keeps them after the rows are gone, and
+            # `sparkrec forget` must leave no key behind (a lookup by user reads the table's user column).
+            rec.overwrite(keyed.select(*keyed.columns, *stamp), C.RECOMMENDATIONS,
+                          properties={"delta.dataSkippingStatsColumns": C.RANK})
+            rec.rows_out = rec.rows_written(C.RECOMMENDATIONS)
+            # Every user with history is listed: when Delta wrote users x n rows no list is short, and
+            # the written table need not be read again (the users come from the cached history).
+            users = history.select(C.USER_IDX).distinct().count()
+            if rec.rows_out == users * r.n:
+                lengths = {"users": users, "short": 0, "shortest": r.n if users else 0}
+            else:
+                lengths = recommend.list_lengths(rec.read_output(C.RECOMMENDATIONS), r.n)
+            rec.details["list_lengths"] = lengths
+            if lengths["short"]:
+                log.warning("run %s: %s of %s users have fewer than recommend.n=%d items (shortest %d): the shop's "
+                            "rules, exclusions and catalogue allow no more for them", ctx.run_id, f"{lengths['short']:,}",
+                            f"{lengths['users']:,}", r.n, lengths["shortest"])
+            if r.similar_items.enabled and baseline is None:
+                sim = recommend.similar_items(itf, meta, r.similar_items.k, r.max_broadcast_items)
+                rec.overwrite(recommend.with_item_keys(sim, meta).select("*", *stamp), C.SIMILAR_ITEMS,
+                              properties={"delta.dataSkippingStatsColumns": C.ITEM_ID})
+                rec.details["similar_items_rows"] = rec.rows_written(C.SIMILAR_ITEMS)
+        finally:
+            history.unpersist()
+            meta.unpersist()
+            itf.unpersist()
+        rec.rows_in = inter.count()
+        rec.details["model_version"] = model_version
+
+
+def run_tune(ctx: RunContext, reuse: bool = False) -> tune.Tuned:
+    """Search ALS and feedback settings on a validation split of the training period.
+
+    Args:
+        reuse: take the winner of an earlier tuning of the same search younger than
+            `tune.reuse_days` instead of searching (what `run` does; `sparkrec tune` always searches).
+    Returns:
+        The winning settings; `run_stages` hands them to `evaluate`, `train` and `recommend`.
+    """
+    cfg = ctx.cfg
+    key = gate.metric_key(cfg.evaluate)
+    with ctx.stage("tune") as rec:
+        rec.details["search_key"] = cfg.search_key()
+        earlier = runs.reusable_tuning(ctx.spark, cfg, cfg.tune.reuse_days) if reuse and cfg.tune.reuse_days else None
+        if earlier is not None:
+            found = earlier["details"]
+            rec.details.update(reused_from=earlier["run_id"], best=found.get("best"), train=found["train"],
+                               blend_weight=found.get("blend_weight", 0.0))
+            rec.metrics.update(earlier["metrics"])
+            rec.rows_in = 0
+            log.info("run %s: reusing the settings tuned by run %s (%s; tune.reuse_days=%g)", ctx.run_id,
+                     earlier["run_id"], earlier["finished_at"], cfg.tune.reuse_days)
+            return tune.Tuned(TrainConfig.model_validate(found["train"]), float(found.get("blend_weight", 0.0)))
+        inter, uids, iids = rec.read(C.INTERACTIONS), rec.read(C.USER_IDS), rec.read(C.ITEM_IDS)
+        training_period = protocol.split_of(inter, cfg.evaluate).train  # the test period is never seen
+        with ctx.checkpoints():
+            try:
+                trials, best = tune.run_trials(cfg, training_period, uids, iids)
+            except tune.TooLittleData as exc:
+                if not reuse:
+                    raise
+                # Inside `run` a shop with a short history still gets its lists, from the configured settings.
+                log.warning("run %s: %s; keeping the configured settings", ctx.run_id, exc)
+                rec.details.update(skipped=str(exc), train=cfg.train.model_dump(mode="json"),
+                                   blend_weight=cfg.recommend.blend.weight)
+                rec.rows_in = 0
+                return tune.Tuned(cfg.train, cfg.recommend.blend.weight)
+        rec.details["trials"] = [
+            {"trial": t.number, **t.params(), key: t.metric, "seconds": t.seconds,
+             "blends": {str(w): m for w, m in t.blends.items()}} for t in trials
+        ]
+        rec.details["best"] = {"trial": best.number, **best.params()}
+        rec.details["train"] = best.train.model_dump(mode="json")
+        rec.details["blend_weight"] = best.blend_weight
+        rec.metrics[f"validation.{key}"] = best.metric or 0.0
+        rec.metrics["trials"] = len(trials)
+        rec.rows_in = len(trials)
+        log.info("run %s: tuning chose trial %d %s (validation %s %.4f)", ctx.run_id, best.number, best.params(), key, best.metric)
+        return best.tuned
+
+
+def run_evaluate(ctx: RunContext, settings: TrainConfig | None = None, blend_weight: float | None = None) -> gate.Decision:
+    """Fit on the training period, list the evaluated users' top k, judge model and baselines alike, and decide
+    what the run publishes (`gate.decide`).
+
+    Raises:
+        GateError: the model lost and nothing is to be published (`evaluate.gate.on_fail`).
+    """
+    cfg = ctx.cfg
+    ev, settings = cfg.evaluate, settings or cfg.train
+    with ctx.stage("evaluate") as rec:
+        inter, uids, iids = rec.read(C.INTERACTIONS), rec.read(C.USER_IDS), rec.read(C.ITEM_IDS)
+        categories = protocol.categories_of(rec.read_optional(C.ITEMS))
+        proto = protocol.make_protocol(protocol.split_of(inter, ev), ev, uids, iids)
+        try:
+            if proto.n_users == 0:
+                raise StageError(f"evaluate: the split ({proto.description}) has no evaluated users: "
+                                 "no user with training history acted in the test period")
+            with ctx.checkpoints():
+                rec_cfg = cfg.recommend if blend_weight is None else tune.with_blend(cfg.recommend, blend_weight)
+                lists = protocol.all_lists(proto, uids, iids, settings, rec_cfg, ev)
+                results = protocol.measure(lists, proto, ev, categories)
+        finally:
+            proto.release()
+        for name, metrics in results.items():
+            log.info("run %s: %s: %s", ctx.run_id, name, ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if "@" in k))
+            for k, v in metrics.items():
+                rec.metrics[f"{name}.{k}"] = v
+        verdict = gate.verdict(results, gate.metric_key(ev), ev.gate.margin)
+        published_before = tables.current_version(ctx.spark, cfg.table_path(C.RECOMMENDATIONS)) is not None
+        decision = gate.decide(verdict, results, ev.gate.enabled, ev.gate.on_fail, published_before)
+        rec.details.update(
+            split=proto.description, evaluated_users=proto.n_users, metric=verdict.metric, best_baseline=verdict.best_baseline,
+            gate={"enabled": ev.gate.enabled, "margin": ev.gate.margin, "passed": verdict.passed, "needed": verdict.needed,
+                  "on_fail": ev.gate.on_fail, "publish": decision.publish, "baseline": decision.baseline,
+                  "reason": decision.reason},
+            train=settings.model_dump(),
+        )
+        rec.rows_in = proto.n_users
+        log.info("run %s: model %s %.4f vs best baseline %s %.4f (x%.2f)", ctx.run_id, verdict.metric,
+                 verdict.model_score, verdict.best_baseline, verdict.best_score, verdict.ratio)
+        if decision.publish == "nothing":
+            raise GateError(
+                f"quality gate: model {verdict.metric} {verdict.model_score:.4f} does not beat the best baseline "
+                f"({verdict.best_baseline} {verdict.best_score:.4f}) by the margin {ev.gate.margin:.0%} "
+                f"(needed > {verdict.needed:.4f}); nothing was published: the previous factors and recommendations stay in place"
+            )
+        if decision.publish == "baseline":
+            log.warning("run %s: %s: publishing the %s baseline's lists instead of the model's", ctx.run_id,
+                        decision.reason, decision.baseline)
+        return decision
+
+
+def run_forget(ctx: RunContext, keys: list[str]) -> dict:
+    """Erase customers (`keys` as the shop knows them) from every table and model, then purge the history.
+
+    Each table is changed by a MERGE that deletes its matching rows, so a re-run after a crash or a
+    conflict finishes the job and a second request changes nothing. The derived items are recomputed
+    first, while the customers' rows still say which items they touched. The purge needs the warehouse
+    to itself (VACUUM without retention would delete files a running writer has not committed yet):
+    when another stage is running, the rows are deleted, `purged` is false, and the command says to
+    run it again.
+
+    Returns:
+        The erasure's record: rows deleted per table, model factors removed, purged or not.
+    """
+    cfg, spark = ctx.cfg, ctx.spark
+    with ctx.stage("forget") as rec:
+        secret = pseudonyms.load_secret(cfg.privacy) if cfg.privacy.pseudonymize_user_ids else None
+        stored = forget.stored_keys(cfg, keys, secret)
+        users = spark.createDataFrame([(k,) for k in stored], f"{C.USER_ID} string")
+        state = _clean_state(rec)
+        if state is not None and (state.pending_version is not None or state.full_pending):
+            raise StageError("a clean did not finish (see `sparkrec runs`): run `sparkrec clean` first, then forget again")
+        raw = tables.read_table(spark, cfg, C.EVENTS_RAW, required=False)
+        raw_before = raw.version if raw is not None else None
+        raw_keys = (forget.raw_keys_of(raw.df, users, cfg.source) if raw is not None
+                    else spark.createDataFrame([], f"{C.RAW_KEY} string")).localCheckpoint()
+        deleted: dict[str, int] = {}
+        with rec.step("items"):
+            latest = rec.read_optional(C.CLEAN_ITEM_LATEST)
+            inter = rec.read_optional(C.INTERACTIONS)
+            if cfg.items.path is None and latest is not None and inter is not None and raw is not None:
+                drops = inter.join(F.broadcast(users), C.USER_ID, "left_semi").select(*clean.INTERACTION_COLUMNS).localCheckpoint()
+                if drops.count():
+                    empty = drops.limit(0).withColumn(clean.ITEM_NAME_COLUMN, F.lit(None).cast("string"))
+                    plan = incremental.Plan("forget", "", raw_before, raw_before)
+                    changes = _item_changes(ctx, rec, empty, drops, plan).withColumn(C.DROP_FLAG, F.col(C.EVENTS) <= 0)
+                    rec.upsert(changes, C.CLEAN_ITEM_LATEST, [C.ITEM_ID], properties=incremental.state_properties(C.CLEAN_ITEM_LATEST))
+                    rec.overwrite(clean.items_of_latest(rec.read_output(C.CLEAN_ITEM_LATEST)), C.ITEMS)
+        uids = rec.read_optional(C.USER_IDS)
+        idx = (uids.join(F.broadcast(users), C.USER_ID, "left_semi").select(C.USER_IDX) if uids is not None
+               else spark.createDataFrame([], f"{C.USER_IDX} int")).localCheckpoint()
+        with rec.step("delete rows"):
+            for key, source, on in ((C.EVENTS_RAW, raw_keys, [C.RAW_KEY]), (C.QUARANTINE, raw_keys, [C.RAW_KEY]),
+                                    *[(k, users, [C.USER_ID]) for k in forget.BY_USER], (C.USER_FACTORS, idx, [C.USER_IDX])):
+                deleted[cfg.table_name(key)] = tables.delete_matching(spark, cfg, key, source, on)
+        with rec.step("models"):
+            factors = sum(tables.drop_model_users(spark, path, idx) for path in tables.model_dirs(spark, cfg))
+        # Rows that no clean has classified yet stay classifiable by the next clean's change feed only if the
+        # purge leaves those versions' files; when the clean was up to date it simply moves past the erasure.
+        raw_after = tables.current_version(spark, cfg.table_path(C.EVENTS_RAW)) if raw is not None else None
+        if state is not None and state.done_version == raw_before and raw_after != raw_before:
+            _write_state(ctx, rec, incremental.CleanState(**{**state.__dict__, "done_version": raw_after}))
+        tables.remove_dir(spark, tables.scratch_path(cfg, _WORK))  # the last batch's saved changes
+        others = [m for m in runs.active_stages(spark, cfg) if m["run_id"] != ctx.run_id and not m["dead"]]
+        purged = not others
+        note = None
+        if purged:
+            with rec.step("purge history"):
+                for key in forget.HOLDS_CUSTOMERS:
+                    tables.purge_history(spark, cfg, key)
+        else:
+            busy = ", ".join(sorted({f"{m['stage']} of run {m['run_id']}" for m in others}))
+            note = f"not purged: {busy} was running; run forget again when it has finished"
+            log.warning("run %s: the rows are deleted but older table versions still hold them: %s", ctx.run_id, note)
+        row = forget.erasure_row(ctx.run_id, ctx.now, stored, deleted, factors, purged, note)
+        rec.append(spark.createDataFrame([row], forget.ERASURES_SCHEMA), C.ERASURES)
+        rec.rows_in = len(stored)
+        rec.rows_out = sum(deleted.values())
+        rec.details.update(users=len(stored), rows_deleted=deleted, model_factors_deleted=factors, purged=purged, note=note)
+        return rec.details
+
+
+def run_command(ctx: RunContext, command: str) -> tune.Tuned:
+    """Run a CLI command's stages (`stages.COMMANDS`; for `run`, tune and evaluate when enabled).
+
+    Returns:
+        The settings the run ended with (the tuning winner when `tune` ran).
+    """
+    enabled = {"tune": ctx.cfg.tune.enabled, "evaluate": ctx.cfg.evaluate.enabled}
+    return run_stages(ctx, stages.stages_of(command, enabled), reuse_tuning=command == "run")
+
+
+def run_stages(ctx: RunContext, names: Sequence[str] = stages.CORE, *, reuse_tuning: bool = False) -> tune.Tuned:
+    """Run the named stages in order; a tuning winner is used by the stages after it.
+
+    Args:
+        reuse_tuning: let `tune` reuse a recent winner of the same search (`tune.reuse_days`).
+    """
+    settings = tune.Tuned(ctx.cfg.train, ctx.cfg.recommend.blend.weight)
+    for name in names:
+        if name == "ingest":
+            run_ingest(ctx)
+        elif name == "clean":
+            run_clean(ctx)
+        elif name == "ids":
+            run_ids(ctx)
+        elif name == "tune":
+            settings = run_tune(ctx, reuse=reuse_tuning)
+        elif name == "evaluate":
+            decision = run_evaluate(ctx, settings.train, settings.blend_weight)
+            if decision.publish == "baseline":
+                # The model lost on a warehouse that must not be left with nothing: the best baseline's
+                # lists, under the same rules, are published instead, and the run stops (no training).
+                run_recommend(ctx, baseline=decision.baseline)
+                raise BaselinePublished(
+                    f"published the {decision.baseline} baseline's lists instead of the model's: {decision.reason} "
+                    "(evaluate.gate.on_fail; `sparkrec runs` and the report show it)"
+                )
+        elif name == "train":
+            run_train(ctx, settings.train)
+        elif name == "recommend":
+            run_recommend(ctx, blend_weight=settings.blend_weight)
+        else:
+            raise StageError(f"unknown stage {name!r}; stages are {', '.join(stages.PIPELINE)}")
+    return settings

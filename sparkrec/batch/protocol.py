@@ -1,0 +1,140 @@
+"""The evaluation protocol: what every list on one split is judged by.
+
+`Protocol` fixes the training interactions, the evaluated users, their
+relevant items and the exclusions, so the model and each baseline are
+compared on exactly the same terms. `evaluate` (the metrics) scores the lists;
+`gate` turns the scores into a verdict; `tune` runs many models on a
+validation protocol carved from the training period.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from sparkrec.core import columns as C
+from sparkrec.batch import evaluate, recommend, train
+from sparkrec.core.config import EvaluateConfig, RecommendConfig, TrainConfig
+from sparkrec.core.gate import metric_key
+
+__all__ = ["Protocol", "baseline_lists", "make_protocol", "metric_key", "model_lists", "model_lists_blended", "split_of"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Protocol:
+    train: DataFrame  # interactions before the cut
+    history: DataFrame  # the same with integer ids (user_idx, item_idx, event_type, event_ts)
+    relevant: DataFrame  # (user_id, item_id)
+    users: DataFrame  # (user_idx) evaluated users
+    user_ids: DataFrame
+    item_ids: DataFrame
+    description: str
+    n_users: int
+
+    def release(self) -> None:
+        self.history.unpersist()
+        self.train.unpersist()
+
+    def keyed(self, lists: DataFrame) -> DataFrame:
+        """(user_idx, item_idx, rank) lists with the original keys, materialised: (user_id, item_id, rank)."""
+        return lists.join(self.user_ids, C.USER_IDX).join(self.item_ids, C.ITEM_IDX).select(C.USER_ID, C.ITEM_ID, C.RANK).localCheckpoint()
+
+
+def split_of(interactions: DataFrame, ev: EvaluateConfig) -> evaluate.Split:
+    if ev.split == "time":
+        return evaluate.time_split(interactions, ev.test_days, ev.max_test_share)
+    if ev.split == "leave_last_n":
+        return evaluate.leave_last_n_split(interactions, ev.leave_last_n)
+    return evaluate.random_split(interactions, ev.test_fraction, ev.seed)
+
+
+def make_protocol(split: evaluate.Split, ev: EvaluateConfig, user_ids: DataFrame, item_ids: DataFrame) -> Protocol:
+    """Materialise the split's fixed parts once: every list on it (model trials and baselines) reads them."""
+    tr = split.train.persist(StorageLevel.MEMORY_AND_DISK)
+    history = recommend.indexed_history(tr, user_ids, item_ids).persist(StorageLevel.MEMORY_AND_DISK)
+    relevant = evaluate.relevant_items(tr, split.test, ev.relevant_event_types, ev.repeat_relevant).localCheckpoint()
+    users = relevant.select(C.USER_ID).distinct().join(user_ids, C.USER_ID).select(C.USER_IDX).localCheckpoint()
+    n = users.count()
+    log.info("evaluation protocol %s: %s evaluated users", split.description, f"{n:,}")
+    return Protocol(tr, history, relevant, users, user_ids, item_ids, split.description, n)
+
+
+def _eval_rec_cfg(rec: RecommendConfig, k: int) -> RecommendConfig:
+    """The production list logic at the evaluated depth, without the parts that cost but do not rank."""
+    return rec.model_copy(update={"n": k, "explain": False, "exploration_slots": 0})
+
+
+def model_lists(proto: Protocol, matrix: DataFrame, tcfg: TrainConfig, rec: RecommendConfig, k: int) -> DataFrame:
+    """Fit ALS on a materialised matrix and list the evaluated users' top k: (user_id, item_id, rank)."""
+    [(_, lists)] = model_lists_blended(proto, matrix, tcfg, rec, [rec.blend.weight], k)
+    return lists
+
+
+def model_lists_blended(
+    proto: Protocol, matrix: DataFrame, tcfg: TrainConfig, rec: RecommendConfig, weights: list[float], k: int
+) -> Iterator[tuple[float, DataFrame]]:
+    """Fit ALS once and list the evaluated users' top k at each blend weight: (weight, (user_id, item_id, rank))."""
+    model = train.fit_als(matrix, tcfg.als)
+    uf = model.userFactors.select(F.col("id").alias(C.USER_IDX), F.col("features").alias(C.FEATURES))
+    itf = model.itemFactors.select(F.col("id").alias(C.ITEM_IDX), F.col("features").alias(C.FEATURES))
+    for weight in weights:
+        blended = rec.model_copy(update={"blend": rec.blend.model_copy(update={"weight": weight})})
+        yield weight, proto.keyed(recommend.recommend_all(proto.history, uf, itf, _eval_rec_cfg(blended, k), users=proto.users))
+
+
+def baseline_lists(proto: Protocol, ev: EvaluateConfig, k: int, bought: list[str]) -> dict[str, DataFrame]:
+    """Most popular, recently popular and (optionally) buy again, on the same users and exclusions.
+
+    The popular lists are built by the very code that fills a cold-start
+    user's list in production, so the baseline is what a shop would get anyway.
+    """
+    h = proto.history
+    meta = recommend.default_meta(h, h)
+    out = {"popular": proto.keyed(recommend.popular_lists(h, proto.users, meta, k, bought))}
+    latest = proto.train.agg(F.max(C.EVENT_TS)).first()[0]
+    if latest is not None:
+        since = F.lit(latest - timedelta(days=ev.recent_days))
+        out["recent_popular"] = proto.keyed(recommend.popular_lists(h, proto.users, meta, k, bought, since=since))
+    if ev.buy_again:
+        # Its point is the user's own past items, so the bought-item exclusion does not apply to it.
+        users = proto.users.join(proto.user_ids, C.USER_IDX).select(C.USER_ID)
+        out["buy_again"] = evaluate.buy_again_lists(users, proto.train, bought, k)
+    return out
+
+
+def categories_of(items: DataFrame | None) -> DataFrame | None:
+    """(item_id, category) for the diversity metric, or None when no item has a category."""
+    if items is None or items.where(F.col(C.CATEGORY).isNotNull()).isEmpty():
+        return None
+    return items.select(C.ITEM_ID, C.CATEGORY)
+
+
+def all_lists(
+    proto: Protocol, user_ids: DataFrame, item_ids: DataFrame, settings: TrainConfig, rec: RecommendConfig, ev: EvaluateConfig
+) -> dict[str, DataFrame]:
+    """The model's lists (fit on the protocol's training period) and every baseline's, as deep as the deepest k.
+
+    Needs a checkpoint directory (the matrix is checkpointed for ALS).
+    """
+    kmax = max(ev.ks)
+    reference = proto.train.agg(F.max(C.EVENT_TS)).first()[0]
+    matrix = train.training_matrix(proto.train, user_ids, item_ids, settings, reference).checkpoint(eager=True)
+    lists = {"model": model_lists(proto, matrix, settings, rec, kmax)}
+    lists.update(baseline_lists(proto, ev, kmax, rec.exclude_event_types))
+    return lists
+
+
+def measure(lists: dict[str, DataFrame], proto: Protocol, ev: EvaluateConfig, categories: DataFrame | None) -> dict[str, dict[str, float]]:
+    """Every list's metrics on the protocol's relevant items: {list name: {metric@k: value}}."""
+    return {
+        name: evaluate.ranking_metrics(df, proto.relevant, ev.ks, train=proto.train, categories=categories)
+        for name, df in lists.items()
+    }

@@ -1,0 +1,2 @@
+"""Development services: a local Kafka broker, a localhost Spark cluster and the
+generated shop. Imported only by the CLI, tests and benchmarks."""

@@ -1,0 +1,2 @@
+"""The live path (`sparkrec stream`): micro-batches into the tables, built on the
+batch stages and the storage layer."""
