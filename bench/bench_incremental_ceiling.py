@@ -40,7 +40,7 @@ from bench_incremental import OUT, timed  # noqa: E402
 from bench_incremental import day_config as config  # noqa: E402
 from sparkrec.core import columns as C  # noqa: E402
 from sparkrec.batch import incremental, pipeline, train  # noqa: E402
-from sparkrec.storage import tables  # noqa: E402
+from sparkrec.storage import files, merges, tables  # noqa: E402
 from sparkrec.dev.generate import GenerateParams, generate  # noqa: E402
 from sparkrec.storage.runs import RunContext  # noqa: E402
 from sparkrec.storage.session import build_session  # noqa: E402
@@ -87,8 +87,8 @@ def main() -> None:
     print(f"warm-up: {fresh_day(spark, WORK / 'warm_in' / 'events', WORK / 'wh_warm', args.overrides)} s", flush=True)
 
     state_cfg = config(state, day_dir, args.overrides)
-    deltas = tables.read_scratch(spark, state_cfg, "clean/weights").localCheckpoint()
-    drops = tables.read_scratch(spark, state_cfg, "clean/interactions").where(F.col(C.DROP_FLAG)).localCheckpoint()
+    deltas = files.read_scratch(spark, state_cfg, "clean/weights").localCheckpoint()
+    drops = files.read_scratch(spark, state_cfg, "clean/interactions").where(F.col(C.DROP_FLAG)).localCheckpoint()
     n_deltas, n_drops = deltas.count(), drops.count()
     window = None
     if n_drops:  # what the clean's first application names: the dropped rows' time range and their keys (a few thousand)
@@ -112,7 +112,7 @@ def main() -> None:
         version = previous_version(spark, weights_path)
         copy_at(spark, weights_path, WORK / "wh_w" / C.WEIGHTS, version)
         updates, delete_when, insert_when, inserts = train.apply_weight_deltas()
-        row["weights_merge"] = timed(lambda: tables.merge_deltas(
+        row["weights_merge"] = timed(lambda: merges.merge_deltas(
             deltas, wcfg, C.WEIGHTS, [C.USER_ID, C.ITEM_ID, C.EVENT_TYPE], batch=C.RUN_ID, updates=updates,
             delete_when=delete_when, insert_when=insert_when, inserts=inserts))
         copy_at(spark, weights_path, WORK / "wh_w" / C.WEIGHTS, version)
@@ -123,9 +123,9 @@ def main() -> None:
             icfg = config(WORK / "wh_i", day_dir, args.overrides)
             version = previous_version(spark, inter_path)
             copy_at(spark, inter_path, WORK / "wh_i" / C.INTERACTIONS, version)
-            row["delete"] = timed(lambda: tables.apply_changes(drops, icfg, C.INTERACTIONS, [C.RAW_KEY], target_where=window))
+            row["delete"] = timed(lambda: merges.apply_changes(drops, icfg, C.INTERACTIONS, [C.RAW_KEY], target_where=window))
             copy_at(spark, inter_path, WORK / "wh_i" / C.INTERACTIONS, version)
-            row["delete_nothing"] = timed(lambda: tables.apply_changes(drops.limit(0), icfg, C.INTERACTIONS, [C.RAW_KEY],
+            row["delete_nothing"] = timed(lambda: merges.apply_changes(drops.limit(0), icfg, C.INTERACTIONS, [C.RAW_KEY],
                                                                        target_where=window))
         results.append(row)
         print(json.dumps(row), flush=True)

@@ -19,7 +19,7 @@ from sparkrec.batch import clean, incremental, joins, train
 from sparkrec.core import columns as C
 from sparkrec.core import ledger
 from sparkrec.core.errors import StageError
-from sparkrec.storage import runs, tables
+from sparkrec.storage import files, runs
 from sparkrec.storage.runs import RunContext
 
 
@@ -150,7 +150,7 @@ def save_batch(ctx: RunContext, rec, new_rows, plan: incremental.Plan) -> ledger
             saved["item_latest"] = item_changes(ctx, rec, adds, drops_kept, plan).withColumn(C.DROP_FLAG, F.col(C.EVENTS) <= 0)
         for part, df in saved.items():
             with rec.step(f"save {part}"):
-                tables.write_scratch(df, cfg, f"{WORK}/{part}")
+                files.write_scratch(df, cfg, f"{WORK}/{part}")
         expected = {"adds": adds.count(), "drops": drops_kept.count(), "demoted": demoted.count(),
                     "moved": 0 if moved is None else moved.count(),
                     "quarantine_adds": tally.quarantined + (0 if moved is None else moved_out.count()),
@@ -213,7 +213,7 @@ def apply_batch(ctx: RunContext, rec, plan: incremental.Plan, batch_run: str, fi
     reads only those files, not all of history.
     """
     cfg, spark = ctx.cfg, ctx.spark
-    work = {part: tables.read_scratch(spark, cfg, f"{WORK}/{part}") for part in
+    work = {part: files.read_scratch(spark, cfg, f"{WORK}/{part}") for part in
             ("interactions", "quarantine", "survivors", "user_days", "weights")}
     drops = {part: work[part].where(F.col(C.DROP_FLAG)).limit(1).count() > 0 for part in ("interactions", "quarantine")}
 
@@ -283,7 +283,7 @@ def apply_batch(ctx: RunContext, rec, plan: incremental.Plan, batch_run: str, fi
                          delete_when=delete_when, insert_when=insert_when, inserts=inserts, properties=props(C.WEIGHTS))
     if cfg.items.path is None:
       with rec.step("apply items"):
-        rec.upsert(tables.read_scratch(spark, cfg, f"{WORK}/item_latest"), C.CLEAN_ITEM_LATEST, [C.ITEM_ID], properties=props(C.CLEAN_ITEM_LATEST))
+        rec.upsert(files.read_scratch(spark, cfg, f"{WORK}/item_latest"), C.CLEAN_ITEM_LATEST, [C.ITEM_ID], properties=props(C.CLEAN_ITEM_LATEST))
         rec.overwrite(clean.items_of_latest(rec.read_output(C.CLEAN_ITEM_LATEST)), C.ITEMS)
     write_state(ctx, rec, incremental.CleanState(done_version=plan.to_version, half_life_days=cfg.train.recency_half_life_days,
                                                   rules=incremental.state_rules(cfg)))

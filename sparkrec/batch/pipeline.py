@@ -18,7 +18,7 @@ from pyspark.sql import functions as F
 
 from sparkrec.batch import clean, clean_apply, forget, ids, incremental, ingest, privacy, protocol, recommend, train, tune
 from sparkrec.core import gate, ledger, pseudonyms, stages
-from sparkrec.storage import runs, sources, tables
+from sparkrec.storage import files, merges, runs, sources, tables
 from sparkrec.core import columns as C
 from sparkrec.core.config import TrainConfig
 from sparkrec.core.errors import BaselinePublished, GateError, StageError
@@ -423,15 +423,15 @@ def run_forget(ctx: RunContext, keys: list[str]) -> dict:
         with rec.step("delete rows"):
             for key, source, on in ((C.EVENTS_RAW, raw_keys, [C.RAW_KEY]), (C.QUARANTINE, raw_keys, [C.RAW_KEY]),
                                     *[(k, users, [C.USER_ID]) for k in forget.BY_USER], (C.USER_FACTORS, idx, [C.USER_IDX])):
-                deleted[cfg.table_name(key)] = tables.delete_matching(spark, cfg, key, source, on)
+                deleted[cfg.table_name(key)] = merges.delete_matching(spark, cfg, key, source, on)
         with rec.step("models"):
-            factors = sum(tables.drop_model_users(spark, path, idx) for path in tables.model_dirs(spark, cfg))
+            factors = sum(files.drop_model_users(spark, path, idx) for path in files.model_dirs(spark, cfg))
         # Rows that no clean has classified yet stay classifiable by the next clean's change feed only if the
         # purge leaves those versions' files; when the clean was up to date it simply moves past the erasure.
         raw_after = tables.current_version(spark, cfg.table_path(C.EVENTS_RAW)) if raw is not None else None
         if state is not None and state.done_version == raw_before and raw_after != raw_before:
             clean_apply.write_state(ctx, rec, incremental.CleanState(**{**state.__dict__, "done_version": raw_after}))
-        tables.remove_dir(spark, tables.scratch_path(cfg, clean_apply.WORK))  # the last batch's saved changes
+        files.remove_dir(spark, files.scratch_path(cfg, clean_apply.WORK))  # the last batch's saved changes
         others = [m for m in runs.active_stages(spark, cfg) if m["run_id"] != ctx.run_id and not m["dead"]]
         purged = not others
         note = None

@@ -124,5 +124,5 @@ LOG2_DECAYED = "log2_decayed"
 DEDUP_GROUP = "dedup_group"
 DAY = "day"
 HASH_CODE = "hash_code"
-# On a change set applied by MERGE (`tables.upsert`, `tables.apply_changes`): true = delete the row with this key.
+# On a change set applied by MERGE (`merges.upsert`, `merges.apply_changes`): true = delete the row with this key.
 DROP_FLAG = "_op_drop"

@@ -40,7 +40,7 @@ from pyspark.sql.types import (
 
 from sparkrec import __version__
 from sparkrec.core import columns as C
-from sparkrec.storage import tables
+from sparkrec.storage import files, merges, tables
 from sparkrec.core.config import Config
 from sparkrec.core.processes import process_running
 from sparkrec.core.errors import StageError
@@ -118,9 +118,9 @@ class StageRecord:
         self.outputs[self.cfg.table_name(key)] = version
         return version
 
-    def merge_new_rows(self, df: DataFrame, key: str, on: list[str], **kwargs: Any) -> tables.MergeResult:
-        """Insert-only MERGE (`tables.merge_new_rows`), noted as an output."""
-        result = tables.merge_new_rows(df, self.cfg, key, on, **kwargs)
+    def merge_new_rows(self, df: DataFrame, key: str, on: list[str], **kwargs: Any) -> merges.MergeResult:
+        """Insert-only MERGE (`merges.merge_new_rows`), noted as an output."""
+        result = merges.merge_new_rows(df, self.cfg, key, on, **kwargs)
         self.outputs[self.cfg.table_name(key)] = result.version
         return result
 
@@ -136,21 +136,21 @@ class StageRecord:
         self.inputs[self.cfg.table_name(key)] = to_version
         return df
 
-    def upsert(self, df: DataFrame, key: str, on: list[str], **kwargs: Any) -> tuple[tables.MergeResult, int]:
-        """Absolute rows by key, deletes flagged (`tables.upsert`), noted as an output."""
-        result, deleted = tables.upsert(df, self.cfg, key, on, **kwargs)
+    def upsert(self, df: DataFrame, key: str, on: list[str], **kwargs: Any) -> tuple[merges.MergeResult, int]:
+        """Absolute rows by key, deletes flagged (`merges.upsert`), noted as an output."""
+        result, deleted = merges.upsert(df, self.cfg, key, on, **kwargs)
         self.outputs[self.cfg.table_name(key)] = result.version
         return result, deleted
 
-    def apply_changes(self, df: DataFrame, key: str, on: list[str], **kwargs: Any) -> tuple[tables.MergeResult, int]:
-        """Insert-if-absent and flagged deletes in one MERGE (`tables.apply_changes`), noted as an output."""
-        result, deleted = tables.apply_changes(df, self.cfg, key, on, **kwargs)
+    def apply_changes(self, df: DataFrame, key: str, on: list[str], **kwargs: Any) -> tuple[merges.MergeResult, int]:
+        """Insert-if-absent and flagged deletes in one MERGE (`merges.apply_changes`), noted as an output."""
+        result, deleted = merges.apply_changes(df, self.cfg, key, on, **kwargs)
         self.outputs[self.cfg.table_name(key)] = result.version
         return result, deleted
 
-    def merge_deltas(self, df: DataFrame, key: str, on: list[str], **kwargs: Any) -> tables.MergeResult:
-        """Sums added in one MERGE, once per batch (`tables.merge_deltas`), noted as an output."""
-        result = tables.merge_deltas(df, self.cfg, key, on, **kwargs)
+    def merge_deltas(self, df: DataFrame, key: str, on: list[str], **kwargs: Any) -> merges.MergeResult:
+        """Sums added in one MERGE, once per batch (`merges.merge_deltas`), noted as an output."""
+        result = merges.merge_deltas(df, self.cfg, key, on, **kwargs)
         self.outputs[self.cfg.table_name(key)] = result.version
         return result
 
@@ -233,7 +233,7 @@ class RunContext:
         finally:
             duration = time.monotonic() - t0
             self._record(rec, status, started, duration, error)
-            _quietly(tables.remove_file, self.spark, marker)
+            _quietly(files.remove_file, self.spark, marker)
         self.records.append(rec)
         log.info(
             "run %s: stage %s finished in %.1fs: rows in %s, out %s, quarantined %s, duplicates %s",
@@ -251,24 +251,24 @@ class RunContext:
         path = f"{active_dir(self.cfg)}/{self.run_id}.{stage}.json"
         marker = {"run_id": self.run_id, "stage": stage, "started_at": started.isoformat(), "pid": os.getpid(),
                   "host": socket.gethostname(), "config_hash": self.cfg.digest()}
-        _quietly(tables.write_text, self.spark, path, json.dumps(marker))
+        _quietly(files.write_text, self.spark, path, json.dumps(marker))
         return path
 
     @contextmanager
     def checkpoints(self) -> Iterator[str]:
         """A checkpoint directory of this run for Spark (ALS needs one to honour checkpointInterval), removed afterwards."""
-        path = tables.checkpoint_dir(self.cfg, self.run_id)
+        path = files.checkpoint_dir(self.cfg, self.run_id)
         self.spark.sparkContext.setCheckpointDir(path)
         try:
             yield path
         finally:
-            tables.remove_dir(self.spark, path)
+            files.remove_dir(self.spark, path)
 
     def checkpointed_rdds(self, path: str) -> int:
-        return tables.checkpointed_rdds(self.spark, path)
+        return files.checkpointed_rdds(self.spark, path)
 
     def model_path(self, model_version: str) -> str:
-        return tables.model_path(self.cfg, model_version)
+        return files.model_path(self.cfg, model_version)
 
     def save_model(self, model, model_version: str) -> str:
         """Save an MLlib model under the warehouse's `_models/<version>`; returns the path."""
@@ -324,7 +324,7 @@ def active_dir(cfg: Config) -> str:
 def active_stages(spark: SparkSession, cfg: Config) -> list[dict]:
     """Stages started and not finished: each marker, with `dead` true when its process is gone (same host only)."""
     out = []
-    for name, text in sorted(tables.read_texts(spark, active_dir(cfg)).items()):
+    for name, text in sorted(files.read_texts(spark, active_dir(cfg)).items()):
         try:
             m = json.loads(text)
         except ValueError:
@@ -353,8 +353,8 @@ def reap_dead_stages(ctx: RunContext) -> list[dict]:
         row = (m["run_id"], m["stage"], "interrupted", started, now, round((now - started).total_seconds(), 3),
                None, None, None, None, {}, {}, __version__, m.get("config_hash", ""), "{}", error, {}, None)
         tables.append_rows(ctx.spark.createDataFrame([row], RUNS_SCHEMA), ctx.cfg, C.RUNS)
-        tables.remove_dir(ctx.spark, tables.checkpoint_dir(ctx.cfg, m["run_id"]))
-        tables.remove_file(ctx.spark, m["file"])
+        files.remove_dir(ctx.spark, files.checkpoint_dir(ctx.cfg, m["run_id"]))
+        files.remove_file(ctx.spark, m["file"])
         log.warning("run %s: stage %s was interrupted (pid %s died); recorded in runs, its checkpoints removed",
                     m["run_id"], m["stage"], m["pid"])
         reaped.append(m)

@@ -17,12 +17,13 @@ import time
 from dataclasses import dataclass
 
 from delta.tables import DeltaTable
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from sparkrec.core import columns as C
 from sparkrec.core.config import Config
 from sparkrec.core.errors import StageError
+from sparkrec.storage.files import hadoop_path
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def _is_conflict(exc: BaseException) -> bool:
     return any(name in text for name in _CONFLICTS)
 
 
-def _retrying(table: str, write, attempts: int = WRITE_ATTEMPTS):
+def retrying(table: str, write, attempts: int = WRITE_ATTEMPTS):
     """Run `write`; when another writer committed to the table first, back off and run it again.
 
     Raises:
@@ -79,12 +80,6 @@ class TableRead:
 # --------------------------------------------------------------------------- Delta tables
 
 
-def _hadoop(spark: SparkSession, path: str):
-    """(file system, Hadoop path) for `path`, so local and remote paths are handled alike."""
-    hpath = spark.sparkContext._jvm.org.apache.hadoop.fs.Path(path)
-    return hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), hpath
-
-
 def table_exists(spark: SparkSession, path: str) -> bool:
     return DeltaTable.isDeltaTable(spark, path)
 
@@ -97,7 +92,7 @@ def current_version(spark: SparkSession, path: str) -> int | None:
     the log answers this. (Asking Delta for the table's history ran a Spark
     job per call: about a second each, a dozen times per stage.)
     """
-    fs, log_dir = _hadoop(spark, f"{path.rstrip('/')}/_delta_log")
+    fs, log_dir = hadoop_path(spark, f"{path.rstrip('/')}/_delta_log")
     if not fs.exists(log_dir):
         return None
     latest = -1
@@ -152,200 +147,8 @@ def overwrite_table(df: DataFrame, cfg: Config, key: str, *, properties: dict[st
     writer = df.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
     for k, v in (properties or {}).items():
         writer = writer.option(k, v)
-    _retrying(cfg.table_name(key), lambda: writer.save(path))
-    return _version_after_write(df.sparkSession, path)
-
-
-@dataclass(frozen=True)
-class MergeResult:
-    """The table version after an insert-only MERGE, rows inserted, and source rows when Delta counted them."""
-
-    version: int
-    inserted: int
-    source_rows: int | None = None
-
-
-def merge_new_rows(
-    df: DataFrame,
-    cfg: Config,
-    key: str,
-    on: list[str],
-    *,
-    properties: dict[str, str] | None = None,
-    evolve_schema: bool = False,
-    retry_conflicts: bool = True,
-    target_where: Column | None = None,
-) -> MergeResult:
-    """Insert the rows of `df` whose `on` key is not in the table yet (insert-only MERGE).
-
-    Running it again with the same `df` inserts nothing (and Delta commits
-    nothing), which is what makes ingest and id assignment safe to re-run.
-    `evolve_schema` lets a new input column extend the table. Pass
-    `retry_conflicts=False` when `df` was derived from the table itself (new
-    ids numbered after its maximum): re-running it after another writer's
-    commit could hand out ids that writer just used, so such a conflict fails.
-    `target_where` is a condition on the target alone (`t.` columns) that every
-    row with a key of `df` meets: Delta then reads only the files whose
-    statistics allow it, instead of the whole table.
-
-    Example:
-        result = merge_new_rows(new_ids_df, cfg, C.USER_IDS, on=[C.USER_ID])
-    """
-    attempts = WRITE_ATTEMPTS if retry_conflicts else 1
-    return _retrying(cfg.table_name(key), lambda: _merge_once(df, cfg, key, on, properties, evolve_schema, target_where),
-                     attempts)
-
-
-def _merge_once(
-    df: DataFrame, cfg: Config, key: str, on: list[str], properties: dict[str, str] | None, evolve_schema: bool,
-    target_where: Column | None = None,
-) -> MergeResult:
-    spark = df.sparkSession
-    path = cfg.table_path(key)
-    if not table_exists(spark, path):
-        writer = df.write.format("delta").mode("errorifexists")
-        for k, v in (properties or {}).items():
-            writer = writer.option(k, v)
-        try:
-            writer.save(path)
-            version = _version_after_write(spark, path)
-            written = commit_metrics(spark, path, version).get("numOutputRows", 0)
-            return MergeResult(version, written, written)
-        except Exception as exc:  # another writer created it first: fall through to MERGE
-            if not table_exists(spark, path):
-                raise
-            log.info("table %s appeared while creating it (%s); merging instead", path, type(exc).__name__)
-    target = DeltaTable.forPath(spark, path)
-    cond = _key_condition(on) if target_where is None else _key_condition(on) & target_where
-    builder = target.alias("t").merge(df.alias("s"), cond).whenNotMatchedInsertAll()
-    if evolve_schema:
-        builder = builder.withSchemaEvolution()
-    before = current_version(spark, path)
-    metrics = builder.execute().first()
-    inserted = int(metrics["num_inserted_rows"]) if metrics is not None else 0
-    version = _version_after_write(spark, path)
-    # A MERGE that inserts nothing commits nothing, so only a new commit's metrics describe this source.
-    source_rows = commit_metrics(spark, path, version).get("numSourceRows") if version != before else None
-    return MergeResult(version, inserted, source_rows)
-
-
-def _create_if_missing(df: DataFrame, cfg: Config, key: str, properties: dict[str, str] | None) -> MergeResult | None:
-    """Write `df` as the table when there is none yet (None when the table exists or another writer created it)."""
-    spark, path = df.sparkSession, cfg.table_path(key)
-    if table_exists(spark, path):
-        return None
-    writer = df.write.format("delta").mode("errorifexists")
-    for k, v in (properties or {}).items():
-        writer = writer.option(k, v)
-    try:
-        writer.save(path)
-    except Exception as exc:
-        if not table_exists(spark, path):
-            raise
-        log.info("table %s appeared while creating it (%s); merging instead", path, type(exc).__name__)
-        return None
-    version = _version_after_write(spark, path)
-    written = commit_metrics(spark, path, version).get("numOutputRows", 0)
-    return MergeResult(version, written, written)
-
-
-def _merge_result(spark: SparkSession, path: str, before: int | None, metrics) -> MergeResult:
-    version = _version_after_write(spark, path)
-    inserted = int(metrics["num_inserted_rows"]) if metrics is not None else 0
-    source_rows = commit_metrics(spark, path, version).get("numSourceRows") if version != before else None
-    return MergeResult(version, inserted, source_rows)
-
-
-def _key_condition(on: list[str]) -> Column:
-    cond: Column | None = None
-    for c in on:
-        term = F.col(f"t.`{c}`") == F.col(f"s.`{c}`")
-        cond = term if cond is None else cond & term
-    assert cond is not None
-    return cond
-
-
-DROP_FLAG = C.DROP_FLAG
-
-
-def _change_merge(df: DataFrame, cfg: Config, key: str, on: list[str], update: bool,
-                  target_where: Column | None, properties: dict[str, str] | None) -> tuple[MergeResult, int]:
-    spark, path = df.sparkSession, cfg.table_path(key)
-    columns = [c for c in df.columns if c != DROP_FLAG]
-    created = _create_if_missing(df.where(~F.col(DROP_FLAG)).select(*columns), cfg, key, properties)
-    if created is not None:
-        return created, 0
-    cond = _key_condition(on) if target_where is None else _key_condition(on) & target_where
-    values = {f"`{c}`": F.col(f"s.`{c}`") for c in columns}
-    drop = F.col(f"s.{DROP_FLAG}")
-    builder = DeltaTable.forPath(spark, path).alias("t").merge(df.alias("s"), cond).whenMatchedDelete(drop)
-    if update:
-        builder = builder.whenMatchedUpdate(set=values)
-    builder = builder.whenNotMatchedInsert(~drop, values)
-    before = current_version(spark, path)
-    metrics = builder.execute().first()
-    deleted = int(metrics["num_deleted_rows"]) if metrics is not None else 0
-    return _merge_result(spark, path, before, metrics), deleted
-
-
-def upsert(
-    df: DataFrame, cfg: Config, key: str, on: list[str], *,
-    target_where: Column | None = None, properties: dict[str, str] | None = None,
-) -> tuple[MergeResult, int]:
-    """Make the table's rows for the keys of `df` equal to `df`'s in one MERGE: update, insert, or delete
-    where the source row's `DROP_FLAG` is set. The rows are absolute values: a second run changes nothing.
-
-    Args:
-        target_where: a condition on the target alone (`t.` columns) that every matching row meets;
-            Delta skips the files that cannot hold one (an event-time range, a run id).
-    Returns:
-        (the MERGE's result, rows deleted).
-    """
-    return _retrying(cfg.table_name(key), lambda: _change_merge(df, cfg, key, on, True, target_where, properties))
-
-
-def apply_changes(
-    df: DataFrame, cfg: Config, key: str, on: list[str], *,
-    target_where: Column | None = None, properties: dict[str, str] | None = None,
-) -> tuple[MergeResult, int]:
-    """Insert the source rows whose key is absent and delete the rows matched by a source row with `DROP_FLAG`
-    set: one MERGE, so readers see both changes or neither, and a re-run changes nothing more.
-
-    Returns:
-        (the MERGE's result, rows deleted).
-    """
-    return _retrying(cfg.table_name(key), lambda: _change_merge(df, cfg, key, on, False, target_where, properties))
-
-
-def merge_deltas(
-    df: DataFrame, cfg: Config, key: str, on: list[str], *, batch: str,
-    updates: dict[str, Column], delete_when: Column, insert_when: Column, inserts: dict[str, Column],
-    properties: dict[str, str] | None = None,
-) -> MergeResult:
-    """Add a batch's deltas to a table of sums in one MERGE: `updates` and `delete_when` are expressions of the
-    target (`t.`) and source (`s.`) rows, `inserts` the values of a new key.
-
-    Sums are not absolute rows, so a second application must not add again: every row the MERGE changes
-    takes the source's `batch` column, and a target row that already carries it is left alone.
-    """
-    guard = ~F.col(f"t.`{batch}`").eqNullSafe(F.col(f"s.`{batch}`"))
-
-    def run() -> MergeResult:
-        spark, path = df.sparkSession, cfg.table_path(key)
-        created = _create_if_missing(df.alias("s").where(insert_when).select(*[v.alias(k) for k, v in inserts.items()]),
-                                     cfg, key, properties)
-        if created is not None:
-            return created
-        builder = (
-            DeltaTable.forPath(spark, path).alias("t").merge(df.alias("s"), _key_condition(on))
-            .whenMatchedDelete(guard & delete_when)
-            .whenMatchedUpdate(guard, set={f"`{k}`": v for k, v in updates.items()})
-            .whenNotMatchedInsert(insert_when, {f"`{k}`": v for k, v in inserts.items()})
-        )
-        before = current_version(spark, path)
-        return _merge_result(spark, path, before, builder.execute().first())
-
-    return _retrying(cfg.table_name(key), run)
+    retrying(cfg.table_name(key), lambda: writer.save(path))
+    return version_after_write(df.sparkSession, path)
 
 
 def read_inserts(spark: SparkSession, cfg: Config, key: str, after_version: int, to_version: int) -> DataFrame:
@@ -407,23 +210,8 @@ def ensure_properties(spark: SparkSession, cfg: Config, key: str, properties: di
     if not missing:
         return False
     assignments = ", ".join(f"'{k}' = '{v}'" for k, v in sorted(missing.items()))
-    _retrying(cfg.table_name(key), lambda: spark.sql(f"ALTER TABLE delta.`{sql_path(path)}` SET TBLPROPERTIES ({assignments})"))
+    retrying(cfg.table_name(key), lambda: spark.sql(f"ALTER TABLE delta.`{sql_path(path)}` SET TBLPROPERTIES ({assignments})"))
     return True
-
-
-def scratch_path(cfg: Config, name: str) -> str:
-    """A working table of the warehouse that no reader uses (`_work/<name>`)."""
-    return f"{cfg.warehouse.rstrip('/')}/_work/{name}"
-
-
-def write_scratch(df: DataFrame, cfg: Config, name: str) -> None:
-    """Overwrite the working files `name` with `df` (Parquet: no reader but the stage itself, which
-    records elsewhere, once they are all written, that they are complete)."""
-    df.write.mode("overwrite").parquet(scratch_path(cfg, name))
-
-
-def read_scratch(spark: SparkSession, cfg: Config, name: str) -> DataFrame:
-    return spark.read.parquet(scratch_path(cfg, name))
 
 
 def append_rows(df: DataFrame, cfg: Config, key: str, *, properties: dict[str, str] | None = None) -> int:
@@ -433,8 +221,8 @@ def append_rows(df: DataFrame, cfg: Config, key: str, *, properties: dict[str, s
     if not table_exists(df.sparkSession, path):
         for k, v in (properties or {}).items():
             writer = writer.option(k, v)
-    _retrying(cfg.table_name(key), lambda: writer.save(path))
-    return _version_after_write(df.sparkSession, path)
+    retrying(cfg.table_name(key), lambda: writer.save(path))
+    return version_after_write(df.sparkSession, path)
 
 
 def append_once(df: DataFrame, cfg: Config, key: str, app_id: str, batch: int, *,
@@ -453,24 +241,9 @@ def append_once(df: DataFrame, cfg: Config, key: str, app_id: str, batch: int, *
     if before is None:
         for k, v in (properties or {}).items():
             writer = writer.option(k, v)
-    _retrying(cfg.table_name(key), lambda: writer.save(path))
-    after = _version_after_write(spark, path)
+    retrying(cfg.table_name(key), lambda: writer.save(path))
+    after = version_after_write(spark, path)
     return None if after == before else after
-
-
-def replace_lists(df: DataFrame, cfg: Config, key: str, max_rank: int, *, properties: dict[str, str] | None = None) -> int:
-    """Make the listed users' rows of a list table equal to `df`'s in one MERGE (`upsert` by (user, rank)): their
-    ranks are updated or inserted, and the ranks up to `max_rank` a shorter list no longer has are deleted. Other
-    users' rows are left alone. No user key is written into the table's log (the condition names columns only).
-    Returns the table's version after it."""
-    spark = df.sparkSession
-    users = df.select(C.USER_ID).distinct()
-    ranks = spark.range(1, max_rank + 1).select(F.col("id").cast("int").alias(C.RANK))
-    stale = (users.crossJoin(ranks).join(df.select(C.USER_ID, C.RANK), [C.USER_ID, C.RANK], "left_anti")
-             .withColumn(DROP_FLAG, F.lit(True)))
-    changes = df.withColumn(DROP_FLAG, F.lit(False)).unionByName(stale, allowMissingColumns=True)
-    result, _ = upsert(changes, cfg, key, [C.USER_ID, C.RANK], properties=properties)
-    return result.version
 
 
 def compact(spark: SparkSession, cfg: Config, key: str) -> dict[str, int]:
@@ -504,7 +277,7 @@ def current_recommendations(spark: SparkSession, cfg: Config) -> DataFrame:
     return both.join(newest, C.USER_ID).where(F.col("origin") == F.col("_pick")).drop("_pick")
 
 
-def _version_after_write(spark: SparkSession, path: str) -> int:
+def version_after_write(spark: SparkSession, path: str) -> int:
     version = current_version(spark, path)
     if version is None:  # pragma: no cover - a successful write always leaves a version
         raise StageError(f"no Delta version found at {path} after writing it")
@@ -518,7 +291,7 @@ def commit_metrics(spark: SparkSession, path: str, version: int) -> dict[str, in
     small file read on the driver; asking Delta for the table's history ran
     Spark jobs, about a second per call.
     """
-    fs, file = _hadoop(spark, f"{path.rstrip('/')}/_delta_log/{version:020d}.json")
+    fs, file = hadoop_path(spark, f"{path.rstrip('/')}/_delta_log/{version:020d}.json")
     stream = fs.open(file)
     try:
         text = spark.sparkContext._jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8")
@@ -536,33 +309,6 @@ def commit_metrics(spark: SparkSession, path: str, version: int) -> dict[str, in
         except (TypeError, ValueError):
             continue
     return out
-
-
-def remove_dir(spark: SparkSession, path: str) -> None:
-    """Delete a directory through Hadoop's file system, so remote paths work too."""
-    fs, hpath = _hadoop(spark, path)
-    if fs.exists(hpath):
-        fs.delete(hpath, True)
-
-
-def checkpointed_rdds(spark: SparkSession, path: str) -> int:
-    """RDD checkpoints present under a checkpoint directory (Spark writes <dir>/<uuid>/rdd-N)."""
-    fs, hpath = _hadoop(spark, path)
-    if not fs.exists(hpath):
-        return 0
-    count = 0
-    for top in fs.listStatus(hpath):
-        if top.isDirectory():
-            count += sum(1 for s in fs.listStatus(top.getPath()) if s.getPath().getName().startswith("rdd-"))
-    return count
-
-
-def checkpoint_dir(cfg: Config, run_id: str) -> str:
-    return f"{cfg.checkpoint_root.rstrip('/')}/{run_id}"
-
-
-def model_path(cfg: Config, model_version: str) -> str:
-    return f"{cfg.warehouse.rstrip('/')}/_models/{model_version}"
 
 
 def restore_table(spark: SparkSession, cfg: Config, key: str, version: int) -> int:
@@ -583,60 +329,9 @@ def restore_table(spark: SparkSession, cfg: Config, key: str, version: int) -> i
         raise StageError(
             f"cannot restore table '{cfg.table_name(key)}' to version {version}: {str(exc).splitlines()[0]}"
         ) from exc
-    return _version_after_write(spark, path)
+    return version_after_write(spark, path)
 
 
-def write_text(spark: SparkSession, path: str, text: str) -> None:
-    """Write a small text file through Hadoop's file system (local or remote alike), replacing it."""
-    fs, hpath = _hadoop(spark, path)
-    stream = fs.create(hpath, True)
-    try:
-        stream.write(bytearray(text.encode("utf-8")))
-    finally:
-        stream.close()
-
-
-def read_texts(spark: SparkSession, directory: str) -> dict[str, str]:
-    """{file name: text} of the small files directly under `directory` (empty when it does not exist)."""
-    fs, hdir = _hadoop(spark, directory)
-    if not fs.exists(hdir):
-        return {}
-    io_utils = spark.sparkContext._jvm.org.apache.commons.io.IOUtils
-    out = {}
-    for status in fs.listStatus(hdir):
-        if status.isDirectory():
-            continue
-        stream = fs.open(status.getPath())
-        try:
-            out[status.getPath().getName()] = str(io_utils.toString(stream, "UTF-8"))
-        finally:
-            stream.close()
-    return out
-
-
-def remove_file(spark: SparkSession, path: str) -> None:
-    fs, hpath = _hadoop(spark, path)
-    if fs.exists(hpath):
-        fs.delete(hpath, False)
-
-
-# --------------------------------------------------------------------------- erasure (`sparkrec forget`)
-
-def delete_matching(spark: SparkSession, cfg: Config, key: str, keys: DataFrame, on: list[str]) -> int:
-    """Delete the rows whose `on` columns equal a row of `keys`; returns the rows deleted (0: no table).
-
-    A MERGE, not `DELETE WHERE x IN (...)`: the commit records the predicate it ran, and a MERGE's is
-    `t.x = s.x`, so the values being erased are not written into the table's log.
-    """
-    path = cfg.table_path(key)
-    if not table_exists(spark, path):
-        return 0
-
-    def run() -> int:
-        metrics = DeltaTable.forPath(spark, path).alias("t").merge(keys.alias("s"), _key_condition(on)).whenMatchedDelete().execute().first()
-        return int(metrics["num_deleted_rows"]) if metrics is not None else 0
-
-    return _retrying(cfg.table_name(key), run)
 
 
 def purge_history(spark: SparkSession, cfg: Config, key: str) -> None:
@@ -662,32 +357,3 @@ def purge_history(spark: SparkSession, cfg: Config, key: str) -> None:
         spark.conf.set(check, before)
 
 
-def model_dirs(spark: SparkSession, cfg: Config) -> list[str]:
-    """The saved models under the warehouse's `_models/`."""
-    fs, hpath = _hadoop(spark, f"{cfg.warehouse.rstrip('/')}/_models")
-    if not fs.exists(hpath):
-        return []
-    return sorted(str(s.getPath().toString()) for s in fs.listStatus(hpath) if s.isDirectory())
-
-
-def drop_model_users(spark: SparkSession, model_dir: str, user_idx: DataFrame) -> int:
-    """Rewrite a saved ALS model's user factors without the given users (`id` is the user index MLlib saved);
-    returns the factor rows removed. The new files are written beside the old ones and swapped in, so a
-    crash leaves either the old or the new factors, and a re-run finishes the job."""
-    factors = f"{model_dir.rstrip('/')}/userFactors"
-    tmp = f"{factors}.forget-tmp"
-    fs, hpath = _hadoop(spark, factors)
-    _, htmp = _hadoop(spark, tmp)
-    if not fs.exists(hpath) and fs.exists(htmp):  # an earlier run stopped between the delete and the rename
-        fs.rename(htmp, hpath)
-    if not fs.exists(hpath):
-        return 0
-    old = spark.read.parquet(factors)
-    ids = user_idx.select(F.col(C.USER_IDX).alias("id"))
-    removed = old.join(F.broadcast(ids), "id", "left_semi").count()
-    if not removed:
-        return 0
-    old.join(F.broadcast(ids), "id", "left_anti").write.mode("overwrite").parquet(tmp)
-    fs.delete(hpath, True)
-    fs.rename(htmp, hpath)
-    return removed

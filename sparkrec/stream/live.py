@@ -43,7 +43,7 @@ from pyspark.sql import functions as F
 from sparkrec.batch import clean, incremental, ingest, pipeline, privacy, recommend, train
 from sparkrec.core import pseudonyms
 from sparkrec.core import foldin
-from sparkrec.storage import runs, sources, tables
+from sparkrec.storage import merges, runs, sources, tables
 from sparkrec.core import ledger as ledger_
 from sparkrec.core import columns as C
 from sparkrec.core.config import Config, TrainConfig
@@ -296,7 +296,7 @@ class LiveStream:
             if listed:
                 stamp = {C.MODEL_VERSION: model.model_version or "fallback", C.RUN_ID: ctx.run_id, C.GENERATED_AT: ctx.now}
                 out = spark.createDataFrame(lists.assign(**stamp), LIVE_SCHEMA)
-                version = tables.replace_lists(out, cfg, C.LIVE_RECOMMENDATIONS, 2 * cfg.recommend.n, properties=LIVE_PROPERTIES)
+                version = merges.replace_lists(out, cfg, C.LIVE_RECOMMENDATIONS, 2 * cfg.recommend.n, properties=LIVE_PROPERTIES)
                 rec.outputs[cfg.table_name(C.LIVE_RECOMMENDATIONS)] = version
         rec.details["folded_in"] = len(factors)
         return len(listed)
