@@ -8,7 +8,7 @@ from chispa import assert_df_equality
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, LongType, StringType, StructField, StructType
 
-from sparkrec.batch import clean
+from sparkrec.batch import clean, item_table
 from sparkrec.core import columns as C
 from sparkrec.core.config import load_config
 from sparkrec.batch.ingest import with_lineage
@@ -131,7 +131,7 @@ def test_ledger_balances_and_items_derived(spark):
     q = clean.quarantine_of(df, "r1").collect()
     assert len(q) == 1 and q[0][C.REASON] == "missing_user_id" and q[0][C.RUN_ID] == "r1"
     assert '"item_id":"i1"' in q[0][C.RAW_RECORD] and '"user_id":null' in q[0][C.RAW_RECORD]
-    items = {r[C.ITEM_ID]: (r[C.PRICE], r[C.AVAILABLE]) for r in clean.items_from_interactions(clean.interactions_of(df)).collect()}
+    items = {r[C.ITEM_ID]: (r[C.PRICE], r[C.AVAILABLE]) for r in item_table.items_from_interactions(clean.interactions_of(df)).collect()}
     assert items == {"i1": (2.0, True), "i2": (None, True)}
 
 
@@ -187,5 +187,5 @@ def test_normalize_items(spark):
         [(" i1 ", "toys", "3.5", "false"), ("i2", None, "n/a", "yes"), (None, "x", "1", "1"), ("i1", "toys", "3.5", "false")],
         "item_id string, category string, price string, available string",
     )
-    got = sorted(tuple(r) for r in clean.normalize_items(items).collect())
+    got = sorted(tuple(r) for r in item_table.normalize_items(items).collect())
     assert got == [("i1", "toys", 3.5, False), ("i2", None, None, True)]

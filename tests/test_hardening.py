@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 from pyspark.sql import functions as F
 
-from sparkrec.batch import clean, pipeline
+from sparkrec.batch import clean, item_table, pipeline
 from sparkrec.storage import tables
 from sparkrec.core import columns as C
 from sparkrec.core.config import load_config
@@ -194,7 +194,7 @@ def test_transaction_lines_name_their_items_and_explanations_use_the_names(spark
     ]
     raw = with_lineage(spark.createDataFrame(rows, schema).withColumn(C.SOURCE_FILE, F.lit("f")), "r")
     classified = clean.classify(raw, retail.source, retail.clean, NOW)
-    items = {r[C.ITEM_ID]: r[C.ITEM_NAME] for r in clean.items_from_interactions(clean.kept_with_names(classified)).collect()}
+    items = {r[C.ITEM_ID]: r[C.ITEM_NAME] for r in item_table.items_from_interactions(clean.kept_with_names(classified)).collect()}
     assert items == {"48188": "DOORMAT WELCOME SUNRISE", "22423": "REGENCY CAKESTAND", "99999": None}
 
     item_f = spark.createDataFrame([(0, [1.0, 0.0]), (1, [0.9, 0.1]), (2, [0.0, 1.0])], "item_idx int, features array<float>")

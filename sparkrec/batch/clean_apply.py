@@ -15,7 +15,7 @@ from pyspark import StorageLevel
 from pyspark.sql import Column
 from pyspark.sql import functions as F
 
-from sparkrec.batch import clean, incremental, joins, train
+from sparkrec.batch import clean, incremental, item_table, joins, train
 from sparkrec.core import columns as C
 from sparkrec.core import ledger
 from sparkrec.core.errors import StageError
@@ -65,8 +65,8 @@ def clean_full(ctx: RunContext, rec, state: incremental.CleanState | None, raw_v
         weights = train.weight_sums(rec.read_output(C.INTERACTIONS), h).withColumn(C.RUN_ID, F.lit(ctx.run_id))
         rec.overwrite(weights, C.WEIGHTS, properties=props(C.WEIGHTS))
         if cfg.items.path is None:  # no item file: derive items from what was kept, still cached
-            rec.overwrite(clean.item_latest(clean.kept_with_names(classified)), C.CLEAN_ITEM_LATEST, properties=props(C.CLEAN_ITEM_LATEST))
-            rec.overwrite(clean.items_of_latest(rec.read_output(C.CLEAN_ITEM_LATEST)), C.ITEMS)
+            rec.overwrite(item_table.item_latest(clean.kept_with_names(classified)), C.CLEAN_ITEM_LATEST, properties=props(C.CLEAN_ITEM_LATEST))
+            rec.overwrite(item_table.items_of_latest(rec.read_output(C.CLEAN_ITEM_LATEST)), C.ITEMS)
     finally:
         deduped.unpersist()
     ledger.check(tally, written_kept, written_quarantined)
@@ -175,7 +175,7 @@ def item_changes(ctx: RunContext, rec, adds, drops, plan: incremental.Plan):
     row that left `interactions` is recomputed from its remaining rows (their names from events_raw): rare,
     as it takes a demoted or moved row that was the item's newest."""
     merged = incremental.merged_item_latest(
-        rec.read_optional(C.CLEAN_ITEM_LATEST), clean.item_latest(adds), drops.select(C.ITEM_ID, C.RAW_KEY)
+        rec.read_optional(C.CLEAN_ITEM_LATEST), item_table.item_latest(adds), drops.select(C.ITEM_ID, C.RAW_KEY)
     ).localCheckpoint()
     stale = merged.where(F.col(incremental.STALE) & (F.col(C.EVENTS) > 0)).select(C.ITEM_ID).localCheckpoint()
     merged = merged.drop(incremental.STALE)
@@ -198,7 +198,7 @@ def item_changes(ctx: RunContext, rec, adds, drops, plan: incremental.Plan):
     else:
         remaining = remaining.withColumn(clean.ITEM_NAME_COLUMN, F.lit(None).cast("string"))
     rows = remaining.unionByName(adds.join(F.broadcast(stale), C.ITEM_ID, "left_semi"))
-    redone = clean.item_latest(rows)
+    redone = item_table.item_latest(rows)
     return merged.join(stale, C.ITEM_ID, "left_anti").unionByName(redone)
 
 
@@ -284,7 +284,7 @@ def apply_batch(ctx: RunContext, rec, plan: incremental.Plan, batch_run: str, fi
     if cfg.items.path is None:
       with rec.step("apply items"):
         rec.upsert(files.read_scratch(spark, cfg, f"{WORK}/item_latest"), C.CLEAN_ITEM_LATEST, [C.ITEM_ID], properties=props(C.CLEAN_ITEM_LATEST))
-        rec.overwrite(clean.items_of_latest(rec.read_output(C.CLEAN_ITEM_LATEST)), C.ITEMS)
+        rec.overwrite(item_table.items_of_latest(rec.read_output(C.CLEAN_ITEM_LATEST)), C.ITEMS)
     write_state(ctx, rec, incremental.CleanState(done_version=plan.to_version, half_life_days=cfg.train.recency_half_life_days,
                                                   rules=incremental.state_rules(cfg)))
 
@@ -304,4 +304,4 @@ def forget_items(ctx: RunContext, rec, users, raw_version: int | None) -> None:
     plan = incremental.Plan("forget", "", raw_version, raw_version)
     changes = item_changes(ctx, rec, empty, drops, plan).withColumn(C.DROP_FLAG, F.col(C.EVENTS) <= 0)
     rec.upsert(changes, C.CLEAN_ITEM_LATEST, [C.ITEM_ID], properties=incremental.state_properties(C.CLEAN_ITEM_LATEST))
-    rec.overwrite(clean.items_of_latest(rec.read_output(C.CLEAN_ITEM_LATEST)), C.ITEMS)
+    rec.overwrite(item_table.items_of_latest(rec.read_output(C.CLEAN_ITEM_LATEST)), C.ITEMS)

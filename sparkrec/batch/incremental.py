@@ -224,7 +224,7 @@ STALE = "_stale"  # on merged item rows: the kept price or name came from a row 
 
 
 def merged_item_latest(old: DataFrame | None, new: DataFrame, dropped: DataFrame) -> DataFrame:
-    """The state's items changed by a batch: rows added (`new`, from `clean.item_latest`) and rows that left
+    """The state's items changed by a batch: rows added (`new`, from `item_table.item_latest`) and rows that left
     `interactions` (`dropped`: item_id, _raw_key). The newer price and name win per field; an item whose
     kept value came from a dropped row is flagged `STALE`; an item with no row left has events 0."""
     gone = dropped.groupBy(C.ITEM_ID).agg(F.count(F.lit(1)).alias("_gone"), F.collect_set(C.RAW_KEY).alias("_gone_keys"))

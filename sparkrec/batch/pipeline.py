@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pyspark import StorageLevel
 from pyspark.sql import functions as F
 
-from sparkrec.batch import clean, clean_apply, forget, ids, incremental, ingest, privacy, protocol, recommend, train, tune
+from sparkrec.batch import clean, clean_apply, forget, ids, incremental, ingest, item_table, privacy, protocol, recommend, train, tune
 from sparkrec.core import gate, ledger, pseudonyms, stages
 from sparkrec.storage import files, merges, runs, sources, tables
 from sparkrec.core import columns as C
@@ -61,7 +61,7 @@ def run_ingest(ctx: RunContext) -> None:
         rec.details["source"] = cfg.source.path
         items = sources.read_items_source(ctx.spark, cfg.items)
         if items is not None:
-            rec.overwrite(clean.normalize_items(items), C.ITEMS)
+            rec.overwrite(item_table.normalize_items(items), C.ITEMS)
 
 
 def run_clean(ctx: RunContext) -> ledger.Ledger:
