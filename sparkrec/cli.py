@@ -253,13 +253,13 @@ def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> in
                 pipeline.run_stages(ctx, ("ids", "train", "recommend"))
                 print("retrained: the model and the lists no longer use their events")
         elif args.command == "runs":
-            from sparkrec.storage import runs
+            from sparkrec.storage import registry
 
-            print(runs.list_runs(session, cfg, args.limit))
+            print(registry.list_runs(session, cfg, args.limit))
         elif args.command == "rollback":
-            from sparkrec.storage import runs
+            from sparkrec.storage import registry
 
-            print(runs.rollback(ctx, args.to))
+            print(registry.rollback(ctx, args.to))
         elif args.command == "report":
             from sparkrec.batch import report
 

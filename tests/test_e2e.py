@@ -431,12 +431,12 @@ def test_run_reuses_recent_tuned_settings_of_the_same_search_and_searches_again_
     pipeline.run_tune(fresh_ctx, reuse=True)
     fresh = json.loads(table(spark, first_run, C.RUNS).where(f"run_id = '{fresh_ctx.run_id}' and stage = 'tune'").first()["details"])
     assert "reused_from" not in fresh and len(fresh["trials"]) == 1
-    from sparkrec.storage import runs as run_records
+    from sparkrec.storage import registry
 
     # Another search (another seed) finds nothing to reuse; the same search finds the fresh one.
     other = tuned.model_copy(update={"tune": tuned.tune.model_copy(update={"seed": 100})})
-    assert run_records.reusable_tuning(spark, other, 7.0) is None
-    assert run_records.reusable_tuning(spark, tuned, 7.0)["run_id"] == fresh_ctx.run_id
+    assert registry.reusable_tuning(spark, other, 7.0) is None
+    assert registry.reusable_tuning(spark, tuned, 7.0)["run_id"] == fresh_ctx.run_id
 
 
 def test_run_keeps_the_configured_settings_when_the_history_is_too_short_to_tune(spark, first_run, capsys):
@@ -456,8 +456,8 @@ def test_run_keeps_the_configured_settings_when_the_history_is_too_short_to_tune
     assert main(["runs", *cli_args(first_run)], spark=spark) == 0
     assert "not tuned, the configured settings were used" in capsys.readouterr().out
     # a skipped search is not a winner a later run could reuse
-    from sparkrec.storage import runs as run_records
+    from sparkrec.storage import registry
 
-    assert (run_records.reusable_tuning(spark, short, 7.0) or {}).get("run_id") != ctx.run_id
+    assert (registry.reusable_tuning(spark, short, 7.0) or {}).get("run_id") != ctx.run_id
     code = main(["tune", *cli_args(first_run), "--set", "tune.min_users=1000000"], spark=spark)
     assert code != 0 and "tune.min_users" in capsys.readouterr().err

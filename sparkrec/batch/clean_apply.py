@@ -19,7 +19,7 @@ from sparkrec.batch import clean, incremental, item_table, joins, train
 from sparkrec.core import columns as C
 from sparkrec.core import ledger
 from sparkrec.core.errors import StageError
-from sparkrec.storage import files, runs
+from sparkrec.storage import files, registry
 from sparkrec.storage.runs import RunContext
 
 
@@ -51,7 +51,7 @@ def clean_full(ctx: RunContext, rec, state: incremental.CleanState | None, raw_v
     try:
         tally = ledger.tally(raw.count(), clean.ledger_rows(clean.ledger(classified).collect()))
         if not ctx.live:
-            ledger.guard(tally, runs.previous_kept_share(ctx.spark, cfg), cfg.clean.min_kept_ratio,
+            ledger.guard(tally, registry.previous_kept_share(ctx.spark, cfg), cfg.clean.min_kept_ratio,
                          cfg.table_name(C.INTERACTIONS))
         kept = clean.interactions_of(classified)
         rec.overwrite(kept, C.INTERACTIONS, properties=clean.INTERACTIONS_PROPERTIES)
@@ -102,7 +102,7 @@ def save_batch(ctx: RunContext, rec, new_rows, plan: incremental.Plan) -> ledger
         with rec.step("classify"):
             tally = ledger.tally(rows.count(), clean.ledger_rows(clean.ledger(rows).collect()))
         if not ctx.live:
-            ledger.guard(tally, runs.previous_kept_share(spark, cfg), cfg.clean.min_kept_ratio, cfg.table_name(C.INTERACTIONS))
+            ledger.guard(tally, registry.previous_kept_share(spark, cfg), cfg.clean.min_kept_ratio, cfg.table_name(C.INTERACTIONS))
         # Users whose bot verdict changed: their earlier surviving rows move between the two tables.
         with rec.step("bot verdicts"):
             flips = incremental.flipped(flags).localCheckpoint()

@@ -18,7 +18,7 @@ from pyspark.sql import functions as F
 
 from sparkrec.batch import clean, clean_apply, forget, ids, incremental, ingest, item_table, privacy, protocol, recommend, train, tune
 from sparkrec.core import gate, ledger, pseudonyms, stages
-from sparkrec.storage import files, merges, runs, sources, tables
+from sparkrec.storage import files, merges, registry, runs, sources, tables
 from sparkrec.core import columns as C
 from sparkrec.core.config import TrainConfig
 from sparkrec.core.errors import BaselinePublished, GateError, StageError
@@ -125,7 +125,7 @@ def run_ids(ctx: RunContext) -> None:
     cfg = ctx.cfg
     with ctx.stage("ids") as rec:
         current = tables.read_required(ctx.spark, cfg, C.INTERACTIONS).version
-        last = runs.last_input_version(ctx.spark, cfg, "ids", C.INTERACTIONS)
+        last = registry.last_input_version(ctx.spark, cfg, "ids", C.INTERACTIONS)
         have_ids = all(tables.table_exists(ctx.spark, cfg.table_path(t)) for t in (C.USER_IDS, C.ITEM_IDS))
         inter = None
         if have_ids and last is not None and last <= current:
@@ -299,7 +299,7 @@ def run_tune(ctx: RunContext, reuse: bool = False) -> tune.Tuned:
     key = gate.metric_key(cfg.evaluate)
     with ctx.stage("tune") as rec:
         rec.details["search_key"] = cfg.search_key()
-        earlier = runs.reusable_tuning(ctx.spark, cfg, cfg.tune.reuse_days) if reuse and cfg.tune.reuse_days else None
+        earlier = registry.reusable_tuning(ctx.spark, cfg, cfg.tune.reuse_days) if reuse and cfg.tune.reuse_days else None
         if earlier is not None:
             found = earlier["details"]
             rec.details.update(reused_from=earlier["run_id"], best=found.get("best"), train=found["train"],

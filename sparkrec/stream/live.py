@@ -43,7 +43,7 @@ from pyspark.sql import functions as F
 from sparkrec.batch import clean, incremental, ingest, pipeline, privacy, recommend, train
 from sparkrec.core import pseudonyms
 from sparkrec.core import foldin
-from sparkrec.storage import merges, runs, sources, tables
+from sparkrec.storage import merges, registry, runs, sources, tables
 from sparkrec.core import ledger as ledger_
 from sparkrec.core import columns as C
 from sparkrec.core.config import Config, TrainConfig
@@ -106,7 +106,7 @@ def load_model(ctx: RunContext, history: DataFrame) -> LiveModel:
         first = factors.df.select(C.MODEL_VERSION).first()
         model_version = first[0] if first is not None else None
     if model_version is not None:
-        record = runs.train_record(spark, cfg, model_version) or {}
+        record = registry.train_record(spark, cfg, model_version) or {}
         if "train" in record:
             settings = TrainConfig.model_validate(record["train"])
         else:
