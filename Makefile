@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 EVENTS ?= 100000
 DELTA_ARTIFACT := io.delta:delta-spark_4.2_2.13:4.4.0
 
-.PHONY: airflow-setup browser setup demo test test-unit test-fast test-cluster retail bench jars dist dist-env cluster-up cluster-down kafka-up kafka-down clean
+.PHONY: airflow-setup browser setup demo test lint test-unit test-fast test-cluster retail bench jars dist dist-env cluster-up cluster-down kafka-up kafka-down clean
 
 setup: $(VENV)/.installed
 
@@ -28,8 +28,12 @@ retail: setup
 
 # Two workers (pytest-xdist), one test file each at a time: most of the suite waits on processes it
 # started (spark-submit, Airflow, a cluster, a broker), so two files overlap on 2 cores.
-test: setup airflow-setup browser
+test: setup airflow-setup browser lint
 	$(BIN)/python -m pytest -n 2 --dist loadfile
+
+# The layer contracts in pyproject.toml (import-linter): the core without Spark, no upward import.
+lint: setup
+	$(BIN)/lint-imports
 
 # Headless Chromium for the report test (Debian's package; needs root or sudo the first time).
 browser:
@@ -50,7 +54,7 @@ $(AIRFLOW_VENV)/.installed:
 	touch $@
 
 # The no-JVM tier: config, the top-k kernel, the ledger, the gate, the stage table (seconds).
-test-unit: setup
+test-unit: setup lint
 	$(BIN)/python -m pytest -m nojvm
 
 test-fast: setup

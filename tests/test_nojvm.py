@@ -18,7 +18,7 @@ pytestmark = pytest.mark.nojvm
 def test_the_tier_really_needs_no_jvm():
     """Importing the CLI and the pure modules must not import pyspark (so `--help` and config errors need no JVM)."""
     code = (
-        "import sys, sparkrec.cli, sparkrec.core.config, sparkrec.core.gate, sparkrec.core.ledger, sparkrec.batch.privacy, sparkrec.core.stages, sparkrec.core.topk;"
+        "import sys, sparkrec.cli, sparkrec.core.config, sparkrec.core.gate, sparkrec.core.ledger, sparkrec.core.pseudonyms, sparkrec.core.stages, sparkrec.core.topk;"
         "print('pyspark' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
