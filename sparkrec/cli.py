@@ -20,7 +20,6 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from sparkrec import __version__

@@ -6,8 +6,8 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StringType, StructField, StructType
 
-from sparkrec.core import columns as C
 from sparkrec.batch.ingest import with_lineage
+from sparkrec.core import columns as C
 
 EVENT_FIELDS = ["event_id", "user_id", "item_id", "event_type", "timestamp", "rating", "quantity", "price"]
 

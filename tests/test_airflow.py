@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from sparkrec.core import columns as C
-from sparkrec.storage import tables
 from sparkrec.core.config import load_config
 from sparkrec.dev.generate import GenerateParams, generate
+from sparkrec.storage import tables
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.cluster

@@ -6,9 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from sparkrec.core import block, topk
 from sparkrec.core import columns as C
-from sparkrec.core import topk
-from sparkrec.core import block
 
 pytestmark = pytest.mark.nojvm
 

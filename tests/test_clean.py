@@ -9,9 +9,9 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, LongType, StringType, StructField, StructType
 
 from sparkrec.batch import clean, item_table
+from sparkrec.batch.ingest import with_lineage
 from sparkrec.core import columns as C
 from sparkrec.core.config import load_config
-from sparkrec.batch.ingest import with_lineage
 from tests.conftest import ROOT
 from tests.helpers import raw_events
 

@@ -30,13 +30,13 @@ import pytest
 from chispa import assert_df_equality
 from pyspark.sql import functions as F
 
-from sparkrec.core import columns as C
-from sparkrec.dev import cluster as devcluster
 from sparkrec.batch import pipeline
-from sparkrec.storage import tables
 from sparkrec.cli import main
+from sparkrec.core import columns as C
 from sparkrec.core.config import load_config
+from sparkrec.dev import cluster as devcluster
 from sparkrec.dev.generate import GenerateParams, generate
+from sparkrec.storage import tables
 from sparkrec.storage.runs import RunContext
 from tests.conftest import ROOT
 

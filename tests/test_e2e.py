@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 from chispa import assert_df_equality
-from pyspark.sql import functions as F
 from pyspark.sql import Window
+from pyspark.sql import functions as F
 
-from sparkrec.core import columns as C
 from sparkrec.batch import pipeline
-from sparkrec.storage import tables
 from sparkrec.cli import main
+from sparkrec.core import columns as C
 from sparkrec.dev.generate import GenerateParams, generate
+from sparkrec.storage import tables
 from sparkrec.storage.runs import RunContext
 from tests.conftest import ROOT
 

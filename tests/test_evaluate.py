@@ -7,8 +7,8 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from sparkrec.core import columns as C
 from sparkrec.batch import evaluate, recommend, tune
+from sparkrec.core import columns as C
 from sparkrec.core.config import EvaluateConfig, RecommendConfig, TrainConfig, TuneConfig
 
 T0 = datetime(2025, 1, 1)

@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 from chispa import assert_df_equality
 
-from sparkrec.core import columns as C
 from sparkrec.batch import pipeline
-from sparkrec.storage import tables
 from sparkrec.cli import main
+from sparkrec.core import columns as C
 from sparkrec.core.config import load_config
 from sparkrec.dev.generate import GenerateParams, generate
+from sparkrec.storage import tables
 from sparkrec.storage.runs import RunContext
 from tests.conftest import ROOT
 

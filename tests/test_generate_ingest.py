@@ -6,10 +6,10 @@ import pytest
 from chispa import assert_df_equality
 from pyspark.sql import functions as F
 
-from sparkrec.core import columns as C
 from sparkrec.batch import pipeline
-from sparkrec.storage import sources, tables
+from sparkrec.core import columns as C
 from sparkrec.dev.generate import DIRT_RATES, GenerateParams, event_lines
+from sparkrec.storage import sources, tables
 from sparkrec.storage.runs import RunContext
 
 

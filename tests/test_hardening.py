@@ -10,9 +10,9 @@ from datetime import datetime, timezone
 from pyspark.sql import functions as F
 
 from sparkrec.batch import clean, item_table, pipeline
-from sparkrec.storage import tables
 from sparkrec.core import columns as C
 from sparkrec.core.config import load_config
+from sparkrec.storage import tables
 from sparkrec.storage.runs import RunContext
 from tests.conftest import ROOT
 from tests.helpers import raw_events

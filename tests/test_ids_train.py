@@ -7,8 +7,8 @@ from datetime import datetime
 import pytest
 from chispa import assert_df_equality
 
-from sparkrec.core import columns as C
 from sparkrec.batch import ids, train
+from sparkrec.core import columns as C
 from sparkrec.core.config import TrainConfig
 from sparkrec.core.errors import StageError
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from pyspark.sql import functions as F
 
-from sparkrec.core import columns as C
 from sparkrec.batch import pipeline
+from sparkrec.core import columns as C
 from sparkrec.storage import tables
 from sparkrec.storage.runs import RunContext
 

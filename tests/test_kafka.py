@@ -13,8 +13,8 @@ import socket
 
 import pytest
 
-from sparkrec.dev import kafka as devkafka
 from sparkrec.core.processes import process_running
+from sparkrec.dev import kafka as devkafka
 
 pytestmark = pytest.mark.kafka
 

@@ -171,8 +171,8 @@ def test_forget_leaves_no_trace_in_any_file_and_the_rest_untouched(spark, tmp_pa
     from pyspark.sql import functions as F
 
     from sparkrec.batch import forget
-    from sparkrec.core import pseudonyms
     from sparkrec.cli import main
+    from sparkrec.core import pseudonyms
     from sparkrec.dev.generate import GenerateParams, generate
 
     shop = tmp_path / "shop"

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 from pyspark.sql import functions as F
 
-from sparkrec.core import columns as C
 from sparkrec.batch import pipeline
-from sparkrec.storage import tables
+from sparkrec.core import columns as C
 from sparkrec.core.config import load_config
+from sparkrec.storage import tables
 from sparkrec.storage.runs import RunContext
 from tests.conftest import ROOT
 

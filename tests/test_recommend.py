@@ -6,8 +6,8 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from sparkrec.core import columns as C
 from sparkrec.batch import recommend
+from sparkrec.core import columns as C
 from sparkrec.core.config import RecommendConfig
 
 T0 = datetime(2025, 6, 1)

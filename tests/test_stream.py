@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 from pyspark.sql import functions as F
 
-from sparkrec.core import columns as C
-from sparkrec.dev import kafka as devkafka
-from sparkrec.stream import live as stream
-from sparkrec.storage import tables
 from sparkrec.cli import main
+from sparkrec.core import columns as C
 from sparkrec.core.config import load_config
+from sparkrec.dev import kafka as devkafka
 from sparkrec.dev.generate import GenerateParams, generate
+from sparkrec.storage import tables
 from sparkrec.storage.runs import RunContext
+from sparkrec.stream import live as stream
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.kafka, pytest.mark.e2e]

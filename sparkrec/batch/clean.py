@@ -22,9 +22,9 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, NumericType, StringType, TimestampType
 
 from sparkrec.core import columns as C
+from sparkrec.core.columns import LINEAGE_COLUMNS
 from sparkrec.core.config import CleanConfig, InputConfig, as_utc
 from sparkrec.core.errors import ConfigError
-from sparkrec.core.columns import LINEAGE_COLUMNS
 from sparkrec.core.ledger import DUPLICATED, KEPT, QUARANTINED
 
 OUTCOME = "_outcome"

@@ -25,8 +25,8 @@ Over all evaluated users' top-k lists:
 from __future__ import annotations
 
 import math
-from datetime import datetime, timedelta
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F

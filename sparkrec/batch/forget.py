@@ -17,11 +17,22 @@ from pathlib import Path
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
-from pyspark.sql.types import NumericType, StringType, StructField, StructType, TimestampType, BooleanType, IntegerType, ArrayType, MapType, LongType
+from pyspark.sql.types import (
+    ArrayType,
+    BooleanType,
+    IntegerType,
+    LongType,
+    MapType,
+    NumericType,
+    StringType,
+    StructField,
+    StructType,
+    TimestampType,
+)
 
 from sparkrec.batch import clean
-from sparkrec.core import pseudonyms
 from sparkrec.core import columns as C
+from sparkrec.core import pseudonyms
 from sparkrec.core.config import Config, InputConfig
 from sparkrec.core.errors import ConfigError
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from sparkrec.core import columns as C
 from sparkrec.batch.clean import event_time
+from sparkrec.core import columns as C
 from sparkrec.core.config import InputConfig, IntervalConfig
 
 LINEAGE_COLUMNS = C.LINEAGE_COLUMNS

@@ -16,12 +16,25 @@ from collections.abc import Sequence
 from pyspark import StorageLevel
 from pyspark.sql import functions as F
 
-from sparkrec.batch import clean, clean_apply, forget, ids, incremental, ingest, item_table, privacy, protocol, recommend, train, tune
-from sparkrec.core import gate, ledger, pseudonyms, stages
-from sparkrec.storage import files, merges, registry, runs, sources, tables
+from sparkrec.batch import (
+    clean,
+    clean_apply,
+    forget,
+    ids,
+    incremental,
+    ingest,
+    item_table,
+    privacy,
+    protocol,
+    recommend,
+    train,
+    tune,
+)
 from sparkrec.core import columns as C
+from sparkrec.core import gate, ledger, pseudonyms, stages
 from sparkrec.core.config import TrainConfig
 from sparkrec.core.errors import BaselinePublished, GateError, StageError
+from sparkrec.storage import files, merges, registry, runs, sources, tables
 from sparkrec.storage.runs import RunContext
 
 log = logging.getLogger(__name__)

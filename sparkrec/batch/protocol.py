@@ -18,8 +18,8 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from sparkrec.core import columns as C
 from sparkrec.batch import evaluate, recommend, train
+from sparkrec.core import columns as C
 from sparkrec.core.config import EvaluateConfig, RecommendConfig, TrainConfig
 from sparkrec.core.gate import metric_key
 

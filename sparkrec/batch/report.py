@@ -22,10 +22,10 @@ from pyspark.sql import SparkSession  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
 from sparkrec.core import columns as C  # noqa: E402
-from sparkrec.storage import tables  # noqa: E402
 from sparkrec.core.config import Config  # noqa: E402
 from sparkrec.core.errors import StageError  # noqa: E402
 from sparkrec.core.gate import evaluation_line, tuning_line  # noqa: E402
+from sparkrec.storage import tables  # noqa: E402
 
 METRICS = ("ndcg", "precision", "recall", "map", "hit_rate", "mrr")
 COLORS = {"model": "#1f6feb", "popular": "#999999", "recent_popular": "#d29922", "buy_again": "#8957e5"}

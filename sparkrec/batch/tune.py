@@ -20,12 +20,12 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from sparkrec.core import columns as C
 from sparkrec.batch import evaluate, train
-from sparkrec.core.config import Config, RecommendConfig, TrainConfig, TuneConfig, with_candidate
-from sparkrec.core.gate import metric_key
 from sparkrec.batch.protocol import make_protocol, model_lists_blended, split_of
+from sparkrec.core import columns as C
+from sparkrec.core.config import Config, RecommendConfig, TrainConfig, TuneConfig, with_candidate
 from sparkrec.core.errors import StageError
+from sparkrec.core.gate import metric_key
 
 log = logging.getLogger(__name__)
 

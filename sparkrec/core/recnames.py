@@ -2,7 +2,9 @@
 
 The parts (catalogue, scoring, fallbacks, lists, similar items) pass DataFrames
 to one another with these columns; keeping the names here means no part has
-to import another just to know a column's name.
+to import another just to know a column's name. They live in the core because
+the block kernel (`core.block`) reads the same columns and writes the same
+wording without Spark.
 """
 
 from __future__ import annotations

@@ -18,7 +18,14 @@ from pyspark.sql import functions as F
 
 from sparkrec.core import columns as C
 from sparkrec.core.config import Config
-from sparkrec.storage.tables import WRITE_ATTEMPTS, commit_metrics, current_version, retrying, table_exists, version_after_write
+from sparkrec.storage.tables import (
+    WRITE_ATTEMPTS,
+    commit_metrics,
+    current_version,
+    retrying,
+    table_exists,
+    version_after_write,
+)
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 from datetime import datetime, timezone
+from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import (
@@ -38,9 +38,9 @@ from pyspark.sql.types import (
 
 from sparkrec import __version__
 from sparkrec.core import columns as C
-from sparkrec.storage import files, merges, tables
 from sparkrec.core.config import Config
 from sparkrec.core.processes import process_running
+from sparkrec.storage import files, merges, tables
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,8 @@ import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from urllib.parse import unquote, urlparse
-
 from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlparse
 
 from sparkrec.core.config import SparkConfig
 from sparkrec.core.errors import SparkrecError

@@ -41,15 +41,13 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from sparkrec.batch import clean, incremental, ingest, pipeline, privacy, recommend, train
-from sparkrec.core import pseudonyms
-from sparkrec.core import foldin
-from sparkrec.storage import merges, registry, runs, sources, tables
-from sparkrec.core import ledger as ledger_
+from sparkrec.batch.recommend.scoring import collect_bounded
+from sparkrec.core import block, foldin, pseudonyms
 from sparkrec.core import columns as C
+from sparkrec.core import ledger as ledger_
 from sparkrec.core.config import Config, TrainConfig
 from sparkrec.core.errors import StageError
-from sparkrec.core import block
-from sparkrec.batch.recommend.scoring import collect_bounded
+from sparkrec.storage import merges, registry, runs, sources, tables
 from sparkrec.storage.runs import RunContext
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,8 @@ The stage reads as its parts, in the order the data passes through them:
     catalogue   histories with integer ids; the item catalogue with rules and boosts
     scoring     the candidate matrix; exact top-N in chunks for a catalogue too big to broadcast
     fallbacks   popularity rankings that fill cold users' and short lists
-    block       one block of users to finished lists: score, fill, key, explain (no Spark)
+    (core.block one block of users to finished lists: score, fill, key, explain; no Spark, so
+                the live path and a server call it too)
     lists       the per-user rows and the one pass over them; exploration slots
     similar     each item's nearest allowed items
 
@@ -13,7 +14,12 @@ This package re-exports what the pipeline, evaluation and tests use, so callers
 write `recommend.recommend_all(...)` whatever part a function lives in.
 """
 
-from sparkrec.batch.recommend.catalogue import allowed_by, default_meta, indexed_history, item_meta
+from sparkrec.batch.recommend.catalogue import (
+    allowed_by,
+    default_meta,
+    indexed_history,
+    item_meta,
+)
 from sparkrec.batch.recommend.fallbacks import fallback_rankings, popularity
 from sparkrec.batch.recommend.lists import (
     PUBLISHED_COLUMNS,
@@ -29,9 +35,16 @@ from sparkrec.batch.recommend.lists import (
     with_exploration,
     with_keys,
 )
-from sparkrec.core.recnames import BECAUSE_IDX, BECAUSE_TYPE, CAT, EXCLUDED, HIST, HIST_TYPE
 from sparkrec.batch.recommend.scoring import candidate_matrix, score_top_n
 from sparkrec.batch.recommend.similar import similar_items, with_item_keys
+from sparkrec.core.recnames import (
+    BECAUSE_IDX,
+    BECAUSE_TYPE,
+    CAT,
+    EXCLUDED,
+    HIST,
+    HIST_TYPE,
+)
 
 __all__ = [
     "BECAUSE_IDX", "BECAUSE_TYPE", "CAT", "EXCLUDED", "HIST", "HIST_TYPE", "PUBLISHED_COLUMNS",

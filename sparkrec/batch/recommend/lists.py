@@ -14,13 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
+from sparkrec.batch.recommend.catalogue import allowed_by, default_meta, strength
+from sparkrec.batch.recommend.fallbacks import fallback_rankings, popularity, recent_popularity
+from sparkrec.batch.recommend.scoring import candidate_matrix, collect_bounded, score_top_n, with_blend_weight
+from sparkrec.core import block, topk
 from sparkrec.core import columns as C
 from sparkrec.core.config import RecommendConfig, RulesConfig
 from sparkrec.core.errors import StageError
-from sparkrec.core import topk
-from sparkrec.core import block
-from sparkrec.batch.recommend.catalogue import allowed_by, default_meta, strength
-from sparkrec.batch.recommend.fallbacks import fallback_rankings, popularity, recent_popularity
 from sparkrec.core.recnames import (
     BECAUSE_IDX,
     BECAUSE_TYPE,
@@ -34,7 +34,6 @@ from sparkrec.core.recnames import (
     PRIO,
     TOUCHED,
 )
-from sparkrec.batch.recommend.scoring import candidate_matrix, collect_bounded, score_top_n, with_blend_weight
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ from sparkrec.core.recnames import (
     ALLOWED,
     BECAUSE_IDX,
     BECAUSE_TYPE,
+    BLEND,
     BOOST,
     CAT,
     EXCLUDED,
-    BLEND,
     OWN_TYPE,
     SCORED_SCHEMA,
 )

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from sparkrec.batch.recommend.scoring import score_top_n
 from sparkrec.core import columns as C
 from sparkrec.core.recnames import ALLOWED, CAT, EXCLUDED
-from sparkrec.batch.recommend.scoring import score_top_n
 
 
 def similar_items(item_factors: DataFrame, meta: DataFrame, k: int, max_items: int) -> DataFrame:
