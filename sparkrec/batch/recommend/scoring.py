@@ -35,36 +35,23 @@ from sparkrec.core.recnames import (
 log = logging.getLogger(__name__)
 
 
-def _matrix(pdf, with_category: bool) -> topk.ItemMatrix:
-    """Collected item rows as an `ItemMatrix`, sorted by item id on the driver (the rows are bounded, and a
-    sort there costs no Spark job, where `orderBy` costs two: a sample of the range bounds, then the sort)."""
-    pdf = pdf.sort_values(C.ITEM_IDX, kind="stable").reset_index(drop=True)
+def collect_items(df: DataFrame, with_category: bool) -> topk.ItemMatrix:
+    """Bring one bounded chunk of item vectors to the driver, sorted by item id."""
+    cols = [C.ITEM_IDX, C.FEATURES] + ([CAT] if with_category else [])
+    pdf = df.select(*cols).orderBy(C.ITEM_IDX).toPandas()
     vectors = np.stack(pdf[C.FEATURES].to_numpy()).astype(np.float32) if len(pdf) else np.zeros((0, 1), np.float32)
     return topk.ItemMatrix(pdf[C.ITEM_IDX].to_numpy(), vectors, pdf[CAT].to_numpy() if with_category else None)
 
 
-def _item_columns(with_category: bool) -> list[str]:
-    return [C.ITEM_IDX, C.FEATURES] + ([CAT] if with_category else [])
-
-
-def collect_items(df: DataFrame, with_category: bool) -> topk.ItemMatrix:
-    """Bring one bounded chunk of item vectors to the driver, sorted by item id."""
-    return _matrix(df.select(*_item_columns(with_category)).toPandas(), with_category)
-
-
 def collect_bounded(df: DataFrame, with_category: bool, limit: int) -> topk.ItemMatrix | None:
-    """`collect_items` when the items fit one broadcast (at most `limit`), else None.
+    """`collect_items` when the items fit one broadcast (at most `limit`), else None, without collecting them.
 
-    One job that stops at `limit` + 1 rows, so the driver never holds more than
-    the bound `recommend.max_broadcast_items` sets (it must hold that many when
-    the catalogue fits), and a catalogue that fits needs no count before it is
-    collected. An over-large one is dropped after that one transfer and scored
-    in chunks, which costs far more than the transfer.
+    Counting first (a pass that stops at `limit` + 1 rows) keeps an over-large
+    catalogue off the driver: that is what `recommend.max_broadcast_items` bounds.
     """
-    pdf = df.select(*_item_columns(with_category)).limit(limit + 1).toPandas()
-    if len(pdf) > limit:
+    if df.limit(limit + 1).count() > limit:
         return None
-    return _matrix(pdf, with_category)
+    return collect_items(df, with_category)
 
 
 def score_top_n(
