@@ -20,6 +20,10 @@ histories and an item table, then times side by side in one process:
 
     python bench/bench_recommend.py                          # 50,000 x 20,000, rank 32, N 50
     python bench/bench_recommend.py --scale                  # adds 50k..1M users x 100,000 items, rank 64, N 20 (sparkrec only)
+    python bench/bench_recommend.py --stage-only 4           # the 50k x 20k stage alone, 4 timed runs after a warm-up
+
+One timed run swings by a third on a shared 2-core machine: to compare two
+trees, run `--stage-only` from a worktree of each, in turns, and compare medians.
 """
 
 from __future__ import annotations
@@ -370,13 +374,25 @@ def main() -> None:
     p.add_argument("--no-compare", action="store_true", help="skip the 50k x 20k comparison case")
     p.add_argument("--growth", type=int, nargs="+", default=[50_000, 200_000, 500_000, 1_000_000],
                    help="users of the --scale series (100,000 items, rank 64, N 20)")
+    p.add_argument("--stage-only", type=int, default=0, metavar="K",
+                   help="only sparkrec's stage on the 50k x 20k case: a warm-up, then K timed runs (no other side)")
     p.add_argument("--json", default=str(OUT / "results.json"))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     OUT.mkdir(parents=True, exist_ok=True)
     spark = build_session(load_config(ROOT / "conf" / "local.yaml").spark)
     results = []
-    if not args.no_compare:
+    if args.stage_only:
+        wh = OUT / "wh_stage_only"
+        shutil.rmtree(wh, ignore_errors=True)
+        cfg = load_config(ROOT / "conf" / "local.yaml", [f"warehouse={wh}", "recommend.n=50", "recommend.similar_items.enabled=false",
+                                                         "recommend.blend.weight=0"])
+        build_warehouse(spark, cfg, 50_000, 20_000, 32, 5)
+        time_sparkrec(spark, cfg)
+        runs = [time_sparkrec(spark, cfg) for _ in range(args.stage_only)]
+        log.info("stage alone: %s s", [round(r["seconds"], 2) for r in runs])
+        results.append({"users": 50_000, "items": 20_000, "rank": 32, "n": 50, "stage_runs": runs})
+    elif not args.no_compare:
         results.append(run_case(spark, [], 50_000, 20_000, 32, 50, 5, compare=True))
     if args.scale:  # the same 100,000 items, more and more users (the category cap on, as in the first scale run)
         for users in args.growth:
