@@ -37,14 +37,7 @@ from sparkrec.batch.recommend.lists import (
 )
 from sparkrec.batch.recommend.scoring import candidate_matrix, score_top_n
 from sparkrec.batch.recommend.similar import similar_items, with_item_keys
-from sparkrec.core.recnames import (
-    BECAUSE_IDX,
-    BECAUSE_TYPE,
-    CAT,
-    EXCLUDED,
-    HIST,
-    HIST_TYPE,
-)
+from sparkrec.core.recnames import BECAUSE_IDX, BECAUSE_TYPE, CAT, EXCLUDED, HIST, HIST_TYPE
 
 __all__ = [
     "BECAUSE_IDX", "BECAUSE_TYPE", "CAT", "EXCLUDED", "HIST", "HIST_TYPE", "PUBLISHED_COLUMNS",
