@@ -99,6 +99,11 @@ def _parser() -> argparse.ArgumentParser:
     with_config(st)
     st.add_argument("--once", action="store_true",
                     help="process every event available now, then stop (a backfill, a test, a cron job)")
+    sv = sub.add_parser("serve", help="the HTTP API: customers' lists, similar items and events, without Spark "
+                        "(reads the published tables with delta-rs)")
+    with_config(sv)
+    sv.add_argument("--host", default=None, help="address to bind (default serve.host, 127.0.0.1)")
+    sv.add_argument("--port", type=_positive_int, default=None, help="port (default serve.port, 8000)")
     runs = sub.add_parser("runs", help="list recent runs")
     with_config(runs)
     runs.add_argument("--limit", type=_positive_int, default=10, help="runs to list (default 10)")
@@ -173,6 +178,27 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("faiss").setLevel(logging.WARNING)
 
 
+def serve(cfg: Config, host: str | None, port: int | None) -> int:
+    """Run the API until stopped (SIGINT or SIGTERM); its settings checked before anything binds."""
+    import uvicorn
+
+    from sparkrec.core import pseudonyms
+    from sparkrec.serve.app import create_app, load_token
+
+    update = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update=update)})
+    token = load_token(cfg)
+    secret = pseudonyms.load_secret(cfg.privacy) if cfg.privacy.pseudonymize_user_ids else None
+    if token is None:
+        log.warning("serve: no token set (%s or serve.token_file): no auth, bound to %s only", cfg.serve.token_env,
+                    cfg.serve.host)
+    app = create_app(cfg, token=token, secret=secret)
+    log.info("serve: http://%s:%d (OpenAPI at /docs), tables in %s", cfg.serve.host, cfg.serve.port, cfg.warehouse)
+    # access_log off: a path carries the customer's key, which must not reach the logs.
+    uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, access_log=False, log_level="warning")
+    return 0
+
+
 def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> int:
     """Entry point of the console script and of `jobs/*.py`; `spark` lets tests inject a session."""
     args = _parser().parse_args(argv)
@@ -204,6 +230,8 @@ def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> in
                 raise ConfigError("privacy.pseudonymize_user_ids is off in this config: user keys are stored as they are")
             print(pseudonyms.pseudonym(pseudonyms.load_secret(cfg.privacy), pseudonyms.lookup_key(args.key)))
             return 0
+        if args.command == "serve":  # no Spark, no JVM
+            return serve(cfg, args.host, args.port)
         if args.command == "forget":
             from sparkrec.batch import forget
 

@@ -31,7 +31,7 @@ from sparkrec.batch import (
     tune,
 )
 from sparkrec.core import columns as C
-from sparkrec.core import gate, ledger, pseudonyms, stages
+from sparkrec.core import gate, ledger, pseudonyms, serving, stages
 from sparkrec.core.config import TrainConfig
 from sparkrec.core.errors import BaselinePublished, GateError, StageError
 from sparkrec.storage import files, merges, registry, runs, sources, tables
@@ -264,7 +264,8 @@ def run_recommend(ctx: RunContext, baseline: str | None = None, blend_weight: fl
                  F.lit(ctx.now).cast("timestamp").alias(C.GENERATED_AT)]
         try:
             # Scored, filled, keyed and explained in one pass over the users: the table as published.
-            keyed = recommend.recommend_all(history, uf, itf, r, meta, user_ids=uids, baseline=baseline)
+            keyed, plan = recommend.recommend_all(history, uf, itf, r, meta, user_ids=uids, baseline=baseline,
+                                                  return_plan=True)
             if r.exploration_slots and items is not None:
                 pool = recommend.exploration_pool(items, history, iids, r.rules, r.max_exploration_items)
                 rec.details["exploration_pool"] = len(pool)
@@ -291,12 +292,26 @@ def run_recommend(ctx: RunContext, baseline: str | None = None, blend_weight: fl
                 rec.overwrite(recommend.with_item_keys(sim, meta).select("*", *stamp), C.SIMILAR_ITEMS,
                               properties={"delta.dataSkippingStatsColumns": C.ITEM_ID})
                 rec.details["similar_items_rows"] = rec.rows_written(C.SIMILAR_ITEMS)
+            write_serving(ctx, rec, plan, model_version, stamp)
         finally:
             history.unpersist()
             meta.unpersist()
             itf.unpersist()
         rec.rows_in = inter.count()
         rec.details["model_version"] = model_version
+
+
+def write_serving(ctx: RunContext, rec, plan, model_version: str, stamp: list) -> None:
+    """The plan the lists were built with, to `serving_items`, and its scalars to this stage's record:
+    `sparkrec serve` rebuilds the very same plan from them (`core.serving`) to list a customer who acts."""
+    cfg = ctx.cfg
+    rows = tables.frame_from_pandas(ctx.spark, serving.plan_rows(plan), serving.SERVING_SCHEMA)
+    rec.overwrite(rows.select("*", *stamp), C.SERVING_ITEMS)
+    settings = serving.plan_settings(plan)
+    trained = {} if model_version.startswith("baseline:") else registry.train_record(ctx.spark, cfg, model_version) or {}
+    settings.update(train=trained.get("train"), decay_reference=trained.get("decay_reference"),
+                    exploration_slots=cfg.recommend.exploration_slots)
+    rec.details["serving"] = settings
 
 
 def run_tune(ctx: RunContext, reuse: bool = False) -> tune.Tuned:

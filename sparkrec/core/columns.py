@@ -96,6 +96,8 @@ ERASURES = "erasures"  # one row per `sparkrec forget` request
 # The stream's lists of the customers it re-scored (`sparkrec stream`); readers take, per customer,
 # the newer of this and `recommendations` (`tables.current_recommendations`).
 LIVE_RECOMMENDATIONS = "live_recommendations"
+# The recommend stage's plan, one row per catalogue item (`core.serving`): what `sparkrec serve` lists customers with.
+SERVING_ITEMS = "serving_items"
 TABLES = (
     EVENTS_RAW,
     INTERACTIONS,
@@ -115,6 +117,7 @@ TABLES = (
     RUNS,
     ERASURES,
     LIVE_RECOMMENDATIONS,
+    SERVING_ITEMS,
 )
 
 # Columns of the weight table and the clean state.

@@ -17,7 +17,7 @@ from pyspark.sql import functions as F
 from sparkrec.batch.recommend.catalogue import allowed_by, default_meta, strength
 from sparkrec.batch.recommend.fallbacks import fallback_rankings, popularity, recent_popularity
 from sparkrec.batch.recommend.scoring import candidate_matrix, collect_bounded, score_top_n, with_blend_weight
-from sparkrec.core import block, topk
+from sparkrec.core import block, serving, topk
 from sparkrec.core import columns as C
 from sparkrec.core.config import RecommendConfig, RulesConfig
 from sparkrec.core.errors import StageError
@@ -166,7 +166,8 @@ def recommend_all(
     *,
     user_ids: DataFrame | None = None,
     baseline: str | None = None,
-) -> DataFrame:
+    return_plan: bool = False,
+) -> DataFrame | tuple[DataFrame, block.Plan]:
     """Exactly `n` items per user with history (whenever `n` allowed items exist), with their source.
 
     Users with at least `min_history` distinct items and factors get model
@@ -180,9 +181,10 @@ def recommend_all(
         users: (user_idx) to list; default every user in `history`.
         user_ids: when given, the rows come out as published (`PUBLISHED_COLUMNS`): keyed and explained.
         baseline: the gate baseline these lists stand for; its rows are named after it.
+        return_plan: also return the plan the lists were built with (the recommend stage writes it for serving).
     Returns:
         (user_idx, item_idx, rank, score, _cat, source, _because_idx, _because_type, _own_type),
-        or the published columns with `user_ids`.
+        or the published columns with `user_ids`; with `return_plan`, (that, the plan).
     """
     if meta is None:
         meta = default_meta(item_factors, history)
@@ -202,7 +204,8 @@ def recommend_all(
         rows = rows.join(present, C.USER_IDX, "left").drop(HIST, HIST_TYPE)
     if user_ids is not None:
         rows = rows.join(user_ids, C.USER_IDX)
-    return assemble(rows, plan)
+    out = assemble(rows, plan)
+    return (out, plan) if return_plan else out
 
 
 def bounded_plan(
@@ -253,7 +256,7 @@ def bounded_plan(
         plan.items = whole if len(whole.item_idx) else None
         m = factors if cfg.explain and factors is not None else got.get("unit")
         if m is not None:
-            plan.unit = topk.ItemMatrix(m.item_idx, topk.normalized(m.vectors))
+            plan.unit = serving.explain_matrix(m)
     return plan, candidates, blend
 
 

@@ -49,13 +49,13 @@ from sparkrec.core.config.model import (
     SimilarItemsConfig,
     TrainConfig,
 )
-from sparkrec.core.config.runtime import SparkConfig, StreamConfig, StreamSourceConfig
+from sparkrec.core.config.runtime import ServeConfig, SparkConfig, StreamConfig, StreamSourceConfig
 from sparkrec.core.errors import ConfigError
 
 __all__ = [
     "CANDIDATE_KEYS", "AlsConfig", "BlendConfig", "BoostConfig", "BotsConfig", "CleanConfig", "Config", "EvaluateConfig",
     "GateConfig", "InputConfig", "IntervalConfig", "ItemColumns", "ItemsConfig", "PrivacyConfig", "RecommendConfig",
-    "RulesConfig", "SimilarItemsConfig", "SourceColumns", "SparkConfig", "StreamConfig", "StreamSourceConfig", "TrainConfig",
+    "RulesConfig", "ServeConfig", "SimilarItemsConfig", "SourceColumns", "SparkConfig", "StreamConfig", "StreamSourceConfig", "TrainConfig",
     "TuneConfig", "TuneSpace", "as_utc", "check_datetime_pattern", "check_input_paths", "check_warehouse", "from_dict",
     "is_local_path", "load_config", "parse_override", "with_candidate",
 ]
@@ -79,6 +79,7 @@ class Config(Strict):
     interval: IntervalConfig = IntervalConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     stream: StreamConfig = StreamConfig()
+    serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
     def _kept_columns_are_not_dropped(self) -> Config:

@@ -82,3 +82,23 @@ class StreamConfig(Strict):
     max_users_per_batch: int = Field(
         default=20000, ge=1, description="Customers re-scored per micro-batch at most (they are scored on the driver)."
     )
+
+
+class ServeConfig(Strict):
+    """`sparkrec serve`: the HTTP API over the published tables, with the live events folded in."""
+
+    host: str = Field(default="127.0.0.1", description="Address to bind; anything but loopback needs a token.")
+    port: int = Field(default=8000, ge=1, le=65535)
+    token_env: str = Field(default="SPARKREC_SERVE_TOKEN", description="Environment variable holding the bearer token.")
+    token_file: str | None = Field(default=None, description="A file holding the bearer token (read at start; wins over token_env).")
+    reload_seconds: float = Field(
+        default=10.0, gt=0, description="How often the server looks in `runs` for newly published lists and loads them."
+    )
+    events_dir: str | None = Field(
+        default=None,
+        description="Where POST /v1/events appends events when stream.source.kind is 'files'; default stream.source.path.",
+    )
+    max_n: int = Field(default=100, ge=1, le=10000, description="The largest n a client may ask for.")
+    max_key_length: int = Field(default=256, ge=1, description="The longest customer or item key accepted in a path.")
+    max_body_bytes: int = Field(default=1_000_000, ge=1024, description="The largest request body accepted.")
+    max_events_per_call: int = Field(default=1000, ge=1, description="Events accepted in one POST /v1/events.")

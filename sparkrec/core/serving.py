@@ -1,0 +1,112 @@
+"""The recommend stage's plan as a table, and back: what lets a process without Spark list a customer.
+
+The batch builds the bounded parts of its lists once (`block.Plan`: the
+candidate matrix with boosts and blend, the fallback sequence, the catalogue),
+in Spark, from the rules and the history. A server that re-scores a customer
+the moment they act must use exactly those parts, not a second computation of
+them that could drift: so the recommend stage writes its plan to the
+`serving_items` table (one row per catalogue item, `plan_rows`), records the
+plan's scalars in its `runs` row (`plan_settings`), and the server rebuilds the
+identical plan from both (`plan_of`). The explanation matrix is not stored:
+it is the item factors normalised (`explain_matrix`), and the server reads the
+item factors anyway for the fold-in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sparkrec.core import block, topk
+from sparkrec.core import columns as C
+
+# serving_items' own columns (besides item_idx, item_id, name, category).
+CANDIDATE = "candidate"  # the vector the queries are scored against (boost and blend applied); null: not a candidate
+CANDIDATE_CAT = "candidate_cat"  # its category code for the per-category cap
+FILL_POS = "fill_pos"  # its place in the fallback sequence (0 first); null: not in it
+FILL_SCORE = "fill_score"
+FILL_CAT = "fill_cat"
+FILL_SOURCE = "fill_source"
+
+SERVING_SCHEMA = (
+    f"{C.ITEM_IDX} int, {C.ITEM_ID} string, {C.ITEM_NAME} string, {C.CATEGORY} string, "
+    f"{CANDIDATE} array<float>, {CANDIDATE_CAT} int, {FILL_POS} int, {FILL_SCORE} float, {FILL_CAT} int, "
+    f"{FILL_SOURCE} string"
+)
+SERVING_COLUMNS = tuple(part.split()[0] for part in SERVING_SCHEMA.split(", "))
+
+
+def explain_matrix(factors: topk.ItemMatrix) -> topk.ItemMatrix:
+    """The items that can explain a recommendation: every item factor, normalised (cosine)."""
+    return topk.ItemMatrix(factors.item_idx, topk.normalized(factors.vectors))
+
+
+def plan_settings(plan: block.Plan) -> dict[str, Any]:
+    """The plan's scalars, for the recommend stage's `runs` row (JSON)."""
+    return {
+        "n": plan.n, "cap": plan.cap, "blend_weight": plan.blend_weight, "trending_days": plan.trending_days,
+        "whole": plan.whole, "explain": plan.unit is not None, "sources": list(plan.seq.sources),
+        "by_category": plan.seq.by_category, "candidates": 0 if plan.items is None else len(plan.items.item_idx),
+    }
+
+
+def plan_rows(plan: block.Plan) -> pd.DataFrame:
+    """One row per catalogue item (`SERVING_COLUMNS`): its keys, candidate vector and place in the fallbacks.
+
+    Raises:
+        ValueError: the plan has no catalogue (only a keyed plan can be served).
+    """
+    cat = plan.catalogue
+    if cat is None:
+        raise ValueError("only a keyed plan (with its catalogue) can be written for serving")
+    idx = cat.item_idx
+    out = pd.DataFrame({C.ITEM_IDX: idx.astype(np.int32), C.ITEM_ID: cat.item_id, C.ITEM_NAME: cat.name,
+                        C.CATEGORY: cat.category})
+    vectors = np.full(len(idx), None, dtype=object)
+    cand_cat = pd.array([pd.NA] * len(idx), dtype="Int32")
+    if plan.items is not None and len(plan.items.item_idx):
+        pos, hit = cat.at(plan.items.item_idx)
+        if not hit.all():
+            raise ValueError(f"{int((~hit).sum())} candidate item(s) are not in the plan's catalogue")
+        vectors[pos] = list(plan.items.vectors)
+        if plan.items.category is not None:
+            cand_cat[pos] = plan.items.category
+    out[CANDIDATE], out[CANDIDATE_CAT] = vectors, cand_cat
+    seq = plan.seq
+    fill_pos, fill_score, fill_cat = (pd.array([pd.NA] * len(idx), dtype=t) for t in ("Int32", "Float32", "Int32"))
+    fill_source = np.full(len(idx), None, dtype=object)
+    if len(seq):
+        pos, hit = cat.at(seq.item_idx)
+        if not hit.all():
+            raise ValueError(f"{int((~hit).sum())} fallback item(s) are not in the plan's catalogue")
+        fill_pos[pos] = np.arange(len(seq), dtype=np.int32)
+        fill_score[pos] = seq.score
+        fill_cat[pos] = seq.category
+        fill_source[pos] = np.asarray(seq.sources, dtype=object)[seq.source]
+    out[FILL_POS], out[FILL_SCORE], out[FILL_CAT], out[FILL_SOURCE] = fill_pos, fill_score, fill_cat, fill_source
+    return out
+
+
+def plan_of(rows: pd.DataFrame, settings: dict[str, Any], factors: topk.ItemMatrix | None) -> block.Plan:
+    """The plan `plan_rows` and `plan_settings` were written from (the explanations from `factors`)."""
+    rows = rows.sort_values(C.ITEM_IDX, kind="stable").reset_index(drop=True)
+    none = lambda col: rows[col].astype(object).where(rows[col].notna(), None).to_numpy()  # noqa: E731
+    catalogue = block.Catalogue(rows[C.ITEM_IDX].to_numpy(), rows[C.ITEM_ID].to_numpy(), none(C.ITEM_NAME),
+                                none(C.CATEGORY))
+    cand = rows[rows[CANDIDATE].notna()]
+    items = None
+    if len(cand):
+        cats = cand[CANDIDATE_CAT]
+        items = topk.ItemMatrix(cand[C.ITEM_IDX].to_numpy(), np.stack(cand[CANDIDATE].to_numpy()).astype(np.float32),
+                                None if cats.isna().all() else cats.fillna(-1).to_numpy(dtype=np.int32))
+    fills = rows[rows[FILL_POS].notna()].sort_values(FILL_POS)
+    sources = tuple(settings["sources"])
+    code = np.asarray([sources.index(s) for s in fills[FILL_SOURCE]], dtype=np.int8)
+    seq = topk.FillSequence(fills[C.ITEM_IDX].to_numpy(dtype=np.int64), fills[FILL_SCORE].to_numpy(dtype=np.float32),
+                            fills[FILL_CAT].to_numpy(dtype=np.int32), code, sources, settings.get("by_category"))
+    unit = explain_matrix(factors) if settings.get("explain") and factors is not None and len(factors.item_idx) else None
+    return block.Plan(n=int(settings["n"]), cap=settings.get("cap"), seq=seq, items=items, unit=unit,
+                      blend_weight=settings.get("blend_weight"), catalogue=catalogue,
+                      trending_days=float(settings["trending_days"]), whole=bool(settings.get("whole", True)))

@@ -1,0 +1,313 @@
+"""The HTTP API (`sparkrec serve`): FastAPI routes over the snapshot the loader holds.
+
+Reads never touch a table: a request takes the current snapshot (`state.State`)
+and answers from memory, so its latency is the framework's plus a hash lookup.
+Every route a client controls is bounded (n, key length, body size, events per
+call) and refused with a JSON error naming the field; an unexpected failure is
+logged and answered 500 without detail, which the fuzzing tests hold at zero.
+Customer keys are pseudonymised exactly as ingest does before any lookup, and
+never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Path as PathParam, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sparkrec import __version__
+from sparkrec.core import pseudonyms
+from sparkrec.core.config import Config
+from sparkrec.core.errors import ConfigError
+from sparkrec.serve import events as events_
+from sparkrec.serve.state import State
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class ApiError(Exception):
+    """A refusal with its status, a stable code and a message for people."""
+
+    def __init__(self, status: int, code: str, message: str, where: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.where = status, code, message, where
+
+
+def load_token(cfg: Config) -> str | None:
+    """The bearer token from `serve.token_file`, else the `serve.token_env` variable; None: no auth.
+
+    Raises:
+        ConfigError: the file cannot be read or is empty, or no token is set and the host is not loopback.
+    """
+    s = cfg.serve
+    token = None
+    if s.token_file:
+        path = Path(s.token_file).expanduser()
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"config key 'serve.token_file': cannot read the token from {path}: {exc.strerror or exc}") from None
+        if not token:
+            raise ConfigError(f"config key 'serve.token_file': {path} is empty")
+    else:
+        token = os.environ.get(s.token_env, "").strip() or None
+    if token is None and not is_loopback(s.host):
+        raise ConfigError(f"serve.host is {s.host!r} but no token is set ({s.token_env} or serve.token_file): "
+                          "without a token the server binds 127.0.0.1 only")
+    return token
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Metrics:
+    """The server's Prometheus series, in a registry of its own (one per app: tests build many)."""
+
+    def __init__(self, state: State) -> None:
+        self.registry = CollectorRegistry()
+        self.latency = Histogram("sparkrec_request_seconds", "Request latency by route", ["route", "status"],
+                                 registry=self.registry, buckets=LATENCY_BUCKETS)
+        self.customers = Gauge("sparkrec_customers_held", "Customers whose published lists are held", registry=self.registry)
+        self.items = Gauge("sparkrec_catalogue_items", "Items in the held catalogue", registry=self.registry)
+        self.model = Gauge("sparkrec_model_info", "The model served (value 1)", ["model_version", "run_id"],
+                           registry=self.registry)
+        self.age = Gauge("sparkrec_snapshot_age_seconds", "Seconds since the held lists were loaded", registry=self.registry)
+        self.events = Gauge("sparkrec_events_accepted_total", "Events accepted by POST /v1/events", registry=self.registry)
+        self.state = state
+
+    def render(self) -> bytes:
+        snap = self.state.snapshot
+        if snap is not None:
+            self.customers.set(snap.customers)
+            self.items.set(len(snap.plan.catalogue.item_idx))
+            self.model.clear()
+            self.model.labels(snap.model_version, snap.run_id).set(1)
+            self.age.set(time.monotonic() - snap.loaded_at)
+        return generate_latest(self.registry)
+
+
+def error_body(code: str, message: str, where: list[Any] | None = None) -> dict[str, Any]:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if where is not None:
+        err["where"] = where
+    return {"error": err}
+
+
+class BodyLimit:
+    """Refuses a request body over `limit` bytes (413) before the route reads it, declared or streamed."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_big = JSONResponse(error_body("body_too_large", f"the request body is over serve.max_body_bytes="
+                                          f"{self.limit} bytes"), status_code=413)
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await too_big(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooBig()
+            return message
+
+        try:
+            return await self.app(scope, limited, send)
+        except _TooBig:
+            return await too_big(scope, receive, send)
+
+
+class _TooBig(Exception):
+    pass
+
+
+def create_app(cfg: Config, state: State | None = None, *, start_loader: bool = True, token: str | None = None,
+               secret: bytes | None = None) -> FastAPI:
+    """The API over `state` (default: a new one, loaded at start and refreshed in the background).
+
+    Args:
+        token: the bearer token every /v1 route and /metrics require (None: no auth; `load_token` decides).
+        secret: the pseudonym secret when `privacy.pseudonymize_user_ids` is on (read from the config if None).
+    """
+    state = state or State(cfg)
+    if cfg.privacy.pseudonymize_user_ids and secret is None:
+        secret = pseudonyms.load_secret(cfg.privacy)
+    sink_holder: dict[str, events_.Sink] = {}
+    metrics = Metrics(state)
+    limits = cfg.serve
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        if start_loader:
+            state.start()
+        yield
+        state.stop()
+        if "sink" in sink_holder:
+            sink_holder["sink"].close()
+
+    app = FastAPI(title="sparkrec", version=__version__, lifespan=lifespan,
+                  description="Recommendations, similar items and events over the tables sparkrec publishes.")
+    app.state.sparkrec = state
+
+    async def authorised(request: Request) -> None:
+        if token is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            raise ApiError(401, "unauthorized", "a valid bearer token is required")
+
+    def stored_key(customer: str) -> str:
+        key = pseudonyms.lookup_key(customer)
+        return pseudonyms.pseudonym(secret, key) if secret is not None else key
+
+    def snapshot():
+        snap = state.snapshot
+        if snap is None:
+            raise ApiError(503, "not_ready", state.problem or "no published lists loaded yet")
+        return snap
+
+    def names(snap, rows: list[dict[str, Any]]) -> None:
+        for r in rows:
+            r["name"] = snap.names.get(r["item_id"])
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_req: Request, exc: ApiError):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(error_body(exc.code, exc.message, exc.where), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"loc": [], "msg": "invalid request"}
+        where = [p for p in first.get("loc", []) if p != "body"] or None
+        field = ".".join(str(p) for p in first.get("loc", []))
+        return JSONResponse(error_body("invalid", f"{field}: {first.get('msg')}", where), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_req: Request, exc: StarletteHTTPException):
+        return JSONResponse(error_body("http_error", str(exc.detail)), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(req: Request, exc: Exception):
+        log.exception("serve: %s %s failed", req.method, req.scope.get("route").path if req.scope.get("route") else "?")
+        return JSONResponse(error_body("internal", "the server failed to answer; see its log"), status_code=500)
+
+    @app.middleware("http")
+    async def timed(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.latency.labels(route.path if route is not None else "unmatched", str(response.status_code)).observe(
+            time.perf_counter() - started)
+        return response
+
+    def key():  # a fresh parameter per route: FastAPI binds a Path() to the route that declares it
+        return PathParam(min_length=1, max_length=limits.max_key_length)
+
+    def n_items():
+        return Query(default=None, ge=1, le=limits.max_n, description=f"How many items (default recommend.n, at most {limits.max_n}).")
+
+    @app.get("/v1/users/{customer}/recommendations", dependencies=[Depends(authorised)],
+             summary="A customer's list; a customer the model never saw gets the cold-start list")
+    async def recommendations(customer: str = key(), n: int | None = n_items()) -> dict[str, Any]:
+        snap = snapshot()
+        want = n or snap.plan.n
+        rows = snap.lists.get(stored_key(customer), want)
+        kind = "published"
+        if rows is None:
+            rows, kind = [dict(r) for r in snap.cold[:want]], "cold_start"
+        names(snap, rows)
+        return {"customer": customer, "list": kind, "model_version": snap.model_version, "run_id": snap.run_id,
+                "generated_at": snap.generated_at, "as_of": None, "items": rows}
+
+    @app.get("/v1/items/{item}/similar", dependencies=[Depends(authorised)],
+             summary="Items most like this one (cosine over the model's item factors)")
+    async def similar(item: str = key(), n: int | None = n_items()) -> dict[str, Any]:
+        snap = snapshot()
+        want = n or snap.plan.n
+        rows = snap.similar.get(item.strip(), want)
+        if rows is None:
+            if item.strip() not in snap.names:
+                raise ApiError(404, "unknown_item", "the item is not in the published catalogue", ["path", "item"])
+            rows = []
+        names_rows = [{"item_id": r["similar_item_id"], "rank": r["rank"], "score": r["score"]} for r in rows]
+        names(snap, names_rows)
+        return {"item": item, "model_version": snap.model_version, "run_id": snap.run_id, "items": names_rows}
+
+    @app.post("/v1/events", status_code=202, dependencies=[Depends(authorised)],
+              summary="One event or a list, in the stream's message shape; sent on to the stream's source")
+    async def post_events(request: Request) -> dict[str, Any]:
+        try:
+            body = json.loads(await request.body() or b"null")
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "bad_json", "the body is not JSON: send one event object or a list of them") from None
+        batch = body if isinstance(body, list) else [body]
+        if not batch:
+            raise ApiError(422, "invalid", "no events in the body")
+        if len(batch) > limits.max_events_per_call:
+            raise ApiError(413, "too_many_events", f"{len(batch)} events; at most serve.max_events_per_call="
+                           f"{limits.max_events_per_call} per call")
+        try:
+            accepted = events_.check(batch, cfg)
+        except events_.EventError as exc:
+            raise ApiError(422, "invalid_event", exc.message, ["body", *exc.where]) from None
+        sink = sink_holder.get("sink")
+        if sink is None:
+            sink = sink_holder.setdefault("sink", events_.Sink(cfg))
+        try:
+            sink.send(accepted)
+        except (OSError, RuntimeError) as exc:
+            log.error("serve: events not delivered to %s: %s", sink.target, exc)
+            raise ApiError(503, "events_not_delivered", f"the events could not be handed on to {sink.target}; "
+                           "nothing was accepted, send them again") from None
+        metrics.events.inc(len(accepted))
+        return {"accepted": len(accepted)}
+
+    @app.get("/healthz", summary="The process is alive")
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz", summary="Lists are loaded (or why not)")
+    async def readyz() -> JSONResponse:
+        snap = state.snapshot
+        body: dict[str, Any] = {"ready": snap is not None}
+        if snap is not None:
+            body.update(run_id=snap.run_id, model_version=snap.model_version, customers=snap.customers,
+                        versions=snap.versions, load_seconds=round(snap.load_seconds, 3))
+        if state.problem:
+            body["problem"] = state.problem
+        return JSONResponse(body, status_code=200 if snap is not None else 503)
+
+    @app.get("/metrics", dependencies=[Depends(authorised)], summary="Prometheus metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)  # added last: outermost, before any route reads
+    return app

@@ -1,0 +1,107 @@
+"""Every table read of the server, with delta-rs (no JVM): the one place `sparkrec.serve` touches Delta.
+
+Reads go through delta-rs's DataFusion engine (`QueryBuilder`), not
+`DeltaTable.to_pandas()`: the pyarrow reader refuses tables with deletion
+vectors, which `interactions` and the state tables carry, while the engine
+reads them and honours the deleted rows (checked against Spark). A read names
+its table and version, so what the server loaded can be compared with what a
+batch run recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+from deltalake import DeltaTable, QueryBuilder
+from deltalake.exceptions import TableNotFoundError
+
+from sparkrec.core import columns as C
+from sparkrec.core.config import Config
+from sparkrec.core.errors import StageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Read:
+    """A table's rows as read, and the version they were read at."""
+
+    table: str
+    version: int
+    frame: pd.DataFrame
+
+
+def _open(cfg: Config, key: str, version: int | None) -> DeltaTable | None:
+    path = cfg.table_path(key)
+    try:
+        return DeltaTable(path, version=version)
+    except TableNotFoundError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - delta-rs raises several kinds for a missing or unreadable version
+        raise StageError(f"table '{cfg.table_name(key)}' at {path}: cannot open"
+                         f"{'' if version is None else f' version {version}'} with delta-rs: {exc}") from None
+
+
+def current_version(cfg: Config, key: str) -> int | None:
+    """The table's latest version, or None when it does not exist."""
+    dt = _open(cfg, key, None)
+    return None if dt is None else dt.version()
+
+
+def read(cfg: Config, key: str, columns: list[str] | tuple[str, ...], *, version: int | None = None,
+         where: str | None = None, required: bool = True) -> Read | None:
+    """The named columns of a table (at `version`, default the latest), optionally filtered by a SQL predicate.
+
+    Raises:
+        StageError: the table is missing (when `required`), or lacks a column, naming both.
+    """
+    dt = _open(cfg, key, version)
+    name = cfg.table_name(key)
+    if dt is None:
+        if required:
+            raise StageError(f"table '{name}' does not exist at {cfg.table_path(key)}: run the batch first "
+                             "(`sparkrec run`), which publishes it")
+        return None
+    have = {f.name for f in dt.schema().fields}
+    missing = [c for c in columns if c not in have]
+    if missing:
+        raise StageError(f"table '{name}' (version {dt.version()}) has no column(s) {missing}; it has {sorted(have)}")
+    sql = "SELECT " + ", ".join(f'"{c}"' for c in columns) + " FROM t" + (f" WHERE {where}" if where else "")
+    reader = QueryBuilder().register("t", dt).execute(sql)
+    table = pa.table(reader.read_all())
+    # DataFusion hands text as string_view; pandas wants plain strings (object columns).
+    table = table.cast(pa.schema([pa.field(f.name, pa.string() if pa.types.is_string_view(f.type) else f.type)
+                                  for f in table.schema]))
+    return Read(name, dt.version(), table.to_pandas())
+
+
+def quoted(text: str) -> str:
+    """A SQL string literal (single quotes doubled)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def latest_recommend_run(cfg: Config, after: str | None = None) -> dict[str, Any] | None:
+    """The newest succeeded `recommend` stage in `runs` (its run id, versions and details), or None.
+
+    Args:
+        after: only a run whose id sorts after this one (run ids sort by time).
+    """
+    cond = "stage = 'recommend' AND status = 'succeeded'" + (f" AND {C.RUN_ID} > {quoted(after)}" if after else "")
+    got = read(cfg, C.RUNS, [C.RUN_ID, "finished_at", "input_versions", "output_versions", "details"], where=cond,
+               required=False)
+    if got is None or got.frame.empty:
+        return None
+    row = got.frame.sort_values([C.RUN_ID]).iloc[-1]
+    return {
+        C.RUN_ID: row[C.RUN_ID],
+        "finished_at": row["finished_at"],
+        "inputs": dict(row["input_versions"] or []),
+        "outputs": dict(row["output_versions"] or []),
+        "details": json.loads(row["details"] or "{}"),
+        "runs_version": got.version,
+    }

@@ -1,0 +1,205 @@
+"""What the server holds: one immutable snapshot of the published tables, swapped whole when a run publishes.
+
+A snapshot is built from the newest succeeded `recommend` stage in `runs`: its
+record names the versions of `recommendations`, `similar_items`,
+`serving_items` and `item_factors` it wrote or read, and the snapshot reads
+exactly those, so its lists, similar items and plan always belong together. A
+request takes the current snapshot once (one attribute read) and answers from
+it; the loader builds the next one beside it and replaces the reference, so a
+swap never makes a request fail or wait.
+
+Memory, per snapshot (two exist only while a swap is built):
+- the lists: customers x n rows in column arrays (about 100 bytes a row with
+  the keys and explanation text) and a hash index of the customers;
+- similar items: items x k rows, the same way;
+- the plan: the candidate and explanation matrices (items x rank float32 each)
+  and the catalogue (items).
+So it grows with customers x n and with items x rank, never with the history.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sparkrec.core import block, serving, topk
+from sparkrec.core import columns as C
+from sparkrec.core.config import Config
+from sparkrec.core.errors import StageError
+from sparkrec.core.recnames import EXCLUDED
+from sparkrec.serve import reader
+
+log = logging.getLogger(__name__)
+
+LIST_COLUMNS = (C.USER_ID, C.ITEM_ID, C.RANK, C.SCORE, C.REC_SOURCE, C.BECAUSE_ITEM_ID, C.EXPLANATION)
+SIMILAR_COLUMNS = (C.ITEM_ID, C.SIMILAR_ITEM_ID, C.RANK, C.SCORE)
+
+
+class Lists:
+    """Rows grouped by a key (a customer, an item), in rank order, as column arrays with a hash index."""
+
+    def __init__(self, frame: pd.DataFrame, key: str) -> None:
+        frame = frame.sort_values([key, C.RANK], kind="stable").reset_index(drop=True)
+        keys = frame[key].to_numpy(dtype=object)
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, dtype=np.int64)
+        self.index = pd.Index(keys[starts])
+        self.bounds = np.r_[starts, len(keys)].astype(np.int64)
+        self.columns = {c: frame[c].to_numpy(dtype=object if frame[c].dtype == object else None)
+                        for c in frame.columns if c != key}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def rows(self) -> int:
+        return int(self.bounds[-1]) if len(self.bounds) else 0
+
+    def get(self, key: str, n: int) -> list[dict[str, Any]] | None:
+        """The first `n` rows of `key` as dicts (None: the key has no rows)."""
+        try:
+            at = self.index.get_loc(key)
+        except KeyError:
+            return None
+        start, end = int(self.bounds[at]), int(self.bounds[at + 1])
+        end = min(end, start + n)
+        out = [{} for _ in range(end - start)]
+        for name, values in self.columns.items():
+            for row, v in zip(out, values[start:end]):
+                row[name] = v.item() if isinstance(v, np.generic) else v
+        return out
+
+
+@dataclass
+class Snapshot:
+    """One consistent set of published tables, as a recommend stage left them."""
+
+    run_id: str
+    model_version: str
+    generated_at: datetime | None
+    versions: dict[str, int]
+    lists: Lists
+    similar: Lists
+    plan: block.Plan
+    cold: list[dict[str, Any]]  # the list of a customer the model has never seen (never a 404)
+    names: dict[str, str | None]  # item key -> its name (None: the shop gave none), every catalogue item
+    loaded_at: float = field(default_factory=time.monotonic)
+    load_seconds: float = 0.0
+
+    @property
+    def customers(self) -> int:
+        return len(self.lists)
+
+
+def _versions(run: dict[str, Any], cfg: Config) -> dict[str, int | None]:
+    outs, ins = run["outputs"], run["inputs"]
+    name = cfg.table_name
+    return {
+        C.RECOMMENDATIONS: outs.get(name(C.RECOMMENDATIONS)),
+        C.SIMILAR_ITEMS: outs.get(name(C.SIMILAR_ITEMS)),
+        C.SERVING_ITEMS: outs.get(name(C.SERVING_ITEMS)),
+        C.ITEM_FACTORS: ins.get(name(C.ITEM_FACTORS)),
+    }
+
+
+def cold_list(plan: block.Plan) -> list[dict[str, Any]]:
+    """The list of a customer with no history: the fallback sequence under the rules, from the batch's kernel."""
+    row = pd.DataFrame({C.USER_IDX: [-1], C.FEATURES: [None], EXCLUDED: [[]], C.USER_ID: [""]})
+    rows = block.lists(row, plan)
+    return [{k: (v.item() if isinstance(v, np.generic) else v) for k, v in r.items() if k != C.USER_ID}
+            for r in rows.sort_values(C.RANK).to_dict("records")]
+
+
+def load(cfg: Config, run: dict[str, Any]) -> Snapshot:
+    """Read the tables the recommend run `run` published, at the versions it recorded.
+
+    Raises:
+        StageError: the run predates `serving_items` (published by an older sparkrec: run the batch again),
+            or a table or version it names is gone.
+    """
+    started = time.monotonic()
+    v = _versions(run, cfg)
+    settings = run["details"].get("serving")
+    if v[C.SERVING_ITEMS] is None or settings is None:
+        raise StageError(f"run {run[C.RUN_ID]} published lists without a serving plan (sparkrec before "
+                         f"{cfg.table_name(C.SERVING_ITEMS)} existed): run `sparkrec run` (or `sparkrec recommend`) once more")
+    recs = reader.read(cfg, C.RECOMMENDATIONS, LIST_COLUMNS + (C.GENERATED_AT,), version=v[C.RECOMMENDATIONS])
+    sim = (reader.read(cfg, C.SIMILAR_ITEMS, SIMILAR_COLUMNS, version=v[C.SIMILAR_ITEMS])
+           if v[C.SIMILAR_ITEMS] is not None else None)
+    items = reader.read(cfg, C.SERVING_ITEMS, serving.SERVING_COLUMNS, version=v[C.SERVING_ITEMS])
+    factors = None
+    if v[C.ITEM_FACTORS] is not None and settings.get("explain"):
+        f = reader.read(cfg, C.ITEM_FACTORS, (C.ITEM_IDX, C.FEATURES), version=v[C.ITEM_FACTORS]).frame
+        f = f.sort_values(C.ITEM_IDX)
+        vectors = np.stack(f[C.FEATURES].to_numpy()).astype(np.float32) if len(f) else np.zeros((0, 1), np.float32)
+        factors = topk.ItemMatrix(f[C.ITEM_IDX].to_numpy(), vectors)
+    plan = serving.plan_of(items.frame, settings, factors)
+    frame = recs.frame
+    generated = pd.to_datetime(frame[C.GENERATED_AT].iloc[0], utc=True).to_pydatetime() if len(frame) else None
+    snap = Snapshot(
+        run_id=run[C.RUN_ID], model_version=run["details"].get("model_version", "unknown"), generated_at=generated,
+        versions={k: int(x) for k, x in v.items() if x is not None},
+        lists=Lists(frame.drop(columns=[C.GENERATED_AT]), C.USER_ID),
+        similar=Lists(sim.frame if sim is not None else pd.DataFrame(columns=list(SIMILAR_COLUMNS)), C.ITEM_ID),
+        plan=plan, cold=cold_list(plan), names=dict(zip(plan.catalogue.item_id, plan.catalogue.name)),
+    )
+    snap.load_seconds = time.monotonic() - started
+    log.info("serve: loaded run %s (model %s): %s customers' lists, %s items, in %.1f s", snap.run_id,
+             snap.model_version, f"{snap.customers:,}", f"{len(plan.catalogue.item_idx):,}", snap.load_seconds)
+    return snap
+
+
+class State:
+    """The current snapshot and the background loader that replaces it when a new run is published."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.snapshot: Snapshot | None = None
+        self.problem: str | None = "starting: no published lists loaded yet"
+        self.checked_at: datetime | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def refresh(self) -> bool:
+        """Load the newest published run if it is not the one held; True when a new snapshot was swapped in."""
+        current = self.snapshot.run_id if self.snapshot is not None else None
+        try:
+            run = reader.latest_recommend_run(self.cfg, after=current)
+            self.checked_at = datetime.now(timezone.utc)
+            if run is None:
+                if current is None:
+                    self.problem = (f"no published lists in {self.cfg.warehouse} yet: run the batch (`sparkrec run`) first")
+                return False
+            snap = load(self.cfg, run)
+        except StageError as exc:
+            self.problem = str(exc)
+            log.error("serve: %s", exc)
+            return False
+        self.snapshot = snap  # one reference assignment: requests see the old or the new snapshot, never a mix
+        self.problem = None
+        return True
+
+    def start(self) -> None:
+        """Load once now (the server is not ready before), then look for new runs every `serve.reload_seconds`."""
+        self.refresh()
+
+        def loop() -> None:
+            while not self._stop.wait(self.cfg.serve.reload_seconds):
+                try:
+                    self.refresh()
+                except Exception:  # noqa: BLE001 - the loader must outlive one bad read; the next try may succeed
+                    log.exception("serve: loading the published tables failed; keeping the snapshot held")
+
+        self._thread = threading.Thread(target=loop, name="sparkrec-serve-loader", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
