@@ -50,7 +50,7 @@ def test_the_contracts_hold_on_the_tree_and_break_on_a_wrong_import(tmp_path):
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     kept = _lint(tmp_path)
     assert kept.returncode == 0, kept.stdout + kept.stderr
-    assert "3 kept, 0 broken" in kept.stdout
+    assert "4 kept, 0 broken" in kept.stdout
 
     def add(rel: str, line: str) -> None:
         with (tmp_path / "sparkrec" / rel).open("a") as fh:
@@ -59,12 +59,16 @@ def test_the_contracts_hold_on_the_tree_and_break_on_a_wrong_import(tmp_path):
     add("core/topk.py", "import pyspark")                      # Spark in the core
     add("batch/ids.py", "from sparkrec.stream import live")     # an upward import
     add("storage/files.py", "from sparkrec.dev import kafka")  # a development service in a product layer
-    (tmp_path / "sparkrec" / "serve.py").write_text('"""A module outside every layer."""\n')
+    add("serve/state.py", "from sparkrec.storage import tables")  # the server reaching for Spark's storage
+    add("serve/app.py", "from sparkrec.stream import live")      # one sibling importing the other
+    (tmp_path / "sparkrec" / "search.py").write_text('"""A module outside every layer."""\n')
     broken = _lint(tmp_path)
     assert broken.returncode != 0
     out = " ".join(broken.stdout.split())
-    assert "0 kept, 3 broken" in out
+    assert "0 kept, 4 broken" in out
     assert "sparkrec.core.topk -> pyspark" in out
     assert "sparkrec.batch.ids -> sparkrec.stream.live" in out
     assert "sparkrec.storage.files -> sparkrec.dev.kafka" in out
-    assert "sparkrec.serve" in out  # exhaustive: a new folder must be given a layer
+    assert "sparkrec.serve.state -> sparkrec.storage.tables" in out
+    assert "sparkrec.serve.app -> sparkrec.stream.live" in out
+    assert "sparkrec.search" in out  # exhaustive: a new folder must be given a layer

@@ -19,6 +19,7 @@ So it grows with customers x n and with items x rank, never with the history.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -108,10 +109,10 @@ def _versions(run: dict[str, Any], cfg: Config) -> dict[str, int | None]:
     }
 
 
-def cold_list(plan: block.Plan) -> list[dict[str, Any]]:
-    """The list of a customer with no history: the fallback sequence under the rules, from the batch's kernel."""
+def cold_list(plan: block.Plan, n: int) -> list[dict[str, Any]]:
+    """The `n` first items for a customer with no history: the fallback sequence under the rules, by the batch's kernel."""
     row = pd.DataFrame({C.USER_IDX: [-1], C.FEATURES: [None], EXCLUDED: [[]], C.USER_ID: [""]})
-    rows = block.lists(row, plan)
+    rows = block.lists(row, dataclasses.replace(plan, n=n))
     return [{k: (v.item() if isinstance(v, np.generic) else v) for k, v in r.items() if k != C.USER_ID}
             for r in rows.sort_values(C.RANK).to_dict("records")]
 
@@ -147,7 +148,7 @@ def load(cfg: Config, run: dict[str, Any]) -> Snapshot:
         versions={k: int(x) for k, x in v.items() if x is not None},
         lists=Lists(frame.drop(columns=[C.GENERATED_AT]), C.USER_ID),
         similar=Lists(sim.frame if sim is not None else pd.DataFrame(columns=list(SIMILAR_COLUMNS)), C.ITEM_ID),
-        plan=plan, cold=cold_list(plan), names=dict(zip(plan.catalogue.item_id, plan.catalogue.name)),
+        plan=plan, cold=cold_list(plan, max(plan.n, cfg.serve.max_n)), names=dict(zip(plan.catalogue.item_id, plan.catalogue.name)),
     )
     snap.load_seconds = time.monotonic() - started
     log.info("serve: loaded run %s (model %s): %s customers' lists, %s items, in %.1f s", snap.run_id,
