@@ -55,6 +55,35 @@ def make_config(tmp_path):
     return _make
 
 
+# A small shop's batch run, trained and published: the live path's and the server's tests start from it.
+FAST = ["train.als.rank=8", "train.als.max_iter=6", "recommend.n=10", "tune.enabled=false", "evaluate.enabled=false",
+        "recommend.min_history=3", "stream.clean_seconds=3600"]
+
+
+@pytest.fixture(scope="session")
+def small_shop(tmp_path_factory):
+    from sparkrec.dev.generate import GenerateParams, generate
+
+    out = tmp_path_factory.mktemp("smallshop")
+    generate(GenerateParams(events=6_000, seed=5), str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def published(spark, small_shop, tmp_path_factory):
+    """A warehouse as the daily batch leaves it (trained, lists published), and the overrides that built it.
+
+    Session-scoped: a worker running several modules that need it builds it once. Copy it before writing.
+    """
+    from sparkrec.cli import main
+
+    wh = tmp_path_factory.mktemp("publishedwh")
+    overrides = [f"warehouse={wh}", f"source.path={small_shop}/events", f"items.path={small_shop}/items", *FAST]
+    args = ["run", "--config", str(ROOT / "conf" / "local.yaml"), *[a for o in overrides for a in ("--set", o)]]
+    assert main(args, spark=spark) == 0
+    return wh, overrides
+
+
 @pytest.fixture(scope="session")
 def retail_path() -> Path:
     if not SHARED_RETAIL.exists():

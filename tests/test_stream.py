@@ -22,17 +22,12 @@ from sparkrec.cli import main
 from sparkrec.core import columns as C
 from sparkrec.core.config import load_config
 from sparkrec.dev import kafka as devkafka
-from sparkrec.dev.generate import GenerateParams, generate
 from sparkrec.storage import tables
 from sparkrec.storage.runs import RunContext
 from sparkrec.stream import live as stream
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.kafka, pytest.mark.e2e]
-
-FAST = ["train.als.rank=8", "train.als.max_iter=6", "recommend.n=10", "tune.enabled=false", "evaluate.enabled=false",
-        "recommend.min_history=3", "stream.clean_seconds=3600"]
-
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):
@@ -42,19 +37,14 @@ def broker(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def shop(tmp_path_factory):
-    out = tmp_path_factory.mktemp("streamshop")
-    generate(GenerateParams(events=6_000, seed=5), str(out))
-    return out
+def shop(small_shop):
+    return small_shop
 
 
 @pytest.fixture(scope="module")
-def built(spark, shop, tmp_path_factory):
-    """A warehouse as the daily batch leaves it: trained, lists published."""
-    wh = tmp_path_factory.mktemp("streamwh")
-    overrides = [f"warehouse={wh}", f"source.path={shop}/events", f"items.path={shop}/items", *FAST]
-    assert main(["run", "--config", str(ROOT / "conf" / "local.yaml"), *[a for o in overrides for a in ("--set", o)]], spark=spark) == 0
-    return wh, overrides
+def built(published):
+    """A warehouse as the daily batch leaves it: trained, lists published (shared with the server's tests)."""
+    return published
 
 
 def copy_warehouse(built, tmp_path: Path, topic: str, broker) -> tuple[Path, list[str]]:

@@ -1,0 +1,135 @@
+"""The server on a warehouse a real batch run published: its plan, its reads, and a real server process.
+
+The warehouse is the session's `published` run (shared with the live path's tests). Spark is used only
+to compute what the server must agree with; the server itself runs without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from pyspark.sql import functions as F
+
+from sparkrec.batch import recommend
+from sparkrec.core import block
+from sparkrec.core import columns as C
+from sparkrec.core.config import load_config
+from sparkrec.serve import reader
+from sparkrec.serve import state as state_
+from sparkrec.storage import tables
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+def cfg_of(overrides):
+    return load_config(ROOT / "conf" / "local.yaml", overrides)
+
+
+def test_the_served_plan_reproduces_every_published_list(spark, published):
+    """The plan the server rebuilds from serving_items, given each customer's history as the batch aggregates it,
+    gives back the published table: same items, ranks, sources and explanations for every customer."""
+    _, overrides = published
+    cfg = cfg_of(overrides)
+    snap = state_.load(cfg, reader.latest_recommend_run(cfg))
+    read = lambda key: tables.read_required(spark, cfg, key).df  # noqa: E731
+    uids, iids = read(C.USER_IDS), read(C.ITEM_IDS)
+    history = recommend.indexed_history(read(C.INTERACTIONS), uids, iids)
+    meta = recommend.item_meta(iids, read(C.ITEMS), history, cfg.recommend.rules)
+    rows = recommend.user_rows(history, read(C.USER_FACTORS), cfg.recommend, meta).join(uids, C.USER_IDX).toPandas()
+    again = pd.concat(list(block.lists_in_blocks(rows, snap.plan)), ignore_index=True)
+    published_rows = read(C.RECOMMENDATIONS).toPandas()
+    key = [C.USER_ID, C.RANK]
+    cols = [C.USER_ID, C.RANK, C.ITEM_ID, C.REC_SOURCE, C.EXPLANATION, C.BECAUSE_ITEM_ID]
+    mine = again.sort_values(key).reset_index(drop=True)
+    theirs = published_rows.sort_values(key).reset_index(drop=True)
+    assert len(theirs) == snap.lists.rows > 1000
+    assert set(theirs[C.REC_SOURCE]) >= {C.SOURCE_ALS}
+    pd.testing.assert_frame_equal(mine[cols], theirs[cols], check_dtype=False)
+    assert (mine[C.SCORE] - theirs[C.SCORE]).abs().max() < 1e-5
+
+
+def test_delta_rs_reads_a_table_with_deletion_vectors_as_spark_does(spark, published, tmp_path):
+    wh, overrides = published
+    mine = tmp_path / "wh"
+    shutil.copytree(wh, mine)
+    cfg = cfg_of([*overrides, f"warehouse={mine}"])
+    path = cfg.table_path(C.INTERACTIONS)
+    spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('delta.enableDeletionVectors' = 'true')")
+    spark.sql(f"DELETE FROM delta.`{path}` WHERE {C.EVENT_TYPE} = 'view'")
+    log = "".join(p.read_text() for p in sorted(Path(path, "_delta_log").glob("*.json")))
+    assert '"deletionVector":{' in log  # the delete really left a deletion vector, not rewritten files
+    expected = spark.read.format("delta").load(path).groupBy(C.EVENT_TYPE).count().toPandas()
+    got = reader.read(cfg, C.INTERACTIONS, [C.USER_ID, C.EVENT_TYPE]).frame
+    assert "view" not in set(got[C.EVENT_TYPE])
+    assert got.groupby(C.EVENT_TYPE).size().to_dict() == dict(zip(expected[C.EVENT_TYPE], expected["count"]))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str, token: str | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def test_a_real_server_process_serves_the_published_lists_and_stops_on_sigterm(spark, published, tmp_path):
+    _, overrides = published
+    port, token = free_port(), "token-for-the-process-test"
+    env = {**os.environ, "SPARKREC_SERVE_TOKEN": token}
+    sets = [a for o in [*overrides, f"stream.source.kind=files", f"stream.source.path={tmp_path / 'in'}"] for a in ("--set", o)]
+    cmd = [sys.executable, "-m", "sparkrec.cli", "serve", "--config", str(ROOT / "conf" / "local.yaml"), *sets,
+           "--port", str(port)]
+    logfile = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logfile, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                status, body = get(f"{base}/readyz")
+                if status == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            assert time.monotonic() < deadline, "the server was not ready in 90 s"
+            time.sleep(0.3)
+        cfg = cfg_of(overrides)
+        recs = tables.read_required(spark, cfg, C.RECOMMENDATIONS).df
+        customer = recs.where(F.col(C.REC_SOURCE) == C.SOURCE_ALS).select(C.USER_ID).first()[0]
+        expected = [r[C.ITEM_ID] for r in recs.where(F.col(C.USER_ID) == customer).orderBy(C.RANK).collect()]
+        status, got = get(f"{base}/v1/users/{customer}/recommendations", token)
+        assert status == 200 and [r["item_id"] for r in got["items"]] == expected
+        assert get(f"{base}/v1/users/{customer}/recommendations")[0] == 401
+        status, cold = get(f"{base}/v1/users/never-seen-before/recommendations?n=5", token)
+        assert status == 200 and cold["list"] == "cold_start" and len(cold["items"]) == 5
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal it caught (so a supervisor sees SIGTERM).
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        text = (tmp_path / "serve.log").read_text()
+        assert "Traceback" not in text
+        assert customer not in text  # no customer key in the server's log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        logfile.close()
