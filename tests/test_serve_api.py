@@ -86,7 +86,8 @@ def write_run(wh: Path, run_id: str, recs: pd.DataFrame, plan: block.Plan, facto
     schema = pa.schema([(C.ITEM_IDX, pa.int32()), (C.ITEM_ID, pa.string()), (C.ITEM_NAME, pa.string()),
                         (C.CATEGORY, pa.string()), (serving.CANDIDATE, pa.list_(pa.float32())),
                         (serving.CANDIDATE_CAT, pa.int32()), (serving.FILL_POS, pa.int32()),
-                        (serving.FILL_SCORE, pa.float32()), (serving.FILL_CAT, pa.int32()), (serving.FILL_SOURCE, pa.string())])
+                        (serving.FILL_SCORE, pa.float32()), (serving.FILL_CAT, pa.int32()), (serving.FILL_SOURCE, pa.string()),
+                        (serving.CAT_CODE, pa.int32())])
     put(C.SERVING_ITEMS, rows, schema)
     put(C.ITEM_FACTORS, pd.DataFrame({C.ITEM_IDX: factors.item_idx.astype(np.int32), C.FEATURES: list(factors.vectors)}),
         pa.schema([(C.ITEM_IDX, pa.int32()), (C.FEATURES, pa.list_(pa.float32()))]))

@@ -53,11 +53,14 @@ class Catalogue:
     item_id: np.ndarray
     name: np.ndarray
     category: np.ndarray
+    code: np.ndarray | None = None  # the category's code (-1: none), as the per-category cap and fallback count them
 
     def __post_init__(self) -> None:
         order = np.argsort(np.asarray(self.item_idx, dtype=np.int64), kind="stable")
         self.item_idx = np.asarray(self.item_idx, dtype=np.int64)[order]
         self.item_id, self.name, self.category = (np.asarray(a, dtype=object)[order] for a in (self.item_id, self.name, self.category))
+        if self.code is not None:
+            self.code = np.asarray(self.code, dtype=np.int32)[order]
 
     def at(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Positions of `ids` (clipped) and which are known."""

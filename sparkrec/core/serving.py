@@ -29,11 +29,12 @@ FILL_POS = "fill_pos"  # its place in the fallback sequence (0 first); null: not
 FILL_SCORE = "fill_score"
 FILL_CAT = "fill_cat"
 FILL_SOURCE = "fill_source"
+CAT_CODE = "category_code"  # the item's category code (-1: none), for the touched categories of a live customer
 
 SERVING_SCHEMA = (
     f"{C.ITEM_IDX} int, {C.ITEM_ID} string, {C.ITEM_NAME} string, {C.CATEGORY} string, "
     f"{CANDIDATE} array<float>, {CANDIDATE_CAT} int, {FILL_POS} int, {FILL_SCORE} float, {FILL_CAT} int, "
-    f"{FILL_SOURCE} string"
+    f"{FILL_SOURCE} string, {CAT_CODE} int"
 )
 SERVING_COLUMNS = tuple(part.split()[0] for part in SERVING_SCHEMA.split(", "))
 
@@ -86,6 +87,7 @@ def plan_rows(plan: block.Plan) -> pd.DataFrame:
         fill_cat[pos] = seq.category
         fill_source[pos] = np.asarray(seq.sources, dtype=object)[seq.source]
     out[FILL_POS], out[FILL_SCORE], out[FILL_CAT], out[FILL_SOURCE] = fill_pos, fill_score, fill_cat, fill_source
+    out[CAT_CODE] = pd.array(cat.code if cat.code is not None else [pd.NA] * len(idx), dtype="Int32")
     return out
 
 
@@ -93,8 +95,10 @@ def plan_of(rows: pd.DataFrame, settings: dict[str, Any], factors: topk.ItemMatr
     """The plan `plan_rows` and `plan_settings` were written from (the explanations from `factors`)."""
     rows = rows.sort_values(C.ITEM_IDX, kind="stable").reset_index(drop=True)
     none = lambda col: rows[col].astype(object).where(rows[col].notna(), None).to_numpy()  # noqa: E731
+    codes = rows[CAT_CODE] if CAT_CODE in rows else None
     catalogue = block.Catalogue(rows[C.ITEM_IDX].to_numpy(), rows[C.ITEM_ID].to_numpy(), none(C.ITEM_NAME),
-                                none(C.CATEGORY))
+                                none(C.CATEGORY),
+                                None if codes is None or codes.isna().all() else codes.fillna(-1).to_numpy(dtype=np.int32))
     cand = rows[rows[CANDIDATE].notna()]
     items = None
     if len(cand):

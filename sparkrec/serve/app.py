@@ -156,9 +156,9 @@ def create_app(cfg: Config, state: State | None = None, *, start_loader: bool = 
         token: the bearer token every /v1 route and /metrics require (None: no auth; `load_token` decides).
         secret: the pseudonym secret when `privacy.pseudonymize_user_ids` is on (read from the config if None).
     """
-    state = state or State(cfg)
     if cfg.privacy.pseudonymize_user_ids and secret is None:
         secret = pseudonyms.load_secret(cfg.privacy)
+    state = state or State(cfg, secret)
     sink_holder: dict[str, events_.Sink] = {}
     metrics = Metrics(state)
     limits = cfg.serve
@@ -239,13 +239,19 @@ def create_app(cfg: Config, state: State | None = None, *, start_loader: bool = 
     async def recommendations(customer: str = key(), n: int | None = n_items()) -> dict[str, Any]:
         snap = snapshot()
         want = n or snap.plan.n
-        rows = snap.lists.get(stored_key(customer), want)
-        kind = "published"
-        if rows is None:
+        key = stored_key(customer)
+        as_of = None
+        fresh = state.live.get(key)
+        if fresh is not None and fresh[2] == snap.run_id:
+            rows, as_of, kind = [dict(r) for r in fresh[0][:want]], fresh[1], "live"
+        elif (rows := snap.lists.get(key, want)) is not None:
+            kind = "published"
+            as_of = snap.newest_event(key)
+        else:
             rows, kind = [dict(r) for r in snap.cold[:want]], "cold_start"
         names(snap, rows)
         return {"customer": customer, "list": kind, "model_version": snap.model_version, "run_id": snap.run_id,
-                "generated_at": snap.generated_at, "as_of": None, "items": rows}
+                "generated_at": snap.generated_at, "as_of": as_of, "items": rows}
 
     @app.get("/v1/items/{item}/similar", dependencies=[Depends(authorised)],
              summary="Items most like this one (cosine over the model's item factors)")

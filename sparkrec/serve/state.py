@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sparkrec.core import block, serving, topk
+from sparkrec.core import block, foldin, serving, topk
 from sparkrec.core import columns as C
-from sparkrec.core.config import Config
+from sparkrec.core.config import Config, TrainConfig
 from sparkrec.core.errors import StageError
 from sparkrec.core.recnames import EXCLUDED
-from sparkrec.serve import reader
+from sparkrec.serve import live, reader
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +90,24 @@ class Snapshot:
     plan: block.Plan
     cold: list[dict[str, Any]]  # the list of a customer the model has never seen (never a 404)
     names: dict[str, str | None]  # item key -> its name (None: the shop gave none), every catalogue item
+    item_index: pd.Index  # item key -> position in the catalogue
+    item_cat: np.ndarray | None  # category code per catalogue position
+    model: live.Model
+    pairs: live.Pairs  # every customer's published pairs
+    horizon: datetime | None  # when the interactions the lists stand on were committed
     loaded_at: float = field(default_factory=time.monotonic)
     load_seconds: float = 0.0
 
     @property
     def customers(self) -> int:
         return len(self.lists)
+
+    def newest_event(self, key: str) -> datetime | None:
+        """The time of the customer's newest event the published list stands on."""
+        got = self.pairs.of(key)
+        if got is None or not len(got[3]):
+            return None
+        return datetime.fromtimestamp(int(got[3].max()) / 1e6, tz=timezone.utc)
 
 
 def _versions(run: dict[str, Any], cfg: Config) -> dict[str, int | None]:
@@ -106,6 +118,7 @@ def _versions(run: dict[str, Any], cfg: Config) -> dict[str, int | None]:
         C.SIMILAR_ITEMS: outs.get(name(C.SIMILAR_ITEMS)),
         C.SERVING_ITEMS: outs.get(name(C.SERVING_ITEMS)),
         C.ITEM_FACTORS: ins.get(name(C.ITEM_FACTORS)),
+        C.INTERACTIONS: ins.get(name(C.INTERACTIONS)),
     }
 
 
@@ -135,12 +148,18 @@ def load(cfg: Config, run: dict[str, Any]) -> Snapshot:
            if v[C.SIMILAR_ITEMS] is not None else None)
     items = reader.read(cfg, C.SERVING_ITEMS, serving.SERVING_COLUMNS, version=v[C.SERVING_ITEMS])
     factors = None
-    if v[C.ITEM_FACTORS] is not None and settings.get("explain"):
+    if v[C.ITEM_FACTORS] is not None and not run["details"].get("model_version", "").startswith("baseline:"):
         f = reader.read(cfg, C.ITEM_FACTORS, (C.ITEM_IDX, C.FEATURES), version=v[C.ITEM_FACTORS]).frame
         f = f.sort_values(C.ITEM_IDX)
         vectors = np.stack(f[C.FEATURES].to_numpy()).astype(np.float32) if len(f) else np.zeros((0, 1), np.float32)
-        factors = topk.ItemMatrix(f[C.ITEM_IDX].to_numpy(), vectors)
+        factors = topk.ItemMatrix(f[C.ITEM_IDX].to_numpy(), vectors) if len(f) else None
     plan = serving.plan_of(items.frame, settings, factors)
+    train = TrainConfig.model_validate(settings["train"]) if settings.get("train") else cfg.train
+    reference = settings.get("decay_reference")
+    model = live.Model(factors, foldin.gram(factors.vectors) if factors is not None else None, train,
+                       datetime.fromisoformat(reference) if reference else None)
+    item_index = pd.Index(plan.catalogue.item_id)
+    pairs = live.load_pairs(cfg, v[C.INTERACTIONS], model, item_index)
     frame = recs.frame
     generated = pd.to_datetime(frame[C.GENERATED_AT].iloc[0], utc=True).to_pydatetime() if len(frame) else None
     snap = Snapshot(
@@ -149,6 +168,8 @@ def load(cfg: Config, run: dict[str, Any]) -> Snapshot:
         lists=Lists(frame.drop(columns=[C.GENERATED_AT]), C.USER_ID),
         similar=Lists(sim.frame if sim is not None else pd.DataFrame(columns=list(SIMILAR_COLUMNS)), C.ITEM_ID),
         plan=plan, cold=cold_list(plan, max(plan.n, cfg.serve.max_n)), names=dict(zip(plan.catalogue.item_id, plan.catalogue.name)),
+        item_index=item_index, item_cat=plan.catalogue.code, model=model, pairs=pairs,
+        horizon=live.horizon_of(cfg, v[C.INTERACTIONS]),
     )
     snap.load_seconds = time.monotonic() - started
     log.info("serve: loaded run %s (model %s): %s customers' lists, %s items, in %.1f s", snap.run_id,
@@ -159,8 +180,10 @@ def load(cfg: Config, run: dict[str, Any]) -> Snapshot:
 class State:
     """The current snapshot and the background loader that replaces it when a new run is published."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, secret: bytes | None = None) -> None:
         self.cfg = cfg
+        self.live = live.Live(cfg, secret)
+        self.feed = None
         self.snapshot: Snapshot | None = None
         self.problem: str | None = "starting: no published lists loaded yet"
         self.checked_at: datetime | None = None
@@ -183,8 +206,30 @@ class State:
             log.error("serve: %s", exc)
             return False
         self.snapshot = snap  # one reference assignment: requests see the old or the new snapshot, never a mix
+        self.live.rebase(snap)
         self.problem = None
         return True
+
+    def follow(self) -> None:
+        """Read the stream's source from the snapshot's horizon and fold each customer's events in, until stopped."""
+        while not self._stop.is_set():
+            snap = self.snapshot
+            if snap is None:
+                self._stop.wait(0.2)
+                continue
+            if self.feed is None:
+                self.feed = live.feed_for(self.cfg, snap.horizon)
+                log.info("serve: following %s from %s", self.cfg.stream.source.kind,
+                         snap.horizon.isoformat() if snap.horizon else "the beginning")
+            got = self.feed.poll(0.05)
+            if got:
+                try:
+                    self.live.add(got, self.snapshot)
+                except Exception:  # noqa: BLE001 - one bad event must not stop the feed; logged, counted
+                    log.exception("serve: folding %d event(s) in failed", len(got))
+                    self.live.rejected["error"] += len(got)
+        if self.feed is not None:
+            self.feed.close()
 
     def start(self) -> None:
         """Load once now (the server is not ready before), then look for new runs every `serve.reload_seconds`."""
@@ -199,8 +244,11 @@ class State:
 
         self._thread = threading.Thread(target=loop, name="sparkrec-serve-loader", daemon=True)
         self._thread.start()
+        self._follower = threading.Thread(target=self.follow, name="sparkrec-serve-feed", daemon=True)
+        self._follower.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        for t in (self._thread, getattr(self, "_follower", None)):
+            if t is not None:
+                t.join(timeout=30)

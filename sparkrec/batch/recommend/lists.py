@@ -133,9 +133,10 @@ def fill_sequence(ranking: DataFrame, by_category: bool = False, rename: dict[st
 
 def catalogue_of(meta: DataFrame) -> block.Catalogue:
     """The item keys, names and categories for keyed rows (one row per item: bounded, broadcast)."""
-    pdf = meta.select(C.ITEM_IDX, C.ITEM_ID, C.ITEM_NAME, C.CATEGORY).toPandas()
+    pdf = meta.select(C.ITEM_IDX, C.ITEM_ID, C.ITEM_NAME, C.CATEGORY, CAT).toPandas()
     none = lambda col: pdf[col].astype(object).where(pdf[col].notna(), None).to_numpy()  # noqa: E731
-    return block.Catalogue(pdf[C.ITEM_IDX].to_numpy(), pdf[C.ITEM_ID].to_numpy(), none(C.ITEM_NAME), none(C.CATEGORY))
+    return block.Catalogue(pdf[C.ITEM_IDX].to_numpy(), pdf[C.ITEM_ID].to_numpy(), none(C.ITEM_NAME), none(C.CATEGORY),
+                           pdf[CAT].to_numpy())
 
 
 def assemble(rows: DataFrame, plan: block.Plan) -> DataFrame:

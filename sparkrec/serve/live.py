@@ -1,0 +1,306 @@
+"""Customers' histories and the events that change them: a list recomputed the moment its customer acts.
+
+The published snapshot fixes every customer's history as the recommend run
+read it (`interactions` at the version its `runs` row names). Events that
+arrived after that version was committed (the horizon) are read from the
+stream's source, Kafka or the file directory, by whoever produced them, and
+kept per customer. Each one goes through the clean's row rules
+(`core.events.accept`); the customer's pairs are the published ones plus the
+new events' (`pair_stats`), folded into the model (`foldin`) and scored with
+the recommend stage's own plan (`block.lists`). The list is computed when the
+event arrives, so a read stays a lookup.
+
+Memory: the published pairs (customers x distinct items each, about 30 bytes a
+pair plus the customer's key once), and per customer who acted since the
+horizon their new events and their list. A new snapshot drops the events it
+already holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sparkrec.core import block, events, foldin, pseudonyms, topk
+from sparkrec.core import columns as C
+from sparkrec.core.config import Config, TrainConfig
+from sparkrec.serve import reader
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Model:
+    """What folding a customer in needs: the model's item factors, their Gram matrix and its settings."""
+
+    factors: topk.ItemMatrix | None
+    yty: np.ndarray | None
+    train: TrainConfig
+    reference: datetime | None
+
+    def positions(self, item_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.factors is None:
+            return np.zeros(len(item_idx), dtype=np.int64), np.zeros(len(item_idx), dtype=bool)
+        return self.factors.positions(item_idx)
+
+
+class Pairs:
+    """Every customer's published pairs, grouped by customer in flat arrays (a hash index of the keys)."""
+
+    def __init__(self, pairs: pd.DataFrame, item_index: pd.Index) -> None:
+        idx = item_index.get_indexer(pairs[C.ITEM_ID].to_numpy(dtype=object))
+        pairs = pairs[idx >= 0].assign(_idx=idx[idx >= 0]).sort_values(C.USER_ID, kind="stable")
+        users = pairs[C.USER_ID].to_numpy(dtype=object)
+        starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.zeros(0, dtype=np.int64)
+        self.index = pd.Index(users[starts])
+        self.bounds = np.r_[starts, len(users)].astype(np.int64)
+        self.item_pos = pairs["_idx"].to_numpy(dtype=np.int32)  # position in the catalogue
+        self.weight = pairs[C.WEIGHT].to_numpy(dtype=np.float64)
+        self.strength = pairs["strength"].to_numpy(dtype=np.int8)
+        self.last_us = pairs["last_us"].to_numpy(dtype=np.int64)
+        self.excluded = pairs["excluded"].to_numpy(dtype=bool)
+
+    def of(self, user: str) -> tuple[np.ndarray, ...] | None:
+        try:
+            at = self.index.get_loc(user)
+        except KeyError:
+            return None
+        s = slice(int(self.bounds[at]), int(self.bounds[at + 1]))
+        return self.item_pos[s], self.weight[s], self.strength[s], self.last_us[s], self.excluded[s]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.item_pos, self.weight, self.strength, self.last_us, self.excluded, self.bounds))
+
+
+def horizon_of(cfg: Config, version: int | None) -> datetime | None:
+    """When `interactions` at `version` was committed: events that arrived later cannot be in it."""
+    if version is None:
+        return None
+    from deltalake import DeltaTable
+
+    for entry in DeltaTable(cfg.table_path(C.INTERACTIONS)).history():
+        if entry.get("version") == version:
+            return datetime.fromtimestamp(entry["timestamp"] / 1000, tz=timezone.utc)
+    return None
+
+
+def load_pairs(cfg: Config, version: int | None, model: Model, catalogue_index: pd.Index) -> Pairs:
+    """Every customer's pairs from `interactions` at `version` (the events the published lists stand on)."""
+    cols = [C.USER_ID, C.ITEM_ID, C.EVENT_TYPE, C.EVENT_TS, C.RATING]
+    got = reader.read(cfg, C.INTERACTIONS, cols, version=version, required=False)
+    frame = got.frame if got is not None else pd.DataFrame(columns=cols)
+    return Pairs(events.pair_stats(frame, model.train, model.reference, cfg.recommend.exclude_event_types), catalogue_index)
+
+
+class Live:
+    """The customers who acted since the horizon: their new events and their recomputed lists. Thread-safe."""
+
+    def __init__(self, cfg: Config, secret: bytes | None, max_events_per_customer: int = 1000) -> None:
+        self.cfg, self.secret = cfg, secret
+        self.max_events = max_events_per_customer
+        self.events: dict[str, list[tuple[events.Event, float]]] = {}  # stored key -> [(event, arrived epoch s)]
+        self.lists: dict[str, tuple[list[dict[str, Any]], datetime, str]] = {}  # key -> (rows, as_of, run id)
+        self.rejected: Counter[str] = Counter()
+        self.applied = 0
+        self.last_arrival: float | None = None
+        self._lock = threading.Lock()
+
+    def stored_key(self, key: str) -> str:
+        return pseudonyms.pseudonym(self.secret, key) if self.secret is not None else key
+
+    def add(self, raw_events: list[tuple[dict[str, Any], float]], snap) -> list[str]:
+        """Raw events (with their arrival time, epoch seconds) through the row rules; returns the customers touched."""
+        now = datetime.now(timezone.utc)
+        touched: list[str] = []
+        with self._lock:
+            for raw, arrived in raw_events:
+                ev, reason = events.accept(raw, self.cfg.source, self.cfg.clean, now)
+                if ev is None:
+                    self.rejected[reason] += 1
+                    continue
+                key = self.stored_key(ev.user_id)
+                mine = self.events.setdefault(key, [])
+                mine.append((ev, arrived))
+                del mine[: max(0, len(mine) - self.max_events)]
+                touched.append(key)
+                self.applied += 1
+                self.last_arrival = max(self.last_arrival or 0.0, arrived)
+        for key in dict.fromkeys(touched):
+            self.relist(key, snap)
+        return touched
+
+    def relist(self, key: str, snap) -> None:
+        """Recompute one customer's list from the snapshot and their new events."""
+        with self._lock:
+            mine = list(self.events.get(key, ()))
+        if not mine or snap is None:
+            return
+        rows, as_of = list_for(key, [e for e, _ in mine], snap, self.cfg)
+        with self._lock:
+            self.lists[key] = (rows, as_of, snap.run_id)
+
+    def rebase(self, snap) -> None:
+        """A new snapshot: drop the events it already holds (arrived before its horizon), relist the rest."""
+        horizon = snap.horizon.timestamp() if snap.horizon is not None else None
+        with self._lock:
+            if horizon is not None:
+                self.events = {k: kept for k, v in self.events.items()
+                               if (kept := [(e, t) for e, t in v if t >= horizon])}
+            self.lists = {}
+            keys = list(self.events)
+        for key in keys:
+            self.relist(key, snap)
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self.events.pop(key, None)
+            self.lists.pop(key, None)
+
+    def get(self, key: str) -> tuple[list[dict[str, Any]], datetime, str] | None:
+        return self.lists.get(key)
+
+
+def list_for(key: str, new: list[events.Event], snap, cfg: Config) -> tuple[list[dict[str, Any]], datetime]:
+    """A customer's list from their published pairs plus `new` events, folded in and scored by the batch's plan."""
+    rec, model, cat = cfg.recommend, snap.model, snap.plan.catalogue
+    frame = pd.DataFrame({C.USER_ID: [key] * len(new), C.ITEM_ID: [e.item_id for e in new],
+                          C.EVENT_TYPE: [e.event_type for e in new], C.EVENT_TS: [e.event_ts for e in new],
+                          C.RATING: [np.nan if e.rating is None else e.rating for e in new]})
+    fresh = events.pair_stats(frame, model.train, model.reference, rec.exclude_event_types)
+    pos = snap.item_index.get_indexer(fresh[C.ITEM_ID].to_numpy(dtype=object))
+    fresh = fresh[pos >= 0].assign(_pos=pos[pos >= 0])  # an item without an id yet is not in any list (as in batch)
+    parts = {"pos": [fresh["_pos"].to_numpy(dtype=np.int64)], "w": [fresh[C.WEIGHT].to_numpy()],
+             "s": [fresh["strength"].to_numpy(dtype=np.int8)], "t": [fresh["last_us"].to_numpy(dtype=np.int64)],
+             "x": [fresh["excluded"].to_numpy(dtype=bool)]}
+    base = snap.pairs.of(key)
+    if base is not None:
+        for name, arr in zip(("pos", "w", "s", "t", "x"), base):
+            parts[name].insert(0, arr.astype(parts[name][0].dtype))
+    p = pd.DataFrame({k: np.concatenate(v) for k, v in parts.items()}).groupby("pos", as_index=False).agg(
+        {"w": "sum", "s": "max", "t": "max", "x": "max"})
+    item_idx = cat.item_idx[p["pos"].to_numpy()]
+    weight = p["w"].to_numpy().astype(np.float32)  # as train casts the summed weight
+    factor = None
+    if model.yty is not None:
+        fpos, known = model.positions(item_idx)
+        use = known & (weight > 0)
+        if use.any():
+            als = model.train.als
+            factor = foldin.fold_in(model.yty, model.factors.vectors[fpos[use]], weight[use], als.reg_param, als.alpha,
+                                    als.nonnegative)
+    category = snap.item_cat[p["pos"].to_numpy()] if snap.item_cat is not None else None
+    row = events.user_row(item_idx, weight, p["s"].to_numpy(), p["t"].to_numpy(), p["x"].to_numpy(), category, factor, rec)
+    batch = pd.DataFrame([{C.USER_IDX: -1, C.USER_ID: key, **row}])
+    out = block.lists(batch, snap.plan).sort_values(C.RANK)
+    rows = [{k: (v.item() if isinstance(v, np.generic) else v) for k, v in r.items() if k != C.USER_ID}
+            for r in out.to_dict("records")]
+    as_of = datetime.fromtimestamp(int(p["t"].max()) / 1e6, tz=timezone.utc)
+    return rows, as_of
+
+
+# --------------------------------------------------------------------------- where the events come from
+
+
+class FileFeed:
+    """New JSON-lines files in the stream's directory (stream.source.kind files), polled."""
+
+    def __init__(self, cfg: Config, since: datetime | None) -> None:
+        self.dir = Path(cfg.serve.events_dir or cfg.stream.source.path or ".")
+        self.since = since.timestamp() if since is not None else 0.0
+        self.seen: set[str] = set()
+        self.connected = True
+
+    def poll(self, timeout: float) -> list[tuple[dict[str, Any], float]]:
+        out: list[tuple[dict[str, Any], float]] = []
+        if self.dir.is_dir():
+            for path in sorted(self.dir.iterdir()):
+                if path.name.startswith((".", "_")) or path.name in self.seen or not path.is_file():
+                    continue
+                arrived = path.stat().st_mtime
+                self.seen.add(path.name)
+                if arrived < self.since:
+                    continue
+                for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                    if line.strip():
+                        try:
+                            out.append((json.loads(line), arrived))
+                        except ValueError:
+                            out.append((None, arrived))  # malformed: counted by the row rules
+        if not out:
+            time.sleep(timeout)
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+class KafkaFeed:
+    """The stream's topic, read from the first offset at or after `since` on every partition (no group commits:
+    every replica reads every event)."""
+
+    def __init__(self, cfg: Config, since: datetime | None) -> None:
+        from confluent_kafka import Consumer
+
+        live = cfg.stream.source
+        opts = {k.removeprefix("kafka."): v for k, v in live.options.items() if k.startswith("kafka.")}
+        self.consumer = Consumer({"bootstrap.servers": live.bootstrap_servers, "group.id": f"sparkrec-serve-{id(self)}",
+                                  "enable.auto.commit": False, "auto.offset.reset": "earliest", "log_level": 3, **opts})
+        self.topic, self.since = live.topic, since
+        self.assigned = False
+        self.connected = False
+
+    def _assign(self) -> None:
+        from confluent_kafka import TopicPartition
+
+        meta = self.consumer.list_topics(self.topic, timeout=2)
+        parts = meta.topics.get(self.topic)
+        if parts is None or parts.error is not None or not parts.partitions:
+            raise RuntimeError(f"topic {self.topic!r} not found")
+        ms = int(self.since.timestamp() * 1000) if self.since is not None else 0
+        wanted = [TopicPartition(self.topic, p, ms) for p in sorted(parts.partitions)]
+        offsets = self.consumer.offsets_for_times(wanted, timeout=5)
+        # offset -1: no message at or after the time yet; start at the partition's end
+        self.consumer.assign([TopicPartition(self.topic, tp.partition, tp.offset if tp.offset >= 0 else -1) for tp in offsets])
+        self.assigned = True
+
+    def poll(self, timeout: float) -> list[tuple[dict[str, Any], float]]:
+        if not self.assigned:
+            try:
+                self._assign()
+                self.connected = True
+            except Exception as exc:  # noqa: BLE001 - the broker may be down or the topic not yet created
+                self.connected = False
+                log.warning("serve: cannot read %s yet (%s); trying again", self.topic, exc)
+                time.sleep(1.0)
+                return []
+        msgs = self.consumer.consume(num_messages=500, timeout=timeout)
+        out = []
+        for m in msgs:
+            if m.error() is not None:
+                self.connected = False
+                continue
+            self.connected = True
+            try:
+                value = json.loads(m.value())
+            except (ValueError, TypeError):
+                value = None
+            out.append((value, m.timestamp()[1] / 1000.0))
+        return out
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def feed_for(cfg: Config, since: datetime | None):
+    return KafkaFeed(cfg, since) if cfg.stream.source.kind == "kafka" else FileFeed(cfg, since)
