@@ -133,3 +133,62 @@ def test_a_real_server_process_serves_the_published_lists_and_stops_on_sigterm(s
             proc.kill()
             proc.wait(timeout=10)
         logfile.close()
+
+
+def wait_for(fetch, ok, seconds: float):
+    """Poll `fetch()` until `ok(result)`; (result, seconds taken). Fails after `seconds`."""
+    started = time.monotonic()
+    while True:
+        got = fetch()
+        if ok(got):
+            return got, time.monotonic() - started
+        assert time.monotonic() - started < seconds, f"not within {seconds} s: {got}"
+        time.sleep(0.02)
+
+
+def live_checks(client, snap, auth: dict, post) -> dict:
+    """What a customer's action must do to their list: shared by the file-source and the Kafka tests.
+
+    Returns the seconds each change took to show."""
+    from datetime import datetime, timezone
+
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    warm = next(k for k in snap.lists.index if snap.lists.get(k, 1)[0]["source"] == C.SOURCE_ALS)
+    first = snap.lists.get(warm, 1)[0]["item_id"]
+    post([{"user_id": warm, "item_id": first, "event_type": "purchase", "timestamp": stamp}])
+    url = f"/v1/users/{warm}/recommendations"
+    got, bought_s = wait_for(lambda: client.get(url, headers=auth).json(),
+                             lambda b: b["list"] == "live" and first not in [r["item_id"] for r in b["items"]], 2.0)
+    assert len(got["items"]) == snap.plan.n and got["as_of"].startswith(stamp[:16])
+    # A stranger with five views of items the model knows gets a model list, explained by what they viewed.
+    cat = snap.plan.catalogue
+    known = list(cat.item_id[cat.at(snap.model.factors.item_idx[:5])[0]])
+    new = "brand-new-customer-" + stamp
+    post([{"user_id": new, "item_id": k, "event_type": "view", "timestamp": stamp} for k in known])
+    got, new_s = wait_for(lambda: client.get(f"/v1/users/{new}/recommendations", headers=auth).json(),
+                          lambda b: b["list"] == "live", 2.0)
+    assert {r["source"] for r in got["items"]} == {C.SOURCE_ALS}
+    assert not set(known) & {r["item_id"] for r in got["items"] if r["explanation"] != "you viewed this"}
+    return {"purchase_s": bought_s, "new_customer_s": new_s}
+
+
+def test_a_customers_list_changes_within_a_second_of_their_event_file_source(spark, published, tmp_path):
+    """Events posted to the server reach the file directory, come back through the feed, and change the list;
+    a customer with nothing new gets what the batch published, recomputed by the live path itself."""
+    from fastapi.testclient import TestClient
+
+    from sparkrec.serve import live
+    from sparkrec.serve.app import create_app
+
+    _, overrides = published
+    cfg = cfg_of([*overrides, "stream.source.kind=files", f"stream.source.path={tmp_path / 'in'}"])
+    st = state_.State(cfg)
+    with TestClient(create_app(cfg, st, token=None)) as client:
+        wait_for(lambda: st.snapshot, lambda s: s is not None, 30)
+        snap = st.snapshot
+        for key in snap.lists.index:  # the live path's own list for nothing new is the batch's, for every customer
+            rows, _ = live.list_for(key, [], snap, cfg)
+            assert [(r["item_id"], r["source"], r["explanation"]) for r in rows] == [
+                (r["item_id"], r["source"], r["explanation"]) for r in snap.lists.get(key, cfg.recommend.n)]
+        took = live_checks(client, snap, {}, lambda evs: client.post("/v1/events", json=evs).raise_for_status())
+    assert max(took.values()) < 2.0

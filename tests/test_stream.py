@@ -247,3 +247,29 @@ def test_a_directory_of_new_files_is_a_source_too(spark, built, broker, tmp_path
     assert read(spark, overrides, C.QUARANTINE).where(F.col(C.REASON) == "malformed_line").where(
         F.col(C.SOURCE_FILE).endswith("a.json")).count() == 1
     assert read(spark, overrides, C.LIVE_RECOMMENDATIONS).where(F.col(C.USER_ID) == "filer").count() == 10
+
+
+def test_the_server_folds_kafka_events_in_within_a_second_and_two_replicas_agree(built, broker, tmp_path):
+    """`sparkrec serve` on the stream's topic: events from any producer change the customer's list within a
+    second; two servers reading the same topic give the same list (reads scale by adding replicas)."""
+    from fastapi.testclient import TestClient
+
+    from sparkrec.serve import state as state_
+    from sparkrec.serve.app import create_app
+    from tests.test_serve import live_checks, wait_for
+
+    topic = "serve-live"
+    mine, overrides = copy_warehouse(built, tmp_path, topic, broker)
+    produce(broker, topic, [b"not json: creates the topic, then the row rules reject it"])
+    cfg = load_config(ROOT / "conf" / "local.yaml", overrides)
+    one, two = state_.State(cfg), state_.State(cfg)
+    with TestClient(create_app(cfg, one, token=None)) as a, TestClient(create_app(cfg, two, token=None)) as b:
+        wait_for(lambda: (one.snapshot, two.snapshot), lambda s: None not in s, 30)
+        took = live_checks(a, one.snapshot, {}, lambda evs: produce(broker, topic, evs))
+        assert max(took.values()) < 2.0
+        customers = list(one.live.lists)
+        assert len(customers) == 2
+        for key in customers:
+            got = wait_for(lambda: b.get(f"/v1/users/{key}/recommendations").json(), lambda r: r["list"] == "live", 5)[0]
+            assert got["items"] == a.get(f"/v1/users/{key}/recommendations").json()["items"]
+        assert one.live.rejected["malformed_line"] == 1
