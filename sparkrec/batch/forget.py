@@ -11,7 +11,6 @@ themselves), so the command then purges every table it changed.
 
 from __future__ import annotations
 
-import hashlib
 from datetime import datetime
 from pathlib import Path
 
@@ -81,11 +80,6 @@ def stored_keys(cfg: Config, keys: list[str], secret: bytes | None) -> list[str]
     return list(keys)
 
 
-def user_hash(stored: str) -> str:
-    """What the erasures table keeps of a customer: SHA-256 of the stored key (proof of which request it was, not the key)."""
-    return hashlib.sha256(stored.encode("utf-8")).hexdigest()
-
-
 def raw_keys_of(raw: DataFrame, users: DataFrame, src: InputConfig) -> DataFrame:
     """(_raw_key) of the raw rows of `users`, their user column normalised as clean normalises it."""
     name = src.columns.user_id
@@ -96,4 +90,4 @@ def raw_keys_of(raw: DataFrame, users: DataFrame, src: InputConfig) -> DataFrame
 
 
 def erasure_row(run_id: str, now: datetime, stored: list[str], rows: dict[str, int], factors: int, purged: bool, note: str | None):
-    return (run_id, now, len(stored), sorted(user_hash(k) for k in stored), rows, factors, purged, note)
+    return (run_id, now, len(stored), sorted(pseudonyms.user_hash(k) for k in stored), rows, factors, purged, note)

@@ -58,3 +58,9 @@ def pseudonym(secret: bytes, key: str) -> str:
 def lookup_key(key: str) -> str:
     """A key as a person types it, normalised the way ingest normalises a text column (surrounding blanks)."""
     return key.strip()
+
+
+def user_hash(stored: str) -> str:
+    """What the erasures table keeps of a customer: SHA-256 of the stored key (proof of which request it was, not
+    the key). The server matches it against the keys it holds to drop an erased customer."""
+    return hashlib.sha256(stored.encode("utf-8")).hexdigest()

@@ -70,7 +70,11 @@ class Pairs:
         self.last_us = pairs["last_us"].to_numpy(dtype=np.int64)
         self.excluded = pairs["excluded"].to_numpy(dtype=bool)
 
+    removed: frozenset[str] = frozenset()
+
     def of(self, user: str) -> tuple[np.ndarray, ...] | None:
+        if user in self.removed:
+            return None
         try:
             at = self.index.get_loc(user)
         except KeyError:
@@ -78,21 +82,20 @@ class Pairs:
         s = slice(int(self.bounds[at]), int(self.bounds[at + 1]))
         return self.item_pos[s], self.weight[s], self.strength[s], self.last_us[s], self.excluded[s]
 
+    def drop(self, user: str) -> None:
+        """Hold nothing more of a customer (an erasure): their pairs zeroed, their key never matched again."""
+        try:
+            at = self.index.get_loc(user)
+        except KeyError:
+            return
+        self.removed = self.removed | {user}
+        s = slice(int(self.bounds[at]), int(self.bounds[at + 1]))
+        for arr in (self.item_pos, self.weight, self.strength, self.last_us, self.excluded):
+            arr[s] = 0
+
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.item_pos, self.weight, self.strength, self.last_us, self.excluded, self.bounds))
-
-
-def horizon_of(cfg: Config, version: int | None) -> datetime | None:
-    """When `interactions` at `version` was committed: events that arrived later cannot be in it."""
-    if version is None:
-        return None
-    from deltalake import DeltaTable
-
-    for entry in DeltaTable(cfg.table_path(C.INTERACTIONS)).history():
-        if entry.get("version") == version:
-            return datetime.fromtimestamp(entry["timestamp"] / 1000, tz=timezone.utc)
-    return None
 
 
 def load_pairs(cfg: Config, version: int | None, model: Model, catalogue_index: pd.Index) -> Pairs:
@@ -162,10 +165,14 @@ class Live:
         for key in keys:
             self.relist(key, snap)
 
-    def forget(self, key: str) -> None:
+    def forget(self, key: str, before: float | None = None) -> None:
+        """Drop a customer's events that arrived before `before` (epoch s; None: all) and their list; later
+        events start a new history, as they would in the batch."""
         with self._lock:
-            self.events.pop(key, None)
+            kept = [(e, t) for e, t in self.events.pop(key, []) if before is not None and t >= before]
             self.lists.pop(key, None)
+            if kept:
+                self.events[key] = kept
 
     def get(self, key: str) -> tuple[list[dict[str, Any]], datetime, str] | None:
         return self.lists.get(key)

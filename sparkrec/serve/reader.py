@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import pandas as pd
@@ -72,12 +73,28 @@ def read(cfg: Config, key: str, columns: list[str] | tuple[str, ...], *, version
     if missing:
         raise StageError(f"table '{name}' (version {dt.version()}) has no column(s) {missing}; it has {sorted(have)}")
     sql = "SELECT " + ", ".join(f'"{c}"' for c in columns) + " FROM t" + (f" WHERE {where}" if where else "")
-    reader = QueryBuilder().register("t", dt).execute(sql)
-    table = pa.table(reader.read_all())
-    # DataFusion hands text as string_view; pandas wants plain strings (object columns).
-    table = table.cast(pa.schema([pa.field(f.name, pa.string() if pa.types.is_string_view(f.type) else f.type)
-                                  for f in table.schema]))
+    try:
+        table = pa.table(QueryBuilder().register("t", dt).execute(sql).read_all())
+    except Exception as exc:  # noqa: BLE001 - delta-rs raises its own kinds; a purged version's files are gone
+        raise StageError(f"table '{name}' version {dt.version()}: cannot read: {str(exc).splitlines()[0][:300]}") from None
+    # DataFusion hands text as string_view (also inside lists and maps); pandas wants plain strings.
+    table = table.cast(pa.schema([pa.field(f.name, plain(f.type)) for f in table.schema]))
     return Read(name, dt.version(), table.to_pandas())
+
+
+def plain(t: pa.DataType) -> pa.DataType:
+    """`t` with every string_view (and binary_view) inside it made a plain string (binary)."""
+    if pa.types.is_string_view(t):
+        return pa.string()
+    if pa.types.is_binary_view(t):
+        return pa.binary()
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t):
+        return pa.list_(plain(t.value_type))
+    if pa.types.is_map(t):
+        return pa.map_(plain(t.key_type), plain(t.item_type))
+    if pa.types.is_struct(t):
+        return pa.struct([pa.field(f.name, plain(f.type)) for f in t])
+    return t
 
 
 def quoted(text: str) -> str:
@@ -105,3 +122,19 @@ def latest_recommend_run(cfg: Config, after: str | None = None) -> dict[str, Any
         "details": json.loads(row["details"] or "{}"),
         "runs_version": got.version,
     }
+
+
+def commit_time(cfg: Config, key: str, version: int) -> datetime | None:
+    """When a version of a table was committed (None: not in its log any more)."""
+    dt = _open(cfg, key, None)
+    if dt is None:
+        return None
+    for entry in dt.history():
+        if entry.get("version") == version:
+            return datetime.fromtimestamp(entry["timestamp"] / 1000, tz=timezone.utc)
+    return None
+
+
+def erasures(cfg: Config) -> Read | None:
+    """Every erasure `sparkrec forget` recorded: (erased_at, user_hashes), or None when there was none."""
+    return read(cfg, C.ERASURES, ["erased_at", "user_hashes"], required=False)

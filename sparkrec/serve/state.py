@@ -20,6 +20,7 @@ So it grows with customers x n and with items x rank, never with the history.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import threading
 import time
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sparkrec.core import block, foldin, serving, topk
+from sparkrec.core import block, foldin, pseudonyms, serving, topk
 from sparkrec.core import columns as C
 from sparkrec.core.config import Config, TrainConfig
 from sparkrec.core.errors import StageError
@@ -62,8 +63,23 @@ class Lists:
     def rows(self) -> int:
         return int(self.bounds[-1]) if len(self.bounds) else 0
 
+    removed: frozenset[str] = frozenset()
+
+    def drop(self, key: str) -> None:
+        """Hold nothing more of `key` (an erasure): its rows blanked, the key never matched again."""
+        try:
+            at = self.index.get_loc(key)
+        except KeyError:
+            return
+        self.removed = self.removed | {key}  # first: a request under way stops matching before the rows go
+        s = slice(int(self.bounds[at]), int(self.bounds[at + 1]))
+        for values in self.columns.values():
+            values[s] = None if values.dtype == object else 0
+
     def get(self, key: str, n: int) -> list[dict[str, Any]] | None:
         """The first `n` rows of `key` as dicts (None: the key has no rows)."""
+        if key in self.removed:
+            return None
         try:
             at = self.index.get_loc(key)
         except KeyError:
@@ -95,8 +111,23 @@ class Snapshot:
     model: live.Model
     pairs: live.Pairs  # every customer's published pairs
     horizon: datetime | None  # when the interactions the lists stand on were committed
+    published_at: datetime | None = None  # when the recommend run finished: erasures after it apply to this snapshot
     loaded_at: float = field(default_factory=time.monotonic)
     load_seconds: float = 0.0
+    erased: set[str] = field(default_factory=set)  # user hashes already dropped
+
+    def keys_by_hash(self, hashes: set[str], more: list[str]) -> dict[str, str]:
+        """The held keys (lists, pairs, `more`) whose erasure hash is in `hashes`."""
+        found = {}
+        for key in itertools.chain(self.lists.index, self.pairs.index, more):
+            h = pseudonyms.user_hash(key)
+            if h in hashes:
+                found[h] = key
+        return found
+
+    def erase(self, key: str) -> None:
+        self.lists.drop(key)
+        self.pairs.drop(key)
 
     @property
     def customers(self) -> int:
@@ -130,6 +161,24 @@ def cold_list(plan: block.Plan, n: int) -> list[dict[str, Any]]:
             for r in rows.sort_values(C.RANK).to_dict("records")]
 
 
+def utc(value) -> datetime:
+    """A timestamp read from a table (naive means UTC, as Spark writes them) as an aware datetime."""
+    ts = pd.Timestamp(value)
+    return (ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")).to_pydatetime()
+
+
+def pinned(cfg: Config, key: str, columns, version: int | None, run_id: str) -> reader.Read:
+    """A list table at the version its run wrote. `sparkrec forget` deletes rows and then purges old versions, so
+    that version may be gone: the latest is read instead, as long as it still holds that run's lists."""
+    try:
+        return reader.read(cfg, key, columns, version=version)
+    except StageError as exc:
+        latest = reader.read(cfg, key, columns, where=f"{C.RUN_ID} = {reader.quoted(run_id)}")
+        log.warning("serve: %s; reading its latest version %d (still run %s's lists, less erased customers)", exc,
+                    latest.version, run_id)
+        return latest
+
+
 def load(cfg: Config, run: dict[str, Any]) -> Snapshot:
     """Read the tables the recommend run `run` published, at the versions it recorded.
 
@@ -143,7 +192,7 @@ def load(cfg: Config, run: dict[str, Any]) -> Snapshot:
     if v[C.SERVING_ITEMS] is None or settings is None:
         raise StageError(f"run {run[C.RUN_ID]} published lists without a serving plan (sparkrec before "
                          f"{cfg.table_name(C.SERVING_ITEMS)} existed): run `sparkrec run` (or `sparkrec recommend`) once more")
-    recs = reader.read(cfg, C.RECOMMENDATIONS, LIST_COLUMNS + (C.GENERATED_AT,), version=v[C.RECOMMENDATIONS])
+    recs = pinned(cfg, C.RECOMMENDATIONS, LIST_COLUMNS + (C.GENERATED_AT,), v[C.RECOMMENDATIONS], run[C.RUN_ID])
     sim = (reader.read(cfg, C.SIMILAR_ITEMS, SIMILAR_COLUMNS, version=v[C.SIMILAR_ITEMS])
            if v[C.SIMILAR_ITEMS] is not None else None)
     items = reader.read(cfg, C.SERVING_ITEMS, serving.SERVING_COLUMNS, version=v[C.SERVING_ITEMS])
@@ -159,7 +208,14 @@ def load(cfg: Config, run: dict[str, Any]) -> Snapshot:
     model = live.Model(factors, foldin.gram(factors.vectors) if factors is not None else None, train,
                        datetime.fromisoformat(reference) if reference else None)
     item_index = pd.Index(plan.catalogue.item_id)
-    pairs = live.load_pairs(cfg, v[C.INTERACTIONS], model, item_index)
+    try:
+        pairs = live.load_pairs(cfg, v[C.INTERACTIONS], model, item_index)
+        horizon = reader.commit_time(cfg, C.INTERACTIONS, v[C.INTERACTIONS]) if v[C.INTERACTIONS] is not None else None
+    except StageError as exc:  # `sparkrec forget` purged that version: the latest, and the events from its commit
+        latest = reader.current_version(cfg, C.INTERACTIONS)
+        log.warning("serve: %s; reading interactions at its latest version %s instead", exc, latest)
+        pairs = live.load_pairs(cfg, latest, model, item_index)
+        horizon = reader.commit_time(cfg, C.INTERACTIONS, latest) if latest is not None else None
     frame = recs.frame
     generated = pd.to_datetime(frame[C.GENERATED_AT].iloc[0], utc=True).to_pydatetime() if len(frame) else None
     snap = Snapshot(
@@ -169,7 +225,7 @@ def load(cfg: Config, run: dict[str, Any]) -> Snapshot:
         similar=Lists(sim.frame if sim is not None else pd.DataFrame(columns=list(SIMILAR_COLUMNS)), C.ITEM_ID),
         plan=plan, cold=cold_list(plan, max(plan.n, cfg.serve.max_n)), names=dict(zip(plan.catalogue.item_id, plan.catalogue.name)),
         item_index=item_index, item_cat=plan.catalogue.code, model=model, pairs=pairs,
-        horizon=live.horizon_of(cfg, v[C.INTERACTIONS]),
+        horizon=horizon, published_at=utc(run["finished_at"]),
     )
     snap.load_seconds = time.monotonic() - started
     log.info("serve: loaded run %s (model %s): %s customers' lists, %s items, in %.1f s", snap.run_id,
@@ -184,6 +240,8 @@ class State:
         self.cfg = cfg
         self.live = live.Live(cfg, secret)
         self.feed = None
+        self.erasures_version: int | None = None
+        self._erasures_checked = 0.0
         self.snapshot: Snapshot | None = None
         self.problem: str | None = "starting: no published lists loaded yet"
         self.checked_at: datetime | None = None
@@ -205,10 +263,41 @@ class State:
             self.problem = str(exc)
             log.error("serve: %s", exc)
             return False
+        self.apply_erasures(snap, force=True)
         self.snapshot = snap  # one reference assignment: requests see the old or the new snapshot, never a mix
         self.live.rebase(snap)
         self.problem = None
         return True
+
+    def apply_erasures(self, snap: Snapshot | None, force: bool = False) -> int:
+        """Drop every customer `sparkrec forget` erased after `snap` was published: their list, pairs and events.
+
+        Checks the erasures table's version (one small read) and reads it only when it changed (or `force`).
+        Returns how many customers were dropped.
+        """
+        version = reader.current_version(self.cfg, C.ERASURES)
+        if version is None or (version == self.erasures_version and not force) or snap is None:
+            return 0
+        got = reader.erasures(self.cfg)
+        self.erasures_version = version
+        if got is None or got.frame.empty:
+            return 0
+        dropped = 0
+        for erased_at, hashes in zip(got.frame["erased_at"], got.frame["user_hashes"]):
+            at = utc(erased_at)
+            new = set(hashes) - snap.erased
+            if not new:
+                continue
+            found = snap.keys_by_hash(new, list(self.live.events))
+            for h, key in found.items():
+                if snap.published_at is None or at >= snap.published_at:
+                    snap.erase(key)
+                self.live.forget(key, before=at.timestamp())
+                dropped += 1
+            snap.erased |= new
+        if dropped:
+            log.info("serve: %d erased customer(s) dropped", dropped)
+        return dropped
 
     def follow(self) -> None:
         """Read the stream's source from the snapshot's horizon and fold each customer's events in, until stopped."""
@@ -221,6 +310,12 @@ class State:
                 self.feed = live.feed_for(self.cfg, snap.horizon)
                 log.info("serve: following %s from %s", self.cfg.stream.source.kind,
                          snap.horizon.isoformat() if snap.horizon else "the beginning")
+            if time.monotonic() - self._erasures_checked >= 1.0:
+                self._erasures_checked = time.monotonic()
+                try:
+                    self.apply_erasures(snap)
+                except Exception:  # noqa: BLE001 - the next check tries again; serving goes on
+                    log.exception("serve: reading the erasures failed")
             got = self.feed.poll(0.05)
             if got:
                 try:
