@@ -9,7 +9,8 @@ BIN := $(VENV)/bin
 EVENTS ?= 100000
 DELTA_ARTIFACT := io.delta:delta-spark_4.2_2.13:4.4.0
 
-.PHONY: airflow-setup browser setup demo test lint test-unit test-fast test-cluster retail bench jars dist dist-env cluster-up cluster-down kafka-up kafka-down clean
+
+.PHONY: serve bench-serve load-tools airflow-setup browser setup demo test lint test-unit test-fast test-cluster retail bench jars dist dist-env cluster-up cluster-down kafka-up kafka-down clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +23,11 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/sparkrec generate --events $(EVENTS) --seed 42 --out data/generated
 	$(BIN)/sparkrec run --config conf/local.yaml
+
+# The HTTP API over what `make demo` published (no JVM): http://127.0.0.1:8000/docs. Posted events go to
+# data/live (JSON lines), where `sparkrec stream` with stream.source.kind=files would read them: no Kafka needed.
+serve: setup
+	$(BIN)/sparkrec serve --config conf/local.yaml --set stream.source.kind=files --set stream.source.path=data/live
 
 retail: setup
 	$(BIN)/sparkrec run --config conf/online_retail.yaml
@@ -89,6 +95,16 @@ kafka-down:
 
 bench: setup
 	$(BIN)/python bench/bench_pipeline.py
+
+# HTTP load generators for bench/bench_serve.py (Debian's packages; needs root or sudo the first time).
+load-tools:
+	@command -v wrk >/dev/null 2>&1 && command -v hey >/dev/null 2>&1 || \
+		{ echo "installing Debian's wrk and hey for bench/bench_serve.py"; \
+		  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
+		  DEBIAN_FRONTEND=noninteractive $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq wrk hey >/dev/null; }
+
+bench-serve: setup load-tools
+	$(BIN)/python bench/bench_serve.py
 
 # Only needed where Spark's own resolver cannot reach Maven Central but Maven can:
 # fills ~/.m2/repository, which Spark's package resolution also searches.

@@ -148,6 +148,35 @@ class _TooBig(Exception):
     pass
 
 
+class Timed:
+    """Each request's latency into the route's histogram, as plain ASGI.
+
+    Starlette's `@app.middleware("http")` re-streams every response, so its headers and body leave in two
+    writes; with the client's delayed ACK that cost 35-40 ms a request (bench/RESULTS.md, "The server").
+    """
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = [500]
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = scope.get("route")
+            self.metrics.latency.labels(route.path if route is not None else "unmatched", str(status[0])).observe(
+                time.perf_counter() - started)
+
+
 def create_app(cfg: Config, state: State | None = None, *, start_loader: bool = True, token: str | None = None,
                secret: bytes | None = None) -> FastAPI:
     """The API over `state` (default: a new one, loaded at start and refreshed in the background).
@@ -219,14 +248,6 @@ def create_app(cfg: Config, state: State | None = None, *, start_loader: bool = 
         log.exception("serve: %s %s failed", req.method, req.scope.get("route").path if req.scope.get("route") else "?")
         return JSONResponse(error_body("internal", "the server failed to answer; see its log"), status_code=500)
 
-    @app.middleware("http")
-    async def timed(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.latency.labels(route.path if route is not None else "unmatched", str(response.status_code)).observe(
-            time.perf_counter() - started)
-        return response
 
     def key():  # a fresh parameter per route: FastAPI binds a Path() to the route that declares it
         return PathParam(min_length=1, max_length=limits.max_key_length)
@@ -314,5 +335,6 @@ def create_app(cfg: Config, state: State | None = None, *, start_loader: bool = 
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(Timed, metrics=metrics)
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)  # added last: outermost, before any route reads
     return app

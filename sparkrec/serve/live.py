@@ -101,7 +101,7 @@ class Pairs:
 def load_pairs(cfg: Config, version: int | None, model: Model, catalogue_index: pd.Index) -> Pairs:
     """Every customer's pairs from `interactions` at `version` (the events the published lists stand on)."""
     cols = [C.USER_ID, C.ITEM_ID, C.EVENT_TYPE, C.EVENT_TS, C.RATING]
-    got = reader.read(cfg, C.INTERACTIONS, cols, version=version, required=False)
+    got = reader.read(cfg, C.INTERACTIONS, cols, version=version, required=False, optional=(C.RATING,))
     frame = got.frame if got is not None else pd.DataFrame(columns=cols)
     return Pairs(events.pair_stats(frame, model.train, model.reference, cfg.recommend.exclude_event_types), catalogue_index)
 

@@ -55,9 +55,11 @@ def current_version(cfg: Config, key: str) -> int | None:
 
 
 def read(cfg: Config, key: str, columns: list[str] | tuple[str, ...], *, version: int | None = None,
-         where: str | None = None, required: bool = True) -> Read | None:
+         where: str | None = None, required: bool = True, optional: tuple[str, ...] = ()) -> Read | None:
     """The named columns of a table (at `version`, default the latest), optionally filtered by a SQL predicate.
 
+    Args:
+        optional: columns a table may lack (an input without ratings): read as nulls when absent.
     Raises:
         StageError: the table is missing (when `required`), or lacks a column, naming both.
     """
@@ -69,6 +71,8 @@ def read(cfg: Config, key: str, columns: list[str] | tuple[str, ...], *, version
                              "(`sparkrec run`), which publishes it")
         return None
     have = {f.name for f in dt.schema().fields}
+    absent = [c for c in columns if c not in have and c in optional]
+    columns = [c for c in columns if c not in absent]
     missing = [c for c in columns if c not in have]
     if missing:
         raise StageError(f"table '{name}' (version {dt.version()}) has no column(s) {missing}; it has {sorted(have)}")
@@ -79,7 +83,10 @@ def read(cfg: Config, key: str, columns: list[str] | tuple[str, ...], *, version
         raise StageError(f"table '{name}' version {dt.version()}: cannot read: {str(exc).splitlines()[0][:300]}") from None
     # DataFusion hands text as string_view (also inside lists and maps); pandas wants plain strings.
     table = table.cast(pa.schema([pa.field(f.name, plain(f.type)) for f in table.schema]))
-    return Read(name, dt.version(), table.to_pandas())
+    frame = table.to_pandas()
+    for c in absent:
+        frame[c] = None
+    return Read(name, dt.version(), frame)
 
 
 def plain(t: pa.DataType) -> pa.DataType:
