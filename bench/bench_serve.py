@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,6 +180,7 @@ def freshness(wh: Path, sets: list[str], events: int, rate: float) -> dict:
 
     from sparkrec.dev import kafka as devkafka
 
+    shutil.rmtree(OUT / "kafka", ignore_errors=True)  # a fresh topic: no earlier run's events to replay
     broker = devkafka.start(OUT / "kafka")
     topic = "bench-serve"
     try:
@@ -194,52 +196,55 @@ def freshness(wh: Path, sets: list[str], events: int, rate: float) -> dict:
             load.start()
             time.sleep(2)
             lat: list[float] = []
-            pending: dict[str, tuple[str, float]] = {}
-            lock = threading.Lock()
+            lost: list[str] = []
 
-            def check() -> None:
-                while True:
-                    with lock:
-                        todo = list(pending.items())
-                    if not todo and done.is_set():
+            def watch(c: str, item: str, t0: float) -> None:
+                # Each event has its own watcher polling every 50 ms: a shared sweep would measure its own queue.
+                while time.monotonic() - t0 < 30:
+                    status, body = get(f"{server.base}/v1/users/{c}/recommendations")
+                    if status == 200 and item not in [r["item_id"] for r in json.loads(body)["items"]]:
+                        lat.append(time.monotonic() - t0)
                         return
-                    for c, (item, t0) in todo:
-                        status, body = get(f"{server.base}/v1/users/{c}/recommendations")
-                        if status == 200 and item not in [r["item_id"] for r in json.loads(body)["items"]]:
-                            with lock:
-                                lat.append(time.monotonic() - t0)
-                                pending.pop(c, None)
-                    time.sleep(0.005)
+                    time.sleep(0.05)
+                lost.append(c)
 
-            done = threading.Event()
-            checker = threading.Thread(target=check)
-            checker.start()
+            tops = {c: json.loads(get(f"{server.base}/v1/users/{c}/recommendations")[1])["items"][0]["item_id"]
+                    for c in who[:events]}
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            for i, c in enumerate(who[:events]):
-                top = json.loads(get(f"{server.base}/v1/users/{c}/recommendations")[1])["items"][0]["item_id"]
-                due = i / rate
-                time.sleep(max(0.0, due - (time.monotonic() - start)) if i else 0)
-                if i == 0:
-                    start = time.monotonic()
-                with lock:
-                    pending[c] = (top, time.monotonic())
-                p.produce(topic, json.dumps({"user_id": c, "item_id": top, "event_type": "purchase", "timestamp": stamp}).encode(),
-                          key=c.encode())
-                p.poll(0)
-            p.flush(10)
-            deadline = time.monotonic() + 30
-            while pending and time.monotonic() < deadline:
-                time.sleep(0.1)
-            done.set()
-            checker.join()
+            with ThreadPoolExecutor(32) as pool:
+                start = time.monotonic()
+                for i, c in enumerate(who[:events]):
+                    time.sleep(max(0.0, i / rate - (time.monotonic() - start)))
+                    t0 = time.monotonic()
+                    p.produce(topic, json.dumps({"user_id": c, "item_id": tops[c], "event_type": "purchase",
+                                                 "timestamp": stamp}).encode(), key=c.encode())
+                    p.poll(0)
+                    pool.submit(watch, c, tops[c], t0)
+                p.flush(10)
             load.join()
+            server_lag = metric_summary(get(f"{server.base}/metrics")[1].decode(), "sparkrec_event_to_list_seconds")
             arr = np.array(lat)
-            return {"events": events, "rate": rate, "seen": len(lat), "missed": len(pending),
-                    "p50_s": float(np.percentile(arr, 50)), "p95_s": float(np.percentile(arr, 95)), "max_s": float(arr.max())}
+            return {"events": events, "rate": rate, "seen": len(lat), "missed": len(lost),
+                    "p50_s": float(np.percentile(arr, 50)), "p95_s": float(np.percentile(arr, 95)), "max_s": float(arr.max()),
+                    "server_event_to_list": server_lag}
         finally:
             server.stop()
     finally:
         broker.stop()
+
+
+def metric_summary(text: str, name: str) -> dict:
+    """A Prometheus histogram's count, mean and cumulative buckets from the metrics text."""
+    buckets, total, count = {}, 0.0, 0
+    for line in text.splitlines():
+        if line.startswith(f"{name}_bucket"):
+            le = line.split('le="')[1].split('"')[0]
+            buckets[le] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(f"{name}_sum"):
+            total = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(f"{name}_count"):
+            count = int(float(line.rsplit(" ", 1)[1]))
+    return {"count": count, "mean_s": total / count if count else None, "buckets": buckets}
 
 
 def main() -> None:

@@ -93,7 +93,16 @@ class Metrics:
                            registry=self.registry)
         self.age = Gauge("sparkrec_snapshot_age_seconds", "Seconds since the held lists were loaded", registry=self.registry)
         self.events = Gauge("sparkrec_events_accepted_total", "Events accepted by POST /v1/events", registry=self.registry)
+        self.lag = Histogram("sparkrec_event_to_list_seconds", "From an event's arrival at the source (its Kafka "
+                             "timestamp or file time) to its customer's list recomputed", registry=self.registry,
+                             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
+        self.folded = Gauge("sparkrec_live_events_total", "Events read from the source and folded in", registry=self.registry)
+        self.rejected = Gauge("sparkrec_live_events_rejected_total", "Events the row rules refused", ["reason"],
+                              registry=self.registry)
+        self.live_customers = Gauge("sparkrec_live_customers", "Customers with events since the snapshot's horizon",
+                                    registry=self.registry)
         self.state = state
+        state.live.observe = self.lag.observe
 
     def render(self) -> bytes:
         snap = self.state.snapshot
@@ -103,6 +112,11 @@ class Metrics:
             self.model.clear()
             self.model.labels(snap.model_version, snap.run_id).set(1)
             self.age.set(time.monotonic() - snap.loaded_at)
+        live = self.state.live
+        self.folded.set(live.applied)
+        self.live_customers.set(len(live.events))
+        for reason, count in list(live.rejected.items()):
+            self.rejected.labels(reason).set(count)
         return generate_latest(self.registry)
 
 

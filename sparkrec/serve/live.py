@@ -24,7 +24,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,7 @@ class Live:
         self.rejected: Counter[str] = Counter()
         self.applied = 0
         self.last_arrival: float | None = None
+        self.observe = None  # called with each list's lag (s, event arrival -> list recomputed): the metrics' histogram
         self._lock = threading.Lock()
 
     def stored_key(self, key: str) -> str:
@@ -139,19 +140,25 @@ class Live:
                 touched.append(key)
                 self.applied += 1
                 self.last_arrival = max(self.last_arrival or 0.0, arrived)
-        for key in dict.fromkeys(touched):
-            self.relist(key, snap)
+        self.relist(list(dict.fromkeys(touched)), snap)
         return touched
 
-    def relist(self, key: str, snap) -> None:
-        """Recompute one customer's list from the snapshot and their new events."""
+    def relist(self, keys: list[str], snap) -> None:
+        """Recompute these customers' lists from the snapshot and their new events (one pass of the kernel)."""
         with self._lock:
-            mine = list(self.events.get(key, ()))
+            mine = {k: list(self.events.get(k, ())) for k in keys}
+        mine = {k: v for k, v in mine.items() if v}
         if not mine or snap is None:
             return
-        rows, as_of = list_for(key, [e for e, _ in mine], snap, self.cfg)
+        got = lists_for({k: [e for e, _ in v] for k, v in mine.items()}, snap, self.cfg)
+        now = time.time()
         with self._lock:
-            self.lists[key] = (rows, as_of, snap.run_id)
+            for k, (rows, as_of) in got.items():
+                if k in self.events:  # not erased meanwhile
+                    self.lists[k] = (rows, as_of, snap.run_id)
+        if self.observe is not None:
+            for v in mine.values():
+                self.observe(max(0.0, now - max(t for _, t in v)))
 
     def rebase(self, snap) -> None:
         """A new snapshot: drop the events it already holds (arrived before its horizon), relist the rest."""
@@ -162,8 +169,8 @@ class Live:
                                if (kept := [(e, t) for e, t in v if t >= horizon])}
             self.lists = {}
             keys = list(self.events)
-        for key in keys:
-            self.relist(key, snap)
+        for start in range(0, len(keys), 1000):
+            self.relist(keys[start:start + 1000], snap)
 
     def forget(self, key: str, before: float | None = None) -> None:
         """Drop a customer's events that arrived before `before` (epoch s; None: all) and their list; later
@@ -178,26 +185,27 @@ class Live:
         return self.lists.get(key)
 
 
-def list_for(key: str, new: list[events.Event], snap, cfg: Config) -> tuple[list[dict[str, Any]], datetime]:
-    """A customer's list from their published pairs plus `new` events, folded in and scored by the batch's plan."""
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def row_for(key: str, new: list[events.Event], snap, cfg: Config) -> tuple[dict[str, Any], datetime | None]:
+    """A customer's row for `block.lists` (their published pairs plus `new` events, folded in) and their newest event."""
     rec, model, cat = cfg.recommend, snap.model, snap.plan.catalogue
-    frame = pd.DataFrame({C.USER_ID: [key] * len(new), C.ITEM_ID: [e.item_id for e in new],
-                          C.EVENT_TYPE: [e.event_type for e in new], C.EVENT_TS: [e.event_ts for e in new],
-                          C.RATING: [np.nan if e.rating is None else e.rating for e in new]})
-    fresh = events.pair_stats(frame, model.train, model.reference, rec.exclude_event_types)
-    pos = snap.item_index.get_indexer(fresh[C.ITEM_ID].to_numpy(dtype=object))
-    fresh = fresh[pos >= 0].assign(_pos=pos[pos >= 0])  # an item without an id yet is not in any list (as in batch)
-    parts = {"pos": [fresh["_pos"].to_numpy(dtype=np.int64)], "w": [fresh[C.WEIGHT].to_numpy()],
-             "s": [fresh["strength"].to_numpy(dtype=np.int8)], "t": [fresh["last_us"].to_numpy(dtype=np.int64)],
-             "x": [fresh["excluded"].to_numpy(dtype=bool)]}
+    pos = snap.item_index.get_indexer([e.item_id for e in new]) if new else np.zeros(0, dtype=np.int64)
+    ts = np.array([(e.event_ts - _EPOCH) // timedelta(microseconds=1) for e in new], dtype=np.int64)
+    w, s, x = events.event_arrays(np.array([e.event_type for e in new], dtype=object), ts,
+                                  np.array([np.nan if e.rating is None else e.rating for e in new], dtype=np.float64),
+                                  model.train, model.reference, rec.exclude_event_types)
+    keep = pos >= 0  # an item without an id yet is in no list (as in batch)
+    parts = [(pos[keep].astype(np.int64), w[keep], s[keep], ts[keep], x[keep])]
     base = snap.pairs.of(key)
     if base is not None:
-        for name, arr in zip(("pos", "w", "s", "t", "x"), base):
-            parts[name].insert(0, arr.astype(parts[name][0].dtype))
-    p = pd.DataFrame({k: np.concatenate(v) for k, v in parts.items()}).groupby("pos", as_index=False).agg(
-        {"w": "sum", "s": "max", "t": "max", "x": "max"})
-    item_idx = cat.item_idx[p["pos"].to_numpy()]
-    weight = p["w"].to_numpy().astype(np.float32)  # as train casts the summed weight
+        parts.insert(0, (base[0].astype(np.int64), base[1], base[2], base[3], base[4]))
+    p_pos, p_w, p_s, p_t, p_x = (np.concatenate([part[i] for part in parts]) for i in range(5))
+    first, p_w, p_s, p_t, p_x = events.reduce_pairs(p_pos, p_w, p_s, p_t, p_x)
+    p_pos = p_pos[first]
+    item_idx = cat.item_idx[p_pos]
+    weight = p_w.astype(np.float32)  # as train casts the summed weight
     factor = None
     if model.yty is not None:
         fpos, known = model.positions(item_idx)
@@ -206,14 +214,30 @@ def list_for(key: str, new: list[events.Event], snap, cfg: Config) -> tuple[list
             als = model.train.als
             factor = foldin.fold_in(model.yty, model.factors.vectors[fpos[use]], weight[use], als.reg_param, als.alpha,
                                     als.nonnegative)
-    category = snap.item_cat[p["pos"].to_numpy()] if snap.item_cat is not None else None
-    row = events.user_row(item_idx, weight, p["s"].to_numpy(), p["t"].to_numpy(), p["x"].to_numpy(), category, factor, rec)
-    batch = pd.DataFrame([{C.USER_IDX: -1, C.USER_ID: key, **row}])
-    out = block.lists(batch, snap.plan).sort_values(C.RANK)
-    rows = [{k: (v.item() if isinstance(v, np.generic) else v) for k, v in r.items() if k != C.USER_ID}
-            for r in out.to_dict("records")]
-    as_of = datetime.fromtimestamp(int(p["t"].max()) / 1e6, tz=timezone.utc)
-    return rows, as_of
+    category = snap.item_cat[p_pos] if snap.item_cat is not None else None
+    row = events.user_row(item_idx, weight, p_s, p_t, p_x, category, factor, rec)
+    as_of = datetime.fromtimestamp(int(p_t.max()) / 1e6, tz=timezone.utc) if len(p_t) else None
+    return {C.USER_IDX: -1, C.USER_ID: key, **row}, as_of
+
+
+def lists_for(wanted: dict[str, list[events.Event]], snap, cfg: Config) -> dict[str, tuple[list[dict[str, Any]], datetime | None]]:
+    """Lists of several customers at once: their rows, then one pass of the batch's kernel (`block.lists`)."""
+    rows, as_of = [], {}
+    for key, new in wanted.items():
+        row, as_of[key] = row_for(key, new, snap, cfg)
+        rows.append(row)
+    if not rows:
+        return {}
+    out = block.lists(pd.DataFrame(rows), snap.plan)
+    result: dict[str, tuple[list[dict[str, Any]], datetime | None]] = {k: ([], as_of[k]) for k in wanted}
+    for r in out.sort_values([C.USER_ID, C.RANK]).to_dict("records"):
+        result[r.pop(C.USER_ID)][0].append({k: (v.item() if isinstance(v, np.generic) else v) for k, v in r.items()})
+    return result
+
+
+def list_for(key: str, new: list[events.Event], snap, cfg: Config) -> tuple[list[dict[str, Any]], datetime | None]:
+    """One customer's list (`lists_for` of one)."""
+    return lists_for({key: new}, snap, cfg)[key]
 
 
 # --------------------------------------------------------------------------- where the events come from
