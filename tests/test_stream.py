@@ -273,3 +273,63 @@ def test_the_server_folds_kafka_events_in_within_a_second_and_two_replicas_agree
             got = wait_for(lambda: b.get(f"/v1/users/{key}/recommendations").json(), lambda r: r["list"] == "live", 5)[0]
             assert got["items"] == a.get(f"/v1/users/{key}/recommendations").json()["items"]
         assert one.live.rejected["malformed_line"] == 1
+
+
+def _serve_process(overrides: list[str], port: int, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "sparkrec.cli", "serve", "--config", str(ROOT / "conf" / "local.yaml"),
+           *[a for o in overrides for a in ("--set", o)], "--port", str(port)]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def _get(port: int, path: str) -> dict:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return json.loads(r.read())
+    except OSError:
+        return {}
+
+
+def test_a_sigkilled_server_restarts_to_the_same_lists_with_the_events_of_its_downtime_and_rides_out_the_broker(
+        built, broker, tmp_path):
+    from tests.test_serve import free_port, wait_for
+
+    topic = "serve-restart"
+    mine, overrides = copy_warehouse(built, tmp_path, topic, broker)
+    cfg = load_config(ROOT / "conf" / "local.yaml", overrides)
+    port = free_port()
+    t = now_iso()
+    produce(broker, topic, [{"user_id": "restart-a", "item_id": f"i{i:06d}", "event_type": "view", "timestamp": t}
+                            for i in range(5)])
+    proc = _serve_process(overrides, port, tmp_path / "serve1.log")
+    try:
+        before = wait_for(lambda: _get(port, "/v1/users/restart-a/recommendations"),
+                          lambda b: b.get("list") == "live", 60)[0]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        # produced while no server runs: the restarted one reads them from the topic
+        produce(broker, topic, [{"user_id": "restart-b", "item_id": f"i{i:06d}", "event_type": "purchase",
+                                 "timestamp": t} for i in range(10, 15)])
+        proc = _serve_process(overrides, port, tmp_path / "serve2.log")
+        b = wait_for(lambda: _get(port, "/v1/users/restart-b/recommendations"), lambda r: r.get("list") == "live", 60)[0]
+        assert not {f"i{i:06d}" for i in range(10, 15)} & {r["item_id"] for r in b["items"]}  # bought: excluded
+        assert _get(port, "/v1/users/restart-a/recommendations")["items"] == before["items"]
+        # The broker goes away: the server answers from what it holds and says it is degraded.
+        broker.stop()
+        ready = wait_for(lambda: _get(port, "/readyz"), lambda r: r.get("status") == "degraded", 60)[0]
+        assert ready["ready"] is True and "broker" in ready["problem"]
+        assert _get(port, "/v1/users/restart-a/recommendations")["items"] == before["items"]
+        restarted = devkafka.start(broker.directory)
+        broker.__dict__.update(restarted.__dict__)
+        produce(broker, topic, [{"user_id": "restart-a", "item_id": before["items"][0]["item_id"],
+                                 "event_type": "purchase", "timestamp": t}])
+        after = wait_for(lambda: _get(port, "/v1/users/restart-a/recommendations"),
+                         lambda r: before["items"][0]["item_id"] not in [i["item_id"] for i in r.get("items", [])], 60)[0]
+        assert after["list"] == "live"
+        wait_for(lambda: _get(port, "/readyz"), lambda r: r.get("status") == "ok", 30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert cfg.stream.source.topic == topic

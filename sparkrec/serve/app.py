@@ -352,12 +352,18 @@ def create_app(cfg: Config, state: State | None = None, *, start_loader: bool = 
     @app.get("/readyz", summary="Lists are loaded (or why not)")
     async def readyz() -> JSONResponse:
         snap = state.snapshot
-        body: dict[str, Any] = {"ready": snap is not None}
+        feed = state.feed
+        degraded = feed is not None and not feed.connected
+        body: dict[str, Any] = {"ready": snap is not None,
+                                "status": "not_ready" if snap is None else "degraded" if degraded else "ok"}
         if snap is not None:
             body.update(run_id=snap.run_id, model_version=snap.model_version, customers=snap.customers,
-                        versions=snap.versions, load_seconds=round(snap.load_seconds, 3))
-        if state.problem:
-            body["problem"] = state.problem
+                        versions=snap.versions, load_seconds=round(snap.load_seconds, 3),
+                        live_customers=len(state.live.events), events_folded=state.live.applied)
+        problems = [p for p in (state.problem, getattr(feed, "problem", None) if degraded else None) if p]
+        if problems:
+            body["problem"] = "; ".join(problems)
+        # Degraded still answers 200: the lists held are served; only the newest events wait for the source.
         return JSONResponse(body, status_code=200 if snap is not None else 503)
 
     @app.get("/metrics", dependencies=[Depends(authorised)], summary="Prometheus metrics")

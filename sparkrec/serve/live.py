@@ -251,6 +251,7 @@ class FileFeed:
         self.since = since.timestamp() if since is not None else 0.0
         self.seen: set[str] = set()
         self.connected = True
+        self.problem: str | None = None
 
     def poll(self, timeout: float) -> list[tuple[dict[str, Any], float]]:
         out: list[tuple[dict[str, Any], float]] = []
@@ -286,10 +287,18 @@ class KafkaFeed:
         live = cfg.stream.source
         opts = {k.removeprefix("kafka."): v for k, v in live.options.items() if k.startswith("kafka.")}
         self.consumer = Consumer({"bootstrap.servers": live.bootstrap_servers, "group.id": f"sparkrec-serve-{id(self)}",
-                                  "enable.auto.commit": False, "auto.offset.reset": "earliest", "log_level": 3, **opts})
+                                  "enable.auto.commit": False, "auto.offset.reset": "earliest", "log_level": 3,
+                                  "error_cb": self._error, **opts})
         self.topic, self.since = live.topic, since
         self.assigned = False
         self.connected = False
+        self.problem: str | None = None
+        self._probed = 0.0
+
+    def _error(self, err) -> None:
+        """librdkafka's client-level errors (a broker gone, all brokers down): the feed is degraded until it reads again."""
+        self.connected = False
+        self.problem = f"the broker {err.str()}"
 
     def _assign(self) -> None:
         from confluent_kafka import TopicPartition
@@ -316,12 +325,19 @@ class KafkaFeed:
                 time.sleep(1.0)
                 return []
         msgs = self.consumer.consume(num_messages=500, timeout=timeout)
+        if not msgs and not self.connected and time.monotonic() - self._probed > 2:
+            self._probed = time.monotonic()
+            try:  # a quiet topic says nothing: ask the broker whether it is back
+                self.consumer.list_topics(self.topic, timeout=1)
+                self.connected, self.problem = True, None
+            except Exception as exc:  # noqa: BLE001 - still away; the consumer keeps reconnecting by itself
+                self.problem = f"the broker does not answer: {exc}"
         out = []
         for m in msgs:
             if m.error() is not None:
-                self.connected = False
+                self.connected, self.problem = False, f"reading {self.topic}: {m.error().str()}"
                 continue
-            self.connected = True
+            self.connected, self.problem = True, None
             try:
                 value = json.loads(m.value())
             except (ValueError, TypeError):

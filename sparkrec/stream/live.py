@@ -193,7 +193,7 @@ class LiveStream:
                         tables.ensure_properties(spark, cfg, C.EVENTS_RAW, {**ingest.CHANGE_FEED, **privacy.raw_table_properties(cfg)})
                         self._raw_ready = True
                 users = sorted({u for u in arrivals[C.USER_ID] if u is not None})[: cfg.stream.max_users_per_batch]
-                published = self.publish(ctx, rec, users, rows)
+                published = self.publish(ctx, rec, users, rows) if cfg.stream.publish_lists else 0
             finally:
                 rows.unpersist()
             done = datetime.now(timezone.utc)

@@ -82,6 +82,11 @@ class StreamConfig(Strict):
     max_users_per_batch: int = Field(
         default=20000, ge=1, description="Customers re-scored per micro-batch at most (they are scored on the driver)."
     )
+    publish_lists: bool = Field(
+        default=True,
+        description="Re-score each micro-batch's customers into live_recommendations (a table for SQL readers). "
+        "`sparkrec serve` computes fresher lists itself: with only its answers needed, false skips that work.",
+    )
 
 
 class ServeConfig(Strict):
