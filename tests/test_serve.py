@@ -95,7 +95,7 @@ def test_a_real_server_process_serves_the_published_lists_and_stops_on_sigterm(s
     _, overrides = published
     port, token = free_port(), "token-for-the-process-test"
     env = {**os.environ, "SPARKREC_SERVE_TOKEN": token}
-    sets = [a for o in [*overrides, f"stream.source.kind=files", f"stream.source.path={tmp_path / 'in'}"] for a in ("--set", o)]
+    sets = [a for o in [*overrides, "stream.source.kind=files", f"stream.source.path={tmp_path / 'in'}"] for a in ("--set", o)]
     cmd = [sys.executable, "-m", "sparkrec.cli", "serve", "--config", str(ROOT / "conf" / "local.yaml"), *sets,
            "--port", str(port)]
     logfile = (tmp_path / "serve.log").open("w")
@@ -225,3 +225,56 @@ def test_forget_reaches_the_server_within_five_seconds_and_a_restart_keeps_the_c
     assert again.refresh()
     assert again.snapshot.lists.get(gone, 10) is None and again.snapshot.lists.get(kept, 10) is not None
     assert took < 5
+
+
+HOSTILE = [  # (event_id, user_id, item_id, event_type, timestamp, rating, quantity, price): one rule each
+    ("e1", "u1", "i1", "view", "2026-12-01T10:00:00Z", None, None, None),          # kept
+    ("e2", " u2 ", " i2 ", " Purchase ", "2026-12-01 10:00:00", None, "2", "9.5"),  # trimmed, synonym case: kept
+    ("e3", None, "i1", "view", "2026-12-01T10:00:00Z", None, None, None),          # missing user
+    ("e4", "u1", "  ", "view", "2026-12-01T10:00:00Z", None, None, None),          # missing item
+    ("e5", '{"a": 1}', "i1", "view", "2026-12-01T10:00:00Z", None, None, None),    # nested object as an id
+    ("e6", "u\x01", "i1", "view", "2026-12-01T10:00:00Z", None, None, None),       # control character
+    ("e7", "true", "i1", "view", "2026-12-01T10:00:00Z", None, None, None),        # a JSON boolean as an id
+    ("e8", "u1", "i" * 300, "view", "2026-12-01T10:00:00Z", None, None, None),     # too long
+    ("e9", "u1", "i1", "teleport", "2026-12-01T10:00:00Z", None, None, None),      # unknown type
+    ("e10", "u1", "i1", "view", "yesterday", None, None, None),                    # unparsable time
+    ("e11", "u1", "i1", "view", "1999-01-01T00:00:00Z", None, None, None),         # before min_event_time
+    ("e12", "u1", "i1", "view", "2030-01-01T00:00:00Z", None, None, None),         # in the future
+    ("e13", "u1", "i1", "view", "2026-12-01T10:00:00Z", None, "abc", None),        # bad quantity
+    ("e14", "u1", "i1", "view", "2026-12-01T10:00:00Z", None, "NaN", None),        # not finite
+    ("e15", "u1", "i1", "view", "2026-12-01T10:00:00Z", None, "0", None),          # non-positive quantity
+    ("e16", "u1", "i1", "view", "2026-12-01T10:00:00Z", None, None, "1e400"),      # infinite price
+    ("e17", "u1", "i1", "rating", "2026-12-01T10:00:00Z", "9", None, None),        # rating out of range
+    ("e18", "u1", "i1", "rating", "2026-12-01T10:00:00Z", None, None, None),       # rating missing
+    ("e19", "u1", "i1", "rating", "2026-12-01T10:00:00Z", "4", None, None),        # kept
+    ("e20", "u1", "POST", "view", "2026-12-01T10:00:00Z", None, None, None),       # non-product item
+    ("e21", "u1", "i1", "view", "2026-12-01T10:00:00+01:00", None, "1.5", "0"),    # offset time, zero price: kept
+]
+
+
+def test_the_servers_row_rules_are_the_cleans(spark, make_config):
+    """`core.events.accept` on hostile rows gives the clean's verdict (`clean.classify`) row for row: the reason,
+    or the same canonical values."""
+    from datetime import datetime, timezone
+
+    from sparkrec.batch import clean
+    from sparkrec.core import events
+    from tests.helpers import raw_events
+
+    cfg = make_config('clean.non_product_items=["POST"]')
+    now = datetime(2026, 12, 6, tzinfo=timezone.utc)
+    rows = clean.classify(raw_events(spark, HOSTILE), cfg.source, cfg.clean, now).select(
+        C.EVENT_ID, C.REASON, C.USER_ID, C.ITEM_ID, C.EVENT_TYPE, C.EVENT_TS, C.QUANTITY, C.PRICE, C.RATING).collect()
+    spark_verdict = {r[C.EVENT_ID]: r for r in rows}
+    assert len(spark_verdict) == len(HOSTILE)
+    names = ["event_id", "user_id", "item_id", "event_type", "timestamp", "rating", "quantity", "price"]
+    for values in HOSTILE:
+        ev, reason = events.accept(dict(zip(names, values)), cfg.source, cfg.clean, now)
+        theirs = spark_verdict[values[0]]
+        assert reason == theirs[C.REASON], (values, reason, theirs[C.REASON])
+        if ev is not None:
+            ts = theirs[C.EVENT_TS].replace(tzinfo=timezone.utc) if theirs[C.EVENT_TS].tzinfo is None else theirs[C.EVENT_TS]
+            assert (ev.user_id, ev.item_id, ev.event_type, ev.event_ts, ev.quantity, ev.price, ev.rating) == (
+                theirs[C.USER_ID], theirs[C.ITEM_ID], theirs[C.EVENT_TYPE], ts, theirs[C.QUANTITY], theirs[C.PRICE],
+                theirs[C.RATING]), values
+    assert sum(r[C.REASON] is None for r in rows) == 4  # e1, e2, e19, e21

@@ -5,11 +5,13 @@ customer at a time, where a Spark job would cost seconds. So the steps between
 an event and a list exist here in plain Python and numpy, each the counterpart
 of one batch transform and tested against it on the same rows:
 
-    accept        one raw event through the clean's row rules   (`clean.provisional`)
-    pair_stats    events to one row per (customer, item)        (`train.training_matrix` + `recommend.user_rows`)
-    user_row      a customer's pairs to the row `block.lists` scores, folded in (`foldin`)
+    accept          one raw event through the clean's row rules          (`clean.provisional`)
+    event_arrays    each event's weight, strength and exclusion          (`train.training_matrix`, `recommend.user_rows`)
+    reduce_pairs    events to one row per (customer, item)
+    user_row        a customer's pairs to the row `block.lists` scores    (`recommend.user_rows`)
 
-Rules that need the warehouse's state (a duplicate of an earlier row, the bot
+`accept` is tested against the clean on a table of hostile rows; the rest together, by the live path
+giving back every published list of a real run (tests/test_serve.py). Rules that need the warehouse's state (a duplicate of an earlier row, the bot
 thresholds) are left to the clean, as the Spark stream leaves them.
 """
 
@@ -179,9 +181,6 @@ def accept(raw: dict[str, Any], src: InputConfig, clean: CleanConfig, now: datet
 
 # --------------------------------------------------------------------------- per (customer, item)
 
-PAIR_COLUMNS = (C.USER_ID, C.ITEM_ID, C.WEIGHT, "strength", "last_us", "excluded")
-
-
 def event_weights(event_type: np.ndarray, rating: np.ndarray, weights: dict[str, float]) -> np.ndarray:
     """Each event's weight from its type (`train.event_weights`); a rating event scales by its rating."""
     out = np.zeros(len(event_type), dtype=np.float64)
@@ -224,30 +223,6 @@ def event_arrays(event_type: np.ndarray, ts_us: np.ndarray, rating: np.ndarray, 
     for etype, s in TYPE_STRENGTH.items():
         strength[types == etype] = s
     return w, strength, np.isin(types, np.asarray(exclude_types, dtype=object))
-
-
-def pair_stats(events: pd.DataFrame, train: TrainConfig, reference: datetime | None,
-               exclude_types: list[str]) -> pd.DataFrame:
-    """Events (user_id, item_id, event_type, event_ts, rating) to one row per (user_id, item_id).
-
-    Returns:
-        `PAIR_COLUMNS`: the summed positive, decayed weight (`train.training_matrix`, before its float cast and
-        its > 0 filter, which `user_row` applies), the strongest event type and the latest time on the item,
-        and whether any event on it is of an excluded type (`recommend.user_rows`).
-    """
-    if events.empty:
-        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(
-            PAIR_COLUMNS, (object, object, np.float64, np.int8, np.int64, bool))})
-    rating = (events[C.RATING].to_numpy(dtype=np.float64, na_value=np.nan) if C.RATING in events
-              else np.zeros(len(events)))
-    t = micros(events[C.EVENT_TS])
-    w, strength, excluded = event_arrays(events[C.EVENT_TYPE].to_numpy(), t, rating, train, reference, exclude_types)
-    ucode, users = pd.factorize(events[C.USER_ID].to_numpy(dtype=object))
-    icode, items = pd.factorize(events[C.ITEM_ID].to_numpy(dtype=object))
-    users, items = np.asarray(users, dtype=object), np.asarray(items, dtype=object)
-    first, w, s, t, x = reduce_pairs(ucode.astype(np.int64) * len(items) + icode, w, strength, t, excluded)
-    return pd.DataFrame({C.USER_ID: users[ucode[first]], C.ITEM_ID: items[icode[first]], C.WEIGHT: w, "strength": s,
-                         "last_us": t, "excluded": x})
 
 
 def user_row(item_idx: np.ndarray, weight: np.ndarray, strength: np.ndarray, last_us: np.ndarray, excluded: np.ndarray,

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from sparkrec.core import block, events, foldin, pseudonyms, topk
 from sparkrec.core import columns as C
@@ -55,20 +56,47 @@ class Model:
 
 
 class Pairs:
-    """Every customer's published pairs, grouped by customer in flat arrays (a hash index of the keys)."""
+    """Every customer's published pairs, grouped by customer in flat arrays (a hash index of the keys).
 
-    def __init__(self, pairs: pd.DataFrame, item_index: pd.Index) -> None:
-        idx = item_index.get_indexer(pairs[C.ITEM_ID].to_numpy(dtype=object))
-        pairs = pairs[idx >= 0].assign(_idx=idx[idx >= 0]).sort_values(C.USER_ID, kind="stable")
-        users = pairs[C.USER_ID].to_numpy(dtype=object)
-        starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.zeros(0, dtype=np.int64)
-        self.index = pd.Index(users[starts])
-        self.bounds = np.r_[starts, len(users)].astype(np.int64)
-        self.item_pos = pairs["_idx"].to_numpy(dtype=np.int32)  # position in the catalogue
-        self.weight = pairs[C.WEIGHT].to_numpy(dtype=np.float64)
-        self.strength = pairs["strength"].to_numpy(dtype=np.int8)
-        self.last_us = pairs["last_us"].to_numpy(dtype=np.int64)
-        self.excluded = pairs["excluded"].to_numpy(dtype=bool)
+    Built from `interactions` as Arrow columns, dictionary-encoded: no Python object per event, so a warehouse
+    of tens of millions of events loads in the memory of its pairs (about 30 bytes each) and the keys.
+    """
+
+    def __init__(self, index: pd.Index, bounds: np.ndarray, item_pos: np.ndarray, weight: np.ndarray,
+                 strength: np.ndarray, last_us: np.ndarray, excluded: np.ndarray) -> None:
+        self.index, self.bounds = index, bounds
+        self.item_pos, self.weight, self.strength, self.last_us, self.excluded = item_pos, weight, strength, last_us, excluded
+
+    @classmethod
+    def of_events(cls, table: pa.Table, catalogue_index: pd.Index, train: TrainConfig, reference: datetime | None,
+                  exclude_types: list[str]) -> Pairs:
+        """Events (user_id, item_id, event_type, event_ts, rating) to pairs: the live path's own kernels
+        (`events.event_arrays`, `events.reduce_pairs`), on dictionary codes."""
+        def codes(name: str) -> tuple[np.ndarray, np.ndarray]:
+            enc = table.column(name).combine_chunks().cast(pa.string()).dictionary_encode()
+            return (enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64),
+                    np.asarray(enc.dictionary.to_pylist(), dtype=object))
+
+        if table.num_rows == 0:
+            empty = np.zeros(0, dtype=np.int64)
+            return cls(pd.Index([], dtype=object), np.zeros(1, dtype=np.int64), empty.astype(np.int32), empty.astype(float),
+                       empty.astype(np.int8), empty, empty.astype(bool))
+        ucode, users = codes(C.USER_ID)
+        icode, items = codes(C.ITEM_ID)
+        tcode, types = codes(C.EVENT_TYPE)
+        item_pos = catalogue_index.get_indexer(items)  # an item without an id is in no list (as in batch)
+        ts = table.column(C.EVENT_TS).combine_chunks().cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+        ts = ts.fill_null(0).to_numpy(zero_copy_only=False)
+        rating = table.column(C.RATING).combine_chunks().cast(pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False)
+        keep = (ucode >= 0) & (icode >= 0) & (item_pos[np.maximum(icode, 0)] >= 0)
+        ucode, icode, tcode, ts, rating = ucode[keep], icode[keep], tcode[keep], ts[keep], rating[keep]
+        w, s, x = events.event_arrays(np.append(types, None)[tcode], ts, rating, train, reference, exclude_types)
+        first, w, s, t, x = events.reduce_pairs(ucode * max(len(items), 1) + icode, w, s, ts, x)
+        user = ucode[first]  # reduce_pairs sorts by its group code: users come out grouped, in code order
+        starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]]) if len(user) else np.zeros(0, dtype=np.int64)
+        index = pd.Index(users[user[starts]], dtype=object)
+        return cls(index, np.r_[starts, len(user)].astype(np.int64), item_pos[icode[first]].astype(np.int32),
+                   w.astype(np.float64), s.astype(np.int8), t.astype(np.int64), x.astype(bool))
 
     removed: frozenset[str] = frozenset()
 
@@ -101,9 +129,9 @@ class Pairs:
 def load_pairs(cfg: Config, version: int | None, model: Model, catalogue_index: pd.Index) -> Pairs:
     """Every customer's pairs from `interactions` at `version` (the events the published lists stand on)."""
     cols = [C.USER_ID, C.ITEM_ID, C.EVENT_TYPE, C.EVENT_TS, C.RATING]
-    got = reader.read(cfg, C.INTERACTIONS, cols, version=version, required=False, optional=(C.RATING,))
-    frame = got.frame if got is not None else pd.DataFrame(columns=cols)
-    return Pairs(events.pair_stats(frame, model.train, model.reference, cfg.recommend.exclude_event_types), catalogue_index)
+    got = reader.read(cfg, C.INTERACTIONS, cols, version=version, required=False, optional=(C.RATING,), arrow=True)
+    table = got.frame if got is not None else pa.table({c: pa.array([], pa.string()) for c in cols})
+    return Pairs.of_events(table, catalogue_index, model.train, model.reference, cfg.recommend.exclude_event_types)
 
 
 class Live:

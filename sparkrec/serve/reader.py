@@ -34,7 +34,7 @@ class Read:
 
     table: str
     version: int
-    frame: pd.DataFrame
+    frame: pd.DataFrame | pa.Table
 
 
 def _open(cfg: Config, key: str, version: int | None) -> DeltaTable | None:
@@ -55,11 +55,13 @@ def current_version(cfg: Config, key: str) -> int | None:
 
 
 def read(cfg: Config, key: str, columns: list[str] | tuple[str, ...], *, version: int | None = None,
-         where: str | None = None, required: bool = True, optional: tuple[str, ...] = ()) -> Read | None:
+         where: str | None = None, required: bool = True, optional: tuple[str, ...] = (),
+         arrow: bool = False) -> Read | None:
     """The named columns of a table (at `version`, default the latest), optionally filtered by a SQL predicate.
 
     Args:
         optional: columns a table may lack (an input without ratings): read as nulls when absent.
+        arrow: the rows as a pyarrow Table in `Read.frame` (no Python object per cell: the big tables).
     Raises:
         StageError: the table is missing (when `required`), or lacks a column, naming both.
     """
@@ -83,6 +85,10 @@ def read(cfg: Config, key: str, columns: list[str] | tuple[str, ...], *, version
         raise StageError(f"table '{name}' version {dt.version()}: cannot read: {str(exc).splitlines()[0][:300]}") from None
     # DataFusion hands text as string_view (also inside lists and maps); pandas wants plain strings.
     table = table.cast(pa.schema([pa.field(f.name, plain(f.type)) for f in table.schema]))
+    if arrow:
+        for c in absent:
+            table = table.append_column(c, pa.nulls(table.num_rows, pa.float64()))
+        return Read(name, dt.version(), table)
     frame = table.to_pandas()
     for c in absent:
         frame[c] = None

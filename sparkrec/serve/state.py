@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from sparkrec.core import block, foldin, pseudonyms, serving, topk
 from sparkrec.core import columns as C
@@ -45,16 +47,34 @@ SIMILAR_COLUMNS = (C.ITEM_ID, C.SIMILAR_ITEM_ID, C.RANK, C.SCORE)
 
 
 class Lists:
-    """Rows grouped by a key (a customer, an item), in rank order, as column arrays with a hash index."""
+    """Rows grouped by a key (a customer, an item), in rank order, held compactly.
 
-    def __init__(self, frame: pd.DataFrame, key: str) -> None:
-        frame = frame.sort_values([key, C.RANK], kind="stable").reset_index(drop=True)
-        keys = frame[key].to_numpy(dtype=object)
-        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, dtype=np.int64)
-        self.index = pd.Index(keys[starts])
+    Text columns are dictionary codes (int32) into their distinct values: an explanation or an item key
+    repeated across a million lists is stored once. The keys are a hash index; `bounds` gives each key's rows.
+    """
+
+    def __init__(self, table: pa.Table, key: str) -> None:
+        table = table.sort_by([(key, "ascending"), (C.RANK, "ascending")]) if table.num_rows else table
+        keys = table.column(key).combine_chunks() if table.num_rows else pa.array([], pa.string())
+        if len(keys):
+            change = pc.not_equal(keys.slice(1), keys.slice(0, len(keys) - 1)).to_numpy(zero_copy_only=False)
+            starts = np.flatnonzero(np.r_[True, change])
+        else:
+            starts = np.zeros(0, dtype=np.int64)
+        self.index = pd.Index(keys.take(pa.array(starts)).to_pylist() if len(keys) else [], dtype=object)
         self.bounds = np.r_[starts, len(keys)].astype(np.int64)
-        self.columns = {c: frame[c].to_numpy(dtype=object if frame[c].dtype == object else None)
-                        for c in frame.columns if c != key}
+        self.columns: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+        for name in table.column_names:
+            if name == key:
+                continue
+            col = table.column(name).combine_chunks()
+            if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_null(col.type):
+                enc = col.cast(pa.string()).dictionary_encode()
+                codes = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
+                values = np.array(enc.dictionary.to_pylist() + [None], dtype=object)  # code -1: the trailing None
+                self.columns[name] = (codes, values)
+            else:
+                self.columns[name] = (col.to_numpy(zero_copy_only=False), None)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -62,6 +82,10 @@ class Lists:
     @property
     def rows(self) -> int:
         return int(self.bounds[-1]) if len(self.bounds) else 0
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.bounds.nbytes + sum(c.nbytes + (0 if v is None else v.nbytes) for c, v in self.columns.values()))
 
     removed: frozenset[str] = frozenset()
 
@@ -73,8 +97,8 @@ class Lists:
             return
         self.removed = self.removed | {key}  # first: a request under way stops matching before the rows go
         s = slice(int(self.bounds[at]), int(self.bounds[at + 1]))
-        for values in self.columns.values():
-            values[s] = None if values.dtype == object else 0
+        for codes, values in self.columns.values():
+            codes[s] = -1 if values is not None else 0
 
     def get(self, key: str, n: int) -> list[dict[str, Any]] | None:
         """The first `n` rows of `key` as dicts (None: the key has no rows)."""
@@ -87,9 +111,10 @@ class Lists:
         start, end = int(self.bounds[at]), int(self.bounds[at + 1])
         end = min(end, start + n)
         out = [{} for _ in range(end - start)]
-        for name, values in self.columns.items():
-            for row, v in zip(out, values[start:end]):
-                row[name] = v.item() if isinstance(v, np.generic) else v
+        for name, (codes, values) in self.columns.items():
+            got = codes[start:end].tolist() if values is None else values[codes[start:end]].tolist()
+            for row, v in zip(out, got):
+                row[name] = v
         return out
 
 
@@ -171,9 +196,9 @@ def pinned(cfg: Config, key: str, columns, version: int | None, run_id: str) -> 
     """A list table at the version its run wrote. `sparkrec forget` deletes rows and then purges old versions, so
     that version may be gone: the latest is read instead, as long as it still holds that run's lists."""
     try:
-        return reader.read(cfg, key, columns, version=version)
+        return reader.read(cfg, key, columns, version=version, arrow=True)
     except StageError as exc:
-        latest = reader.read(cfg, key, columns, where=f"{C.RUN_ID} = {reader.quoted(run_id)}")
+        latest = reader.read(cfg, key, columns, where=f"{C.RUN_ID} = {reader.quoted(run_id)}", arrow=True)
         log.warning("serve: %s; reading its latest version %d (still run %s's lists, less erased customers)", exc,
                     latest.version, run_id)
         return latest
@@ -192,8 +217,8 @@ def load(cfg: Config, run: dict[str, Any]) -> Snapshot:
     if v[C.SERVING_ITEMS] is None or settings is None:
         raise StageError(f"run {run[C.RUN_ID]} published lists without a serving plan (sparkrec before "
                          f"{cfg.table_name(C.SERVING_ITEMS)} existed): run `sparkrec run` (or `sparkrec recommend`) once more")
-    recs = pinned(cfg, C.RECOMMENDATIONS, LIST_COLUMNS + (C.GENERATED_AT,), v[C.RECOMMENDATIONS], run[C.RUN_ID])
-    sim = (reader.read(cfg, C.SIMILAR_ITEMS, SIMILAR_COLUMNS, version=v[C.SIMILAR_ITEMS])
+    recs = pinned(cfg, C.RECOMMENDATIONS, LIST_COLUMNS, v[C.RECOMMENDATIONS], run[C.RUN_ID])
+    sim = (reader.read(cfg, C.SIMILAR_ITEMS, SIMILAR_COLUMNS, version=v[C.SIMILAR_ITEMS], arrow=True)
            if v[C.SIMILAR_ITEMS] is not None else None)
     items = reader.read(cfg, C.SERVING_ITEMS, serving.SERVING_COLUMNS, version=v[C.SERVING_ITEMS])
     factors = None
@@ -216,13 +241,14 @@ def load(cfg: Config, run: dict[str, Any]) -> Snapshot:
         log.warning("serve: %s; reading interactions at its latest version %s instead", exc, latest)
         pairs = live.load_pairs(cfg, latest, model, item_index)
         horizon = reader.commit_time(cfg, C.INTERACTIONS, latest) if latest is not None else None
-    frame = recs.frame
-    generated = pd.to_datetime(frame[C.GENERATED_AT].iloc[0], utc=True).to_pydatetime() if len(frame) else None
+    first = reader.read(cfg, C.RECOMMENDATIONS, [C.GENERATED_AT], version=recs.version, where="\"rank\" = 1 LIMIT 1")
+    generated = utc(first.frame[C.GENERATED_AT].iloc[0]) if len(first.frame) else None
     snap = Snapshot(
         run_id=run[C.RUN_ID], model_version=run["details"].get("model_version", "unknown"), generated_at=generated,
         versions={k: int(x) for k, x in v.items() if x is not None},
-        lists=Lists(frame.drop(columns=[C.GENERATED_AT]), C.USER_ID),
-        similar=Lists(sim.frame if sim is not None else pd.DataFrame(columns=list(SIMILAR_COLUMNS)), C.ITEM_ID),
+        lists=Lists(recs.frame, C.USER_ID),
+        similar=Lists(sim.frame if sim is not None else pa.table({c: pa.array([], pa.string()) for c in SIMILAR_COLUMNS}),
+                      C.ITEM_ID),
         plan=plan, cold=cold_list(plan, max(plan.n, cfg.serve.max_n)), names=dict(zip(plan.catalogue.item_id, plan.catalogue.name)),
         item_index=item_index, item_cat=plan.catalogue.code, model=model, pairs=pairs,
         horizon=horizon, published_at=utc(run["finished_at"]),
