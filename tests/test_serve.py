@@ -191,6 +191,13 @@ def test_a_customers_list_changes_within_a_second_of_their_event_file_source(spa
             assert [(r["item_id"], r["source"], r["explanation"]) for r in rows] == [
                 (r["item_id"], r["source"], r["explanation"]) for r in snap.lists.get(key, cfg.recommend.n)]
         took = live_checks(client, snap, {}, lambda evs: client.post("/v1/events", json=evs).raise_for_status())
+        # A list for one category: scored for it, every item in it.
+        category = sorted(snap.category_codes)[0]
+        customer = snap.lists.index[0]
+        got = client.get(f"/v1/users/{customer}/recommendations?category={category}&n=5").json()
+        cat = snap.plan.catalogue
+        of = dict(zip(cat.item_id, cat.category))
+        assert len(got["items"]) == 5 and {of[r["item_id"]] for r in got["items"]} == {category}
     assert max(took.values()) < 2.0
 
 

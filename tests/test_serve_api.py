@@ -50,7 +50,8 @@ def make_plan(n: int = 3) -> block.Plan:
     seq = topk.FillSequence.of(idx[[5, 4, 3, 2, 1, 0, 7]], [70, 60, 50, 40, 30, 20, 10], [1, 0, 1, 1, 0, 0, -1],
                                ["popular"] * 7, [0] * 7)
     catalogue = block.Catalogue(idx, np.array(ITEMS, dtype=object), np.array(NAMES, dtype=object),
-                                np.array(["a", "a", "b", "b", "a", "b", "b", None], dtype=object))
+                                np.array(["a", "a", "b", "b", "a", "b", "b", None], dtype=object),
+                                np.array([0, 0, 1, 1, 0, 1, 1, -1]))
     factors = topk.ItemMatrix(idx[:7], np.vstack([vectors, [[0.2, 0.2]]]).astype(np.float32))
     return block.Plan(n=n, cap=None, seq=seq, items=topk.ItemMatrix(idx[:6], vectors, cats),
                       unit=serving.explain_matrix(factors), catalogue=catalogue), factors
@@ -160,6 +161,14 @@ def test_a_stranger_gets_the_cold_start_list_never_a_404(client):
     # The fallback sequence by popularity: 5, 4, 3, 2 (6 is unavailable and never listed).
     assert [r["item_id"] for r in body["items"]] == ["sku5", "sku4", "sku3", "sku2"]
     assert {r["source"] for r in body["items"]} == {"popular"}
+
+
+def test_a_category_list_is_scored_for_that_category(client):
+    got = client.get("/v1/users/someone-new/recommendations?n=2&category=b", headers=AUTH).json()
+    # the fallback sequence cut to category b: 5, then 3 (4 is in a; 6 is not allowed)
+    assert got["category"] == "b" and [r["item_id"] for r in got["items"]] == ["sku5", "sku3"]
+    bad = client.get("/v1/users/alice/recommendations?category=zzz", headers=AUTH)
+    assert bad.status_code == 422 and bad.json()["error"]["where"] == ["query", "category"]
 
 
 def test_similar_items_and_an_unknown_item(client):

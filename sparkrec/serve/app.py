@@ -33,6 +33,7 @@ from sparkrec.core import pseudonyms
 from sparkrec.core.config import Config
 from sparkrec.core.errors import ConfigError
 from sparkrec.serve import events as events_
+from sparkrec.serve import live
 from sparkrec.serve.state import State
 
 log = logging.getLogger(__name__)
@@ -284,13 +285,23 @@ def create_app(cfg: Config, state: State | None = None, *, start_loader: bool = 
 
     @app.get("/v1/users/{customer}/recommendations", openapi_extra={"security": [{"bearer": []}]},
              summary="A customer's list; a customer the model never saw gets the cold-start list")
-    async def recommendations(request: Request, customer: str = key(), n: int | None = n_items()) -> Response:
+    async def recommendations(request: Request, customer: str = key(), n: int | None = n_items(),
+                              category: str | None = Query(default=None, min_length=1, max_length=limits.max_key_length,
+                                                           description="Only items of this category (scored for it)")) -> Response:
         check(request)
         snap = snapshot()
         want = n or snap.plan.n
         key = stored_key(customer)
         as_of = None
         fresh = state.live.get(key)
+        if category is not None:
+            if category not in snap.category_codes:
+                raise ApiError(422, "unknown_category", "no item of the published catalogue is in this category",
+                               ["query", "category"])
+            rows, as_of, kind = live.category_list(key, state.live.events_of(key), snap, cfg, category, want)
+            names(snap, rows)
+            return fast_json({"customer": customer, "list": kind, "category": category, "model_version": snap.model_version,
+                              "run_id": snap.run_id, "generated_at": snap.generated_at, "as_of": as_of, "items": rows})
         if fresh is not None and fresh[2] == snap.run_id:
             rows, as_of, kind = [dict(r) for r in fresh[0][:want]], fresh[1], "live"
         elif (rows := snap.lists.get(key, want)) is not None:

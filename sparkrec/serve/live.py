@@ -18,6 +18,7 @@ already holds.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -212,6 +213,10 @@ class Live:
     def get(self, key: str) -> tuple[list[dict[str, Any]], datetime, str] | None:
         return self.lists.get(key)
 
+    def events_of(self, key: str) -> list[events.Event]:
+        with self._lock:
+            return [e for e, _ in self.events.get(key, ())]
+
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -261,6 +266,34 @@ def lists_for(wanted: dict[str, list[events.Event]], snap, cfg: Config) -> dict[
     for r in out.sort_values([C.USER_ID, C.RANK]).to_dict("records"):
         result[r.pop(C.USER_ID)][0].append({k: (v.item() if isinstance(v, np.generic) else v) for k, v in r.items()})
     return result
+
+
+def category_plan(plan: block.Plan, code: int) -> block.Plan:
+    """The plan with its candidates and fallbacks cut to one category: a filtered list is scored for that
+    category (n of its best items for the customer), not the customer's list with the others removed."""
+    items = plan.items
+    if items is not None:
+        m = items.category == code
+        items = topk.ItemMatrix(items.item_idx[m], items.vectors[m], items.category[m]) if m.any() else None
+    seq = plan.seq
+    m = seq.category == code
+    seq = topk.FillSequence(seq.item_idx[m], seq.score[m], seq.category[m], seq.source[m], seq.sources, seq.by_category)
+    return dataclasses.replace(plan, items=items, seq=seq)
+
+
+def category_list(key: str, new: list[events.Event], snap, cfg: Config, category: str,
+                  n: int) -> tuple[list[dict[str, Any]], datetime | None, str]:
+    """A customer's `n` best items of one category: (rows, as_of, kind), computed per request (a fold-in and a
+    top-n over the category: milliseconds) with the category's plan, cached per snapshot."""
+    plan = snap.category_plans.get(category)
+    if plan is None:
+        plan = snap.category_plans.setdefault(category, category_plan(snap.plan, snap.category_codes[category]))
+    row, as_of = row_for(key, new, snap, cfg)
+    kind = "live" if new else ("published" if snap.pairs.of(key) is not None else "cold_start")
+    out = block.lists(pd.DataFrame([row]), dataclasses.replace(plan, n=n)).sort_values(C.RANK)
+    rows = [{k: (v.item() if isinstance(v, np.generic) else v) for k, v in r.items() if k != C.USER_ID}
+            for r in out.to_dict("records")]
+    return rows, as_of, kind
 
 
 def list_for(key: str, new: list[events.Event], snap, cfg: Config) -> tuple[list[dict[str, Any]], datetime | None]:

@@ -136,10 +136,12 @@ class Snapshot:
     model: live.Model
     pairs: live.Pairs  # every customer's published pairs
     horizon: datetime | None  # when the interactions the lists stand on were committed
+    category_codes: dict[str, int]  # category name -> its code in the plan
     published_at: datetime | None = None  # when the recommend run finished: erasures after it apply to this snapshot
     loaded_at: float = field(default_factory=time.monotonic)
     load_seconds: float = 0.0
     erased: set[str] = field(default_factory=set)  # user hashes already dropped
+    category_plans: dict[str, block.Plan] = field(default_factory=dict)  # filled on first use (bounded by categories)
 
     def keys_by_hash(self, hashes: set[str], more: list[str]) -> dict[str, str]:
         """The held keys (lists, pairs, `more`) whose erasure hash is in `hashes`."""
@@ -252,6 +254,8 @@ def load(cfg: Config, run: dict[str, Any]) -> Snapshot:
         plan=plan, cold=cold_list(plan, max(plan.n, cfg.serve.max_n)), names=dict(zip(plan.catalogue.item_id, plan.catalogue.name)),
         item_index=item_index, item_cat=plan.catalogue.code, model=model, pairs=pairs,
         horizon=horizon, published_at=utc(run["finished_at"]),
+        category_codes={} if plan.catalogue.code is None else {
+            c: int(k) for c, k in zip(plan.catalogue.category, plan.catalogue.code) if c is not None and k >= 0},
     )
     snap.load_seconds = time.monotonic() - started
     log.info("serve: loaded run %s (model %s): %s customers' lists, %s items, in %.1f s", snap.run_id,
