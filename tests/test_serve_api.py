@@ -29,9 +29,9 @@ from hypothesis.errors import Unsatisfiable
 from sparkrec.core import block, pseudonyms, serving, topk
 from sparkrec.core import columns as C
 from sparkrec.core.config import from_dict
+from sparkrec.core.errors import ConfigError
 from sparkrec.serve import state as state_
 from sparkrec.serve.app import create_app, load_token
-from sparkrec.core.errors import ConfigError
 
 pytestmark = pytest.mark.nojvm
 

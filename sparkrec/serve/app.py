@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import re
 import logging
 import os
+import re
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from urllib.parse import parse_qsl
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 from fastapi import Body, Depends, FastAPI, Query, Request
