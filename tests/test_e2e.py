@@ -149,7 +149,7 @@ def test_runs_record_versions_for_every_stage(spark, first_run):
     # version 0 created events_raw, version 1 turned its change feed on (clean reads new rows from it)
     assert rows["clean"]["input_versions"] == {"events_raw": 1}
     assert set(rows["recommend"]["input_versions"]) == {"interactions", "user_ids", "item_ids", "user_factors", "item_factors", "items"}
-    assert rows["recommend"]["output_versions"] == {"recommendations": 0, "similar_items": 0}
+    assert rows["recommend"]["output_versions"] == {"recommendations": 0, "similar_items": 0, "serving_items": 0}
     assert len({r["run_id"] for r in rows.values()}) == 1
 
 

@@ -340,3 +340,21 @@ def test_fuzzing_every_route_from_the_openapi_schema_gives_no_5xx(api_schema):
     print(f"schemathesis: {sum(counts.values())} cases: {counts}")
     for route in ("GET /v1/users/{customer}/recommendations", "GET /v1/items/{item}/similar", "POST /v1/events"):
         assert counts[f"{route} (positive)"] >= FUZZ_EXAMPLES // 2 and counts[f"{route} (negative)"] >= FUZZ_EXAMPLES // 2
+
+
+def test_an_erasure_recorded_after_the_run_drops_the_customer_from_what_the_server_holds(tmp_path):
+    plan, factors = make_plan()
+    write_run(tmp_path, "20261201T000000Z-aaaaaaaa", published_rows({"alice": "alice", "bob": "bob"}), plan, factors)
+    st = state_.State(config(tmp_path))
+    assert st.refresh()
+    assert st.apply_erasures(st.snapshot) == 0  # no erasures table yet
+    write_deltalake(str(tmp_path / C.ERASURES), pa.table({
+        "erased_at": pa.array([datetime.now(timezone.utc)], pa.timestamp("us", tz="UTC")),
+        "user_hashes": pa.array([[pseudonyms.user_hash("alice")]], pa.list_(pa.string()))}))
+    with TestClient(create_app(st.cfg, st, start_loader=False)) as c:
+        assert st.apply_erasures(st.snapshot) == 1
+        assert c.get("/v1/users/alice/recommendations").json()["list"] == "cold_start"
+        assert c.get("/v1/users/bob/recommendations").json()["list"] == "published"
+    codes, values = st.snapshot.lists.columns[C.ITEM_ID]
+    assert set(values[codes[:3]]) == {None}  # alice's rows (the first three, sorted) are blanked, not only hidden
+    assert st.apply_erasures(st.snapshot) == 0  # applied once

@@ -76,7 +76,7 @@ class Lists:
                 values = np.array(enc.dictionary.to_pylist() + [None], dtype=object)  # code -1: the trailing None
                 self.columns[name] = (codes, values)
             else:
-                self.columns[name] = (col.to_numpy(zero_copy_only=False), None)
+                self.columns[name] = (np.array(col.to_numpy(zero_copy_only=False)), None)  # a copy: `drop` writes
 
     def __len__(self) -> int:
         return len(self.index)
@@ -329,8 +329,8 @@ class State:
         if version is None or (version == self.erasures_version and not force) or snap is None:
             return 0
         got = reader.erasures(self.cfg)
-        self.erasures_version = version
         if got is None or got.frame.empty:
+            self.erasures_version = version
             return 0
         dropped = 0
         for erased_at, hashes in zip(got.frame["erased_at"], got.frame["user_hashes"]):
@@ -345,6 +345,7 @@ class State:
                 self.live.forget(key, before=at.timestamp())
                 dropped += 1
             snap.erased |= new
+        self.erasures_version = version  # only now: an erasure that failed half-way is applied again next second
         if dropped:
             log.info("serve: %d erased customer(s) dropped", dropped)
         return dropped
