@@ -163,16 +163,62 @@ def run_side(name: str, args, broker, users, items, wh, gen) -> dict:
         extra = [a for o in args.set for a in ("--set", o)]
         proc = sparkrec("stream", "--config", "conf/local.yaml", *sets(wh, gen, broker.bootstrap),
                         "--set", f"stream.source.topic={topic}", *extra, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    server = None
+    if name == "sparkrec" and args.with_server:  # `sparkrec serve` on the same topic and warehouse, same events
+        port = _free_port()
+        server = sparkrec("serve", "--config", "conf/local.yaml", *sets(wh, gen, broker.bootstrap), "--set",
+                          f"stream.source.topic={topic}", "--port", str(port), stdout=(OUT / "serve.log").open("w"),
+                          stderr=subprocess.STDOUT, cwd=ROOT)
     time.sleep(args.warmup)  # the JVM, the session and the first (empty) batches
     sent = produce(broker.bootstrap, topic, args.rate, args.seconds, users, items, args.seed)
     time.sleep(args.drain)
+    served = None
+    if server is not None:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            served = histogram(r.read().decode(), "sparkrec_event_to_list_seconds")
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
     proc.send_signal(signal.SIGINT)
     try:
         proc.wait(timeout=300)
     except subprocess.TimeoutExpired:
         proc.kill()
     lat, published, arrived = latencies(wh, plain=name == "plain")
-    return {"sent": sent, "measured": int(len(lat)), "lat": lat, "published": published, "arrived": arrived}
+    return {"sent": sent, "measured": int(len(lat)), "lat": lat, "published": published, "arrived": arrived,
+            "server": served}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def histogram(text: str, name: str) -> dict:
+    """A Prometheus histogram's count and its p50 / p95, interpolated within the buckets' edges."""
+    edges, counts = [], []
+    for line in text.splitlines():
+        if line.startswith(f"{name}_bucket"):
+            le = line.split('le="')[1].split('"')[0]
+            edges.append(float("inf") if le == "+Inf" else float(le))
+            counts.append(float(line.rsplit(" ", 1)[1]))
+    total = counts[-1] if counts else 0
+
+    def q(p: float) -> float | None:
+        if not total:
+            return None
+        want, lo, below = p * total, 0.0, 0.0
+        for edge, c in zip(edges, counts):
+            if c >= want:
+                return lo if edge == float("inf") else lo + (edge - lo) * (want - below) / max(c - below, 1e-9)
+            lo, below = edge, c
+        return None
+
+    return {"count": int(total), "p50": q(0.5), "p95": q(0.95), "buckets": dict(zip(map(str, edges), counts))}
 
 
 def main() -> None:
@@ -186,6 +232,8 @@ def main() -> None:
     ap.add_argument("--skip-plain", action="store_true")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for the stream")
     ap.add_argument("--tag", default="", help="a suffix for the output files (a variant's run)")
+    ap.add_argument("--with-server", action="store_true",
+                    help="also run `sparkrec serve` on the same topic: its event-to-list lag from its /metrics")
     args = ap.parse_args()
     import numpy as np
 
@@ -212,6 +260,11 @@ def main() -> None:
         summary[name] = row
         table.append(f"| {name} | {row['sent']:,} | {row['measured']:,} | {row['p50']:.2f} | {row['p95']:.2f} | {row['max']:.2f} | "
                      f"{row['p95_first_minute']:.2f} | {row['p95_last_minute']:.2f} |")
+    if results.get("sparkrec", {}).get("server"):
+        srv = results["sparkrec"]["server"]
+        summary["serve"] = srv
+        table.append(f"| sparkrec serve (same events, its /metrics) | {results['sparkrec']['sent']:,} | {srv['count']:,} | "
+                     f"{srv['p50']:.3f} | {srv['p95']:.3f} | | | |")
     summary["overrides"] = args.set
     (OUT / f"stream{args.tag}.json").write_text(json.dumps(summary, indent=2))
     import matplotlib
