@@ -358,3 +358,11 @@ def test_an_erasure_recorded_after_the_run_drops_the_customer_from_what_the_serv
     codes, values = st.snapshot.lists.columns[C.ITEM_ID]
     assert set(values[codes[:3]]) == {None}  # alice's rows (the first three, sorted) are blanked, not only hidden
     assert st.apply_erasures(st.snapshot) == 0  # applied once
+    # An event of hers that arrived before the erasure (a restarted server reading the topic again) is not folded
+    # in; one after it starts a new history.
+    erased = st.live.erasures[pseudonyms.user_hash("alice")]
+    event = {"user_id": "alice", "item_id": "sku2", "event_type": "view", "timestamp": "2026-12-01T10:00:00Z"}
+    st.live.add([(event, erased - 60)], st.snapshot)
+    assert st.live.rejected["erased"] == 1 and "alice" not in st.live.events
+    st.live.add([(event, erased + 1)], st.snapshot)
+    assert "alice" in st.live.lists

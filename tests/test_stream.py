@@ -333,3 +333,42 @@ def test_a_sigkilled_server_restarts_to_the_same_lists_with_the_events_of_its_do
             proc.kill()
             proc.wait(10)
     assert cfg.stream.source.topic == topic
+
+
+def test_forget_reaches_the_server_within_five_seconds_and_a_restart_keeps_the_customer_forgotten(
+        spark, built, broker, tmp_path):
+    """`sparkrec forget` while `sparkrec serve` follows the broker: within 5 s the customer is a stranger, their
+    events before the erasure are gone from memory, and a restart after the purge keeps them forgotten."""
+    from fastapi.testclient import TestClient
+
+    from sparkrec.serve import state as state_
+    from sparkrec.serve.app import create_app
+    from tests.test_serve import wait_for
+
+    topic = "serve-forget"
+    mine, overrides = copy_warehouse(built, tmp_path, topic, broker)
+    produce(broker, topic, [b"{}"])
+    cfg = load_config(ROOT / "conf" / "local.yaml", overrides)
+    st = state_.State(cfg)
+    with TestClient(create_app(cfg, st, token=None)) as client:
+        snap = wait_for(lambda: st.snapshot, lambda s: s is not None, 30)[0]
+        gone, kept = [k for k in snap.lists.index if snap.lists.get(k, 1)[0]["source"] == C.SOURCE_ALS][:2]
+        item = snap.lists.get(gone, 1)[0]["item_id"]
+        produce(broker, topic, [{"user_id": gone, "item_id": item, "event_type": "view", "timestamp": now_iso()}])
+        wait_for(lambda: client.get(f"/v1/users/{gone}/recommendations").json()["list"], lambda k: k == "live", 5)
+        assert main(["forget", "--config", str(ROOT / "conf" / "local.yaml"), "--user", gone,
+                     *[a for o in overrides for a in ("--set", o)]], spark=spark) == 0
+        _, took = wait_for(lambda: client.get(f"/v1/users/{gone}/recommendations").json()["list"],
+                           lambda k: k == "cold_start", 5)
+        assert gone not in st.live.events and gone not in st.live.lists
+        assert snap.lists.get(gone, 10) is None and snap.pairs.of(gone) is None
+        assert client.get(f"/v1/users/{kept}/recommendations").json()["list"] == "published"
+    # A restart reads tables whose old versions the erasure purged (the latest, whose commit is the new
+    # horizon), and follows the topic from there: the customer stays forgotten.
+    again = state_.State(cfg)
+    with TestClient(create_app(cfg, again, token=None)) as client:
+        wait_for(lambda: again.feed, lambda f: f is not None and f.assigned, 30)
+        time.sleep(1)
+        assert client.get(f"/v1/users/{gone}/recommendations").json()["list"] == "cold_start"
+        assert again.snapshot.lists.get(gone, 10) is None and again.snapshot.lists.get(kept, 10) is not None
+    assert took < 5

@@ -147,6 +147,9 @@ class Live:
         self.applied = 0
         self.last_arrival: float | None = None
         self.observe = None  # called with each list's lag (s, event arrival -> list recomputed): the metrics' histogram
+        # Erased customers (`sparkrec forget`): user hash -> when (epoch s). Their events that arrived before
+        # it are never folded in again, even when a restarted server reads them from the topic once more.
+        self.erasures: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def stored_key(self, key: str) -> str:
@@ -163,6 +166,9 @@ class Live:
                     self.rejected[reason] += 1
                     continue
                 key = self.stored_key(ev.user_id)
+                if self.erasures and arrived < self.erasures.get(pseudonyms.user_hash(key), float("-inf")):
+                    self.rejected["erased"] += 1
+                    continue
                 mine = self.events.setdefault(key, [])
                 mine.append((ev, arrived))
                 del mine[: max(0, len(mine) - self.max_events)]

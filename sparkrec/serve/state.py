@@ -335,6 +335,8 @@ class State:
         dropped = 0
         for erased_at, hashes in zip(got.frame["erased_at"], got.frame["user_hashes"]):
             at = utc(erased_at)
+            for h in hashes:
+                self.live.erasures[h] = max(self.live.erasures.get(h, 0.0), at.timestamp())
             new = set(hashes) - snap.erased
             if not new:
                 continue
