@@ -372,3 +372,19 @@ def test_forget_reaches_the_server_within_five_seconds_and_a_restart_keeps_the_c
         assert client.get(f"/v1/users/{gone}/recommendations").json()["list"] == "cold_start"
         assert again.snapshot.lists.get(gone, 10) is None and again.snapshot.lists.get(kept, 10) is not None
     assert took < 5
+
+
+def test_a_stream_without_its_lists_still_ingests_and_cleans_every_event(spark, built, broker, tmp_path):
+    """`stream.publish_lists: false` (the server gives the live lists): the durable path runs, no list is written."""
+    wh, overrides = copy_warehouse(built, tmp_path, "t_nolists", broker)
+    t = now_iso()
+    produce(broker, "t_nolists", [{"event_id": f"q{i}", "user_id": "quiet", "item_id": f"i{i:06d}", "event_type": "view",
+                                   "timestamp": t} for i in range(5)])
+    assert main(cli([*overrides, "stream.publish_lists=false"], "--once"), spark=spark) == 0
+    raw = spark.read.format("delta").load(str(wh / C.EVENTS_RAW)).where(F.col(C.SOURCE_FILE) == "kafka:t_nolists/0")
+    assert raw.count() == 5
+    inter = spark.read.format("delta").load(str(wh / C.INTERACTIONS)).where(F.col(C.USER_ID) == "quiet")
+    assert inter.count() == 5  # cleaned at the end of the command
+    assert not (wh / C.LIVE_RECOMMENDATIONS).exists()  # no list written
+    live = spark.read.format("delta").load(str(wh / C.RUNS)).where(F.col("stage") == "live").select("rows_out").collect()
+    assert live and all(r["rows_out"] == 0 for r in live)
