@@ -27,7 +27,7 @@ from fastapi import Body, Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sparkrec import __version__
@@ -75,6 +75,14 @@ def load_token(cfg: Config) -> str | None:
     return token
 
 
+def token_ok(authorization: str, token: str | None) -> bool:
+    """Whether an Authorization header carries the bearer token (compared in constant time); True without one."""
+    if token is None:
+        return True
+    scheme, _, value = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -96,7 +104,7 @@ class Metrics:
         self.model = Gauge("sparkrec_model_info", "The model served (value 1)", ["model_version", "run_id"],
                            registry=self.registry)
         self.age = Gauge("sparkrec_snapshot_age_seconds", "Seconds since the held lists were loaded", registry=self.registry)
-        self.events = Gauge("sparkrec_events_accepted_total", "Events accepted by POST /v1/events", registry=self.registry)
+        self.events = Counter("sparkrec_events_accepted", "Events accepted by POST /v1/events", registry=self.registry)
         self.lag = Histogram("sparkrec_event_to_list_seconds", "From an event's arrival at the source (its Kafka "
                              "timestamp or file time) to its customer's list recomputed", registry=self.registry,
                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
@@ -209,11 +217,9 @@ class FastReads:
         if category is not None and not (1 <= len(category) <= self.limits.max_key_length
                                          and category in self.state.snapshot.category_codes):
             return None
-        if self.token is not None:
-            auth = next((v for k, v in scope["headers"] if k == b"authorization"), b"").decode("latin-1")
-            scheme, _, value = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token.encode()):
-                return None
+        auth = next((v for k, v in scope["headers"] if k == b"authorization"), b"").decode("latin-1")
+        if not token_ok(auth, self.token):
+            return None
         return customer, int(n) if n is not None else None, category
 
     async def __call__(self, scope, receive, send):
@@ -328,10 +334,8 @@ def create_app(cfg: Config, state: State | None = None, *, start_loader: bool = 
         return Query(default=None, ge=1, le=limits.max_n, description=f"How many items (default recommend.n, at most {limits.max_n}).")
 
     def check(request: Request) -> None:  # the reads check inline: FastAPI's dependency machinery costs a read 10%
-        if token is not None:
-            scheme, _, value = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
-                raise ApiError(401, "unauthorized", "a valid bearer token is required")
+        if not token_ok(request.headers.get("authorization", ""), token):
+            raise ApiError(401, "unauthorized", "a valid bearer token is required")
 
     @app.get("/v1/users/{customer}/recommendations", openapi_extra={"security": [{"bearer": []}]},
              summary="A customer's list; a customer the model never saw gets the cold-start list")
