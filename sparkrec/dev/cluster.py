@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -68,11 +69,17 @@ class Cluster:
         return cls(**json.loads(path.read_text()))
 
     def alive_workers(self) -> int:
-        """Workers the master currently counts as ALIVE (from its JSON status page)."""
+        """Workers the master currently counts as ALIVE (from its JSON status page).
+
+        -1 while the page is unreachable or is not this master's (another
+        process's page on that port once failed CI, so the page must name our URL).
+        """
         try:
             with urllib.request.urlopen(f"{self.web_url}/json/", timeout=5) as r:
                 status = json.load(r)
-        except OSError:
+        except (OSError, ValueError):
+            return -1
+        if not isinstance(status, dict) or status.get("url") != self.master_url:
             return -1
         return sum(1 for w in status.get("workers", []) if w.get("state") == "ALIVE")
 
@@ -117,7 +124,6 @@ def start(directory: str | Path, workers: int = 2, cores: int = 1, memory: str =
     d = Path(directory).resolve()
     d.mkdir(parents=True, exist_ok=True)
     spark_class = str(spark_home() / "bin" / "spark-class")
-    port, web = _free_port(), _free_port()
     env = {
         **os.environ,
         "SPARK_LOCAL_IP": HOST,
@@ -127,14 +133,26 @@ def start(directory: str | Path, workers: int = 2, cores: int = 1, memory: str =
         "SPARK_LOG_DIR": str(d / "logs"),
     }
     (d / "logs").mkdir(exist_ok=True)
+    # Port 0: the master binds what it gets and says so in its log. A port picked
+    # here and passed on could be taken by another process before the master binds it.
+    master_log = d / "logs" / "master.log"
+    master_log.unlink(missing_ok=True)
     master_pid = _spawn(
-        [spark_class, "org.apache.spark.deploy.master.Master", "--host", HOST, "--port", str(port), "--webui-port", str(web)],
-        d / "logs" / "master.log",
+        [spark_class, "org.apache.spark.deploy.master.Master", "--host", HOST, "--port", "0", "--webui-port", "0"],
+        master_log,
         env,
     )
-    cluster = Cluster(str(d), f"spark://{HOST}:{port}", f"http://{HOST}:{web}", master_pid)
-    cluster.save()
+    cluster = Cluster(str(d), "", "", master_pid)
     try:
+        found: dict[str, str] = {}
+
+        def bound() -> bool:
+            found.update(_bound_addresses(master_log))
+            return len(found) == 2
+
+        _wait(bound, timeout, "the master to bind its ports (master.log)", cluster)
+        cluster.master_url, cluster.web_url = found["master"], found["web"]
+        cluster.save()
         _wait(lambda: cluster.alive_workers() >= 0, timeout, "the master's status page", cluster)
         for i in range(workers):
             work = d / f"worker{i}"
@@ -142,7 +160,7 @@ def start(directory: str | Path, workers: int = 2, cores: int = 1, memory: str =
             pid = _spawn(
                 [spark_class, "org.apache.spark.deploy.worker.Worker", cluster.master_url,
                  "--host", HOST, "--cores", str(cores), "--memory", memory,
-                 "--webui-port", str(_free_port()), "--work-dir", str(work)],
+                 "--webui-port", "0", "--work-dir", str(work)],
                 d / "logs" / f"worker{i}.log",
                 env,
             )
@@ -154,6 +172,24 @@ def start(directory: str | Path, workers: int = 2, cores: int = 1, memory: str =
         raise
     log.info("standalone cluster up at %s with %d workers (%s)", cluster.master_url, workers, cluster.web_url)
     return cluster
+
+
+_MASTER_URL = re.compile(r"Starting Spark master at (spark://\S+)")
+_MASTER_UI = re.compile(r"Successfully started service 'MasterUI' on port (\d+)")
+
+
+def _bound_addresses(master_log: Path) -> dict[str, str]:
+    """The master's RPC URL and web UI address as its log reports them (what is found so far)."""
+    try:
+        text = master_log.read_text(errors="replace")
+    except FileNotFoundError:
+        return {}
+    out = {}
+    if m := _MASTER_URL.search(text):
+        out["master"] = m.group(1)
+    if m := _MASTER_UI.search(text):
+        out["web"] = f"http://{HOST}:{m.group(1)}"
+    return out
 
 
 def _wait(ready, timeout: float, what: str, cluster: Cluster) -> None:
