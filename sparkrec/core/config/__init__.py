@@ -50,12 +50,13 @@ from sparkrec.core.config.model import (
     TrainConfig,
 )
 from sparkrec.core.config.runtime import ServeConfig, SparkConfig, StreamConfig, StreamSourceConfig
+from sparkrec.core.config.search import SearchConfig, SearchWeights
 from sparkrec.core.errors import ConfigError
 
 __all__ = [
     "CANDIDATE_KEYS", "AlsConfig", "BlendConfig", "BoostConfig", "BotsConfig", "CleanConfig", "Config", "EvaluateConfig",
     "GateConfig", "InputConfig", "IntervalConfig", "ItemColumns", "ItemsConfig", "PrivacyConfig", "RecommendConfig",
-    "RulesConfig", "ServeConfig", "SimilarItemsConfig", "SourceColumns", "SparkConfig", "StreamConfig", "StreamSourceConfig", "TrainConfig",
+    "RulesConfig", "SearchConfig", "SearchWeights", "ServeConfig", "SimilarItemsConfig", "SourceColumns", "SparkConfig", "StreamConfig", "StreamSourceConfig", "TrainConfig",
     "TuneConfig", "TuneSpace", "as_utc", "check_datetime_pattern", "check_input_paths", "check_warehouse", "from_dict",
     "is_local_path", "load_config", "parse_override", "with_candidate",
 ]
@@ -80,6 +81,7 @@ class Config(Strict):
     privacy: PrivacyConfig = PrivacyConfig()
     stream: StreamConfig = StreamConfig()
     serve: ServeConfig = ServeConfig()
+    search: SearchConfig = SearchConfig()
 
     @model_validator(mode="after")
     def _kept_columns_are_not_dropped(self) -> Config:
@@ -109,6 +111,11 @@ class Config(Strict):
 
     def table_path(self, key: str) -> str:
         return f"{self.warehouse.rstrip('/')}/{self.table_name(key)}"
+
+    @property
+    def search_root(self) -> str:
+        """Where the search index versions go (one directory each, named by its digest)."""
+        return self.search.index_dir or f"{self.warehouse.rstrip('/')}/_search"
 
     @property
     def checkpoint_root(self) -> str:
