@@ -26,9 +26,9 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 
-from sparkrec.core import block, pseudonyms, serving, topk
+from sparkrec.core import block, pseudonyms, search, serving, topk
 from sparkrec.core import columns as C
-from sparkrec.core.config import from_dict
+from sparkrec.core.config import SearchConfig, from_dict
 from sparkrec.core.errors import ConfigError
 from sparkrec.serve import state as state_
 from sparkrec.serve.app import create_app, load_token
@@ -39,7 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "a-long-enough-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ITEMS = [f"sku{i}" for i in range(8)]
-NAMES = [f"Item number {i}" for i in range(8)]
+NAMES = ["Red heart bag", "Blue heart bag", "Green lamp", "Red lamp shade", "Heart candle holder", "Jumbo bag retrospot",
+         "Red bag withdrawn", "Paper bag"]
+SHOWN = [True] * 6 + [False, True]  # item 6 is unavailable: no list and no search shows it
+POPULAR = [20, 30, 40, 50, 60, 70, 5, 10]  # distinct customers per item
 
 
 def make_plan(n: int = 3) -> block.Plan:
@@ -68,8 +71,11 @@ def published_rows(users: dict[str, str]) -> pd.DataFrame:
 
 
 def write_run(wh: Path, run_id: str, recs: pd.DataFrame, plan: block.Plan, factors: topk.ItemMatrix,
-              mode: str = "overwrite") -> None:
-    """The tables of one recommend run and its `runs` row (versions as delta-rs wrote them)."""
+              mode: str = "overwrite", searchable: bool = True) -> None:
+    """The tables of one recommend run and its `runs` row (versions as delta-rs wrote them).
+
+    `searchable`: with the search columns and index the recommend stage writes (False: a run of a sparkrec before
+    search)."""
     stamp = {C.MODEL_VERSION: run_id, C.RUN_ID: run_id, C.GENERATED_AT: pd.Timestamp("2026-12-01T00:00:00Z")}
     versions = {}
 
@@ -83,22 +89,32 @@ def write_run(wh: Path, run_id: str, recs: pd.DataFrame, plan: block.Plan, facto
     put(C.RECOMMENDATIONS, recs.assign(**stamp))
     put(C.SIMILAR_ITEMS, pd.DataFrame({C.ITEM_ID: ["sku0", "sku0", "sku2"], C.SIMILAR_ITEM_ID: ["sku1", "sku5", "sku3"],
                                        C.RANK: [1, 2, 1], C.SCORE: [0.99, 0.9, 0.98]}).assign(**stamp))
-    rows = serving.plan_rows(plan)
+    searched = pd.DataFrame({C.ITEM_IDX: np.arange(8), serving.SHOWN: SHOWN, serving.POPULARITY: POPULAR,
+                             serving.RECENT_POPULARITY: POPULAR})
+    rows = serving.plan_rows(plan, searched if searchable else None)
     schema = pa.schema([(C.ITEM_IDX, pa.int32()), (C.ITEM_ID, pa.string()), (C.ITEM_NAME, pa.string()),
                         (C.CATEGORY, pa.string()), (serving.CANDIDATE, pa.list_(pa.float32())),
                         (serving.CANDIDATE_CAT, pa.int32()), (serving.FILL_POS, pa.int32()),
                         (serving.FILL_SCORE, pa.float32()), (serving.FILL_CAT, pa.int32()), (serving.FILL_SOURCE, pa.string()),
-                        (serving.CAT_CODE, pa.int32())])
+                        (serving.CAT_CODE, pa.int32())]
+                       + ([(serving.SHOWN, pa.bool_()), (serving.POPULARITY, pa.float32()),
+                           (serving.RECENT_POPULARITY, pa.float32())] if searchable else []))
     put(C.SERVING_ITEMS, rows, schema)
     put(C.ITEM_FACTORS, pd.DataFrame({C.ITEM_IDX: factors.item_idx.astype(np.int32), C.FEATURES: list(factors.vectors)}),
         pa.schema([(C.ITEM_IDX, pa.int32()), (C.FEATURES, pa.list_(pa.float32()))]))
+    details = {"model_version": run_id, "serving": serving.plan_settings(plan)}
+    if searchable:
+        shown = rows[rows[serving.SHOWN].astype(bool)]
+        docs = pd.DataFrame({"item_idx": shown[C.ITEM_IDX].astype("int64"), "item_id": shown[C.ITEM_ID],
+                             "name": shown[C.ITEM_NAME], "category": shown[C.CATEGORY]})
+        details["search_index"] = search.build(wh / "_search", docs, SearchConfig()).record()
     run = pa.table({
         C.RUN_ID: [run_id], "stage": ["recommend"], "status": ["succeeded"],
         "finished_at": pa.array([datetime.now(timezone.utc)], pa.timestamp("us", tz="UTC")),
         "input_versions": pa.array([[(C.ITEM_FACTORS, versions[C.ITEM_FACTORS])]], pa.map_(pa.string(), pa.int64())),
         "output_versions": pa.array([[(k, versions[k]) for k in (C.RECOMMENDATIONS, C.SIMILAR_ITEMS, C.SERVING_ITEMS)]],
                                     pa.map_(pa.string(), pa.int64())),
-        "details": [json.dumps({"model_version": run_id, "serving": serving.plan_settings(plan)})],
+        "details": [json.dumps(details)],
     })
     write_deltalake(str(wh / C.RUNS), run, mode="append")
 
@@ -149,7 +165,7 @@ def test_a_published_list_is_served_row_for_row_and_names_its_items(client):
     got = client.get("/v1/users/alice/recommendations", headers=AUTH).json()
     assert got["list"] == "published" and got["run_id"] == "20261201T000000Z-aaaaaaaa"
     assert [(r["item_id"], r["rank"], r["name"]) for r in got["items"]] == [
-        ("sku0", 1, "Item number 0"), ("sku1", 2, "Item number 1"), ("sku4", 3, "Item number 4")]
+        ("sku0", 1, NAMES[0]), ("sku1", 2, NAMES[1]), ("sku4", 3, NAMES[4])]
     assert [r["item_id"] for r in client.get("/v1/users/bob/recommendations?n=2", headers=AUTH).json()["items"]] == ["sku2", "sku3"]
 
 
@@ -174,7 +190,7 @@ def test_a_category_list_is_scored_for_that_category(client):
 def test_similar_items_and_an_unknown_item(client):
     got = client.get("/v1/items/sku0/similar", headers=AUTH).json()
     assert [(r["item_id"], r["rank"]) for r in got["items"]] == [("sku1", 1), ("sku5", 2)]
-    assert got["items"][0]["name"] == "Item number 1"
+    assert got["items"][0]["name"] == NAMES[1]
     assert client.get("/v1/items/sku7/similar", headers=AUTH).json()["items"] == []  # known, no factors
     missing = client.get("/v1/items/nope/similar", headers=AUTH)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_item"
@@ -338,7 +354,8 @@ def test_fuzzing_every_route_from_the_openapi_schema_gives_no_5xx(api_schema):
         except Unsatisfiable:  # no invalid request exists for a route without parameters (/healthz)
             assert mode is schemathesis.GenerationMode.NEGATIVE
     print(f"schemathesis: {sum(counts.values())} cases: {counts}")
-    for route in ("GET /v1/users/{customer}/recommendations", "GET /v1/items/{item}/similar", "POST /v1/events"):
+    for route in ("GET /v1/users/{customer}/recommendations", "GET /v1/items/{item}/similar", "POST /v1/events",
+                  "GET /v1/search"):
         assert counts[f"{route} (positive)"] >= FUZZ_EXAMPLES // 2 and counts[f"{route} (negative)"] >= FUZZ_EXAMPLES // 2
 
 

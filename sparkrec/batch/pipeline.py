@@ -13,6 +13,7 @@ import json
 import logging
 from collections.abc import Sequence
 
+import pandas as pd
 from pyspark import StorageLevel
 from pyspark.sql import functions as F
 
@@ -31,8 +32,8 @@ from sparkrec.batch import (
     tune,
 )
 from sparkrec.core import columns as C
-from sparkrec.core import gate, ledger, pseudonyms, serving, stages
-from sparkrec.core.config import TrainConfig
+from sparkrec.core import gate, ledger, pseudonyms, search, serving, stages
+from sparkrec.core.config import TrainConfig, is_local_path
 from sparkrec.core.errors import BaselinePublished, GateError, StageError
 from sparkrec.storage import files, merges, registry, runs, sources, tables
 from sparkrec.storage.runs import RunContext
@@ -292,7 +293,8 @@ def run_recommend(ctx: RunContext, baseline: str | None = None, blend_weight: fl
                 rec.overwrite(recommend.with_item_keys(sim, meta).select("*", *stamp), C.SIMILAR_ITEMS,
                               properties={"delta.dataSkippingStatsColumns": C.ITEM_ID})
                 rec.details["similar_items_rows"] = rec.rows_written(C.SIMILAR_ITEMS)
-            write_serving(ctx, rec, plan, model_version, stamp)
+            searched = recommend.item_popularity(history, meta, cfg.search.recent_days).toPandas()  # one row per item
+            write_serving(ctx, rec, plan, model_version, stamp, searched)
         finally:
             history.unpersist()
             meta.unpersist()
@@ -301,17 +303,36 @@ def run_recommend(ctx: RunContext, baseline: str | None = None, blend_weight: fl
         rec.details["model_version"] = model_version
 
 
-def write_serving(ctx: RunContext, rec, plan, model_version: str, stamp: list) -> None:
+def write_serving(ctx: RunContext, rec, plan, model_version: str, stamp: list, searched=None) -> None:
     """The plan the lists were built with, to `serving_items`, and its scalars to this stage's record:
-    `sparkrec serve` rebuilds the very same plan from them (`core.serving`) to list a customer who acts."""
+    `sparkrec serve` rebuilds the very same plan from them (`core.serving`) to list a customer who acts.
+    With `searched` (`item_popularity`), also what search ranks by, and the search index of the items shown."""
     cfg = ctx.cfg
-    rows = tables.frame_from_pandas(ctx.spark, serving.plan_rows(plan), serving.SERVING_SCHEMA)
+    frame = serving.plan_rows(plan, searched)
+    if searched is not None and cfg.search.enabled:
+        rec.details["search_index"] = write_search_index(cfg, frame)
+    rows = tables.frame_from_pandas(ctx.spark, frame, serving.SERVING_SCHEMA)
     rec.overwrite(rows.select("*", *stamp), C.SERVING_ITEMS)
     settings = serving.plan_settings(plan)
     trained = {} if model_version.startswith("baseline:") else registry.train_record(ctx.spark, cfg, model_version) or {}
     settings.update(train=trained.get("train"), decay_reference=trained.get("decay_reference"),
                     exploration_slots=cfg.recommend.exploration_slots)
     rec.details["serving"] = settings
+
+
+def write_search_index(cfg, frame) -> dict:
+    """The search index of the catalogue items the rules allow, as a version under `search_root` (reused when
+    nothing in it changed). tantivy writes local files: a remote warehouse needs `search.index_dir`."""
+    root = cfg.search_root
+    if not is_local_path(root):
+        why = (f"search index not written: {root} is not a local path (tantivy writes files); set search.index_dir "
+               "to a local or mounted directory the server can read, or search.enabled: false")
+        log.warning(why)
+        return {"skipped": why}
+    shown = frame[frame[serving.SHOWN].fillna(False).astype(bool)]
+    docs = pd.DataFrame({"item_idx": shown[C.ITEM_IDX].astype("int64"), "item_id": shown[C.ITEM_ID],
+                         "name": shown[C.ITEM_NAME], "category": shown[C.CATEGORY]})
+    return search.build(root.removeprefix("file://"), docs, cfg.search).record()
 
 
 def run_tune(ctx: RunContext, reuse: bool = False) -> tune.Tuned:

@@ -243,12 +243,17 @@ class Parts:
 
 
 def blend(parts: Parts, w: SearchWeights) -> np.ndarray:
-    """The ranking score: each part scaled to 0..1 (text and model over the matches), weighted and summed.
+    """The ranking score: each part scaled to 0..1, weighted and summed.
 
-    Without a model score (a stranger, or no customer) the model's weight is
-    simply absent: the ranking is the non-personal one, not a degraded one.
+    The text is scaled by the best match's BM25 (not min to max: matches that
+    differ only by their names' lengths stay close); the model score min to max
+    over the matches (a dot product has no natural zero); the popularities come
+    scaled over the catalogue. Without a model score (a stranger, or no
+    customer) the model's weight is simply absent: the non-personal ranking.
     """
-    score = w.text * scaled(parts.text) + w.popularity * parts.popularity + w.recent * parts.recent
+    top = float(parts.text.max()) if len(parts.text) else 0.0
+    text = parts.text / top if top > 0 else np.zeros(len(parts.text))
+    score = w.text * text + w.popularity * parts.popularity + w.recent * parts.recent
     if parts.model is not None and w.model:
         known = np.isfinite(parts.model)
         score = score + w.model * scaled(np.where(known, parts.model, 0.0), known)

@@ -30,11 +30,16 @@ FILL_SCORE = "fill_score"
 FILL_CAT = "fill_cat"
 FILL_SOURCE = "fill_source"
 CAT_CODE = "category_code"  # the item's category code (-1: none), for the touched categories of a live customer
+# What search ranks and filters by (`fallbacks.item_popularity`); absent from tables written before search.
+SHOWN = "allowed"  # the shop's rules allow the item (available, not excluded)
+POPULARITY = "popularity"  # distinct customers, all history
+RECENT_POPULARITY = "recent_popularity"  # distinct customers in the last search.recent_days
+SEARCH_SCHEMA = f"{SHOWN} boolean, {POPULARITY} float, {RECENT_POPULARITY} float"
 
 SERVING_SCHEMA = (
     f"{C.ITEM_IDX} int, {C.ITEM_ID} string, {C.ITEM_NAME} string, {C.CATEGORY} string, "
     f"{CANDIDATE} array<float>, {CANDIDATE_CAT} int, {FILL_POS} int, {FILL_SCORE} float, {FILL_CAT} int, "
-    f"{FILL_SOURCE} string, {CAT_CODE} int"
+    f"{FILL_SOURCE} string, {CAT_CODE} int, {SEARCH_SCHEMA}"
 )
 SERVING_COLUMNS = tuple(part.split()[0] for part in SERVING_SCHEMA.split(", "))
 
@@ -53,8 +58,11 @@ def plan_settings(plan: block.Plan) -> dict[str, Any]:
     }
 
 
-def plan_rows(plan: block.Plan) -> pd.DataFrame:
+def plan_rows(plan: block.Plan, searched: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per catalogue item (`SERVING_COLUMNS`): its keys, candidate vector and place in the fallbacks.
+
+    `searched` (item_idx, allowed, popularity, recent_popularity) adds what search ranks by; without it those
+    columns are null.
 
     Raises:
         ValueError: the plan has no catalogue (only a keyed plan can be served).
@@ -88,6 +96,14 @@ def plan_rows(plan: block.Plan) -> pd.DataFrame:
         fill_source[pos] = np.asarray(seq.sources, dtype=object)[seq.source]
     out[FILL_POS], out[FILL_SCORE], out[FILL_CAT], out[FILL_SOURCE] = fill_pos, fill_score, fill_cat, fill_source
     out[CAT_CODE] = pd.array(cat.code if cat.code is not None else [pd.NA] * len(idx), dtype="Int32")
+    if searched is not None:
+        got = searched.set_index(C.ITEM_IDX).reindex(idx)
+        out[SHOWN] = got[SHOWN].astype("boolean").array
+        out[POPULARITY] = got[POPULARITY].astype("Float32").array
+        out[RECENT_POPULARITY] = got[RECENT_POPULARITY].astype("Float32").array
+    else:
+        out[SHOWN] = pd.array([pd.NA] * len(idx), dtype="boolean")
+        out[POPULARITY], out[RECENT_POPULARITY] = (pd.array([pd.NA] * len(idx), dtype="Float32") for _ in range(2))
     return out
 
 

@@ -36,6 +36,7 @@ from sparkrec.core.config import Config
 from sparkrec.core.errors import ConfigError
 from sparkrec.serve import events as events_
 from sparkrec.serve import live
+from sparkrec.serve import search as search_
 from sparkrec.serve.state import State
 
 log = logging.getLogger(__name__)
@@ -385,6 +386,33 @@ def create_app(cfg: Config, state: State | None = None, *, start_loader: bool = 
         names(snap, names_rows)
         return fast_json({"item": item, "model_version": snap.model_version, "run_id": snap.run_id, "items": names_rows})
 
+    @app.get("/v1/search", openapi_extra={"security": [{"bearer": []}]},
+             summary="Catalogue items matching the words of q, ordered for the customer (their live model score)")
+    async def search(request: Request,
+                     q: str = Query(min_length=1, max_length=cfg.search.max_query_length,
+                                    description="Words to find (searched as plain words: no query syntax)"),
+                     customer: str | None = Query(default=None, min_length=1, max_length=limits.max_key_length,
+                                                  description="Order the results for this customer (default: for anyone)"),
+                     n: int | None = n_items(),
+                     category: str | None = Query(default=None, min_length=1, max_length=limits.max_key_length,
+                                                  description="Only items of this category")) -> Response:
+        check(request)
+        snap = snapshot()
+        if snap.searchable is None:
+            raise ApiError(503, "search_unavailable", snap.search_problem or "no search index loaded")
+        if not q.strip():
+            raise ApiError(422, "invalid", "q: the query has no words", ["query", "q"])
+        if category is not None and category not in snap.category_codes:
+            raise ApiError(422, "unknown_category", "no item of the published catalogue is in this category",
+                           ["query", "category"])
+        row, as_of = None, None
+        if customer is not None:
+            key = stored_key(customer)
+            row, as_of = live.row_for(key, state.live.events_of(key), snap, cfg)
+        items, personal = search_.answer(snap, cfg, q, n or snap.plan.n, category, row)
+        return fast_json({"query": q, "customer": customer, "category": category, "personalized": personal,
+                          "as_of": as_of, "model_version": snap.model_version, "run_id": snap.run_id, "items": items})
+
     @app.post("/v1/events", status_code=202, dependencies=[Depends(authorised)],
               summary="One event or a list, in the stream's message shape; sent on to the stream's source")
     async def post_events(body: dict[str, Any] | list[Any] = Body(
@@ -427,7 +455,8 @@ def create_app(cfg: Config, state: State | None = None, *, start_loader: bool = 
         if snap is not None:
             body.update(run_id=snap.run_id, model_version=snap.model_version, customers=snap.customers,
                         versions=snap.versions, load_seconds=round(snap.load_seconds, 3),
-                        live_customers=len(state.live.events), events_folded=state.live.applied)
+                        live_customers=len(state.live.events), events_folded=state.live.applied,
+                        search="ok" if snap.searchable is not None else f"unavailable: {snap.search_problem}")
         problems = [p for p in (state.problem, getattr(feed, "problem", None) if degraded else None) if p]
         if problems:
             body["problem"] = "; ".join(problems)

@@ -40,7 +40,7 @@ from sparkrec.core import columns as C
 from sparkrec.core.config import Config, TrainConfig
 from sparkrec.core.errors import StageError
 from sparkrec.core.recnames import EXCLUDED
-from sparkrec.serve import live, reader
+from sparkrec.serve import live, reader, search
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,8 @@ class Snapshot:
     load_seconds: float = 0.0
     erased: set[str] = field(default_factory=set)  # user hashes already dropped
     category_plans: dict[str, block.Plan] = field(default_factory=dict)  # filled on first use (bounded by categories)
+    searchable: search.Searchable | None = None  # the index and ranking inputs (None: search_problem says why)
+    search_problem: str | None = None
 
     def keys_by_hash(self, hashes: set[str], more: list[str]) -> dict[str, str]:
         """The held keys (lists, pairs, `more`) whose erasure hash is in `hashes`."""
@@ -219,7 +221,7 @@ def pinned(cfg: Config, key: str, columns, version: int | None, run_id: str) -> 
         return latest
 
 
-def load(cfg: Config, run: dict[str, Any]) -> Snapshot:
+def load(cfg: Config, run: dict[str, Any], previous: Snapshot | None = None) -> Snapshot:
     """Read the tables the recommend run `run` published, at the versions it recorded.
 
     Raises:
@@ -235,7 +237,8 @@ def load(cfg: Config, run: dict[str, Any]) -> Snapshot:
     recs = pinned(cfg, C.RECOMMENDATIONS, LIST_COLUMNS, v[C.RECOMMENDATIONS], run[C.RUN_ID])
     sim = (reader.read(cfg, C.SIMILAR_ITEMS, SIMILAR_COLUMNS, version=v[C.SIMILAR_ITEMS], arrow=True)
            if v[C.SIMILAR_ITEMS] is not None else None)
-    items = reader.read(cfg, C.SERVING_ITEMS, serving.SERVING_COLUMNS, version=v[C.SERVING_ITEMS])
+    items = reader.read(cfg, C.SERVING_ITEMS, serving.SERVING_COLUMNS, version=v[C.SERVING_ITEMS],
+                        optional=(serving.SHOWN, serving.POPULARITY, serving.RECENT_POPULARITY))
     factors = None
     if v[C.ITEM_FACTORS] is not None and not run["details"].get("model_version", "").startswith("baseline:"):
         f = reader.read(cfg, C.ITEM_FACTORS, (C.ITEM_IDX, C.FEATURES), version=v[C.ITEM_FACTORS]).frame
@@ -270,6 +273,10 @@ def load(cfg: Config, run: dict[str, Any]) -> Snapshot:
         category_codes={} if plan.catalogue.code is None else {
             c: int(k) for c, k in zip(plan.catalogue.category, plan.catalogue.code) if c is not None and k >= 0},
     )
+    snap.searchable, snap.search_problem = search.load(cfg, run, items.frame, plan.catalogue,
+                                                       previous.searchable if previous is not None else None)
+    if snap.search_problem:
+        log.warning("serve: search cannot answer for run %s: %s", snap.run_id, snap.search_problem)
     snap.load_seconds = time.monotonic() - started
     log.info("serve: loaded run %s (model %s): %s customers' lists, %s items, in %.1f s", snap.run_id,
              snap.model_version, f"{snap.customers:,}", f"{len(plan.catalogue.item_idx):,}", snap.load_seconds)
@@ -306,7 +313,7 @@ class State:
                 if current is None:
                     self.problem = (f"no published lists in {self.cfg.warehouse} yet: run the batch (`sparkrec run`) first")
                 return False
-            snap = load(self.cfg, run)
+            snap = load(self.cfg, run, self.snapshot)
         except StageError as exc:
             self.problem = str(exc)
             log.error("serve: %s", exc)

@@ -15,6 +15,7 @@ from pyspark.sql import functions as F
 
 from sparkrec.core import columns as C
 from sparkrec.core.recnames import ALLOWED, BLEND, BOOST, CAT, PRIO
+from sparkrec.core.serving import POPULARITY, RECENT_POPULARITY, SHOWN
 
 
 def popularity(history: DataFrame, meta: DataFrame, since: Column | None = None) -> DataFrame:
@@ -48,3 +49,21 @@ def recent_popularity(history: DataFrame, days: float) -> DataFrame:
     counts = history.where(F.col(C.EVENT_TS) >= since).groupBy(C.ITEM_IDX).agg(F.countDistinct(C.USER_IDX).alias("_users"))
     top = counts.agg(F.max("_users")).first()[0] or 1
     return counts.select(C.ITEM_IDX, (F.col("_users") / F.lit(float(top))).alias(BLEND))
+
+
+def item_popularity(history: DataFrame, meta: DataFrame, recent_days: float) -> DataFrame:
+    """Per catalogue item: allowed by the rules, distinct users ever and in the last `recent_days` of history.
+
+    What search ranks by besides the text and the model (no boost: a promotion is a list rule, not relevance).
+    Returns (item_idx, allowed, popularity, recent_popularity), one row per item of `meta`.
+    """
+    latest = history.agg(F.max(C.EVENT_TS)).first()[0]
+    recent = F.lit(False) if latest is None else (
+        F.col(C.EVENT_TS) >= F.lit(latest) - F.expr(f"make_dt_interval(0, 0, 0, {recent_days * 86400})"))
+    counts = history.groupBy(C.ITEM_IDX).agg(
+        F.countDistinct(C.USER_IDX).alias(POPULARITY),
+        F.countDistinct(F.when(recent, F.col(C.USER_IDX))).alias(RECENT_POPULARITY),
+    )
+    return meta.select(C.ITEM_IDX, F.col(ALLOWED).alias(SHOWN)).join(counts, C.ITEM_IDX, "left").select(
+        C.ITEM_IDX, SHOWN, *[F.coalesce(F.col(c), F.lit(0)).cast("float").alias(c) for c in (POPULARITY, RECENT_POPULARITY)],
+    )
