@@ -40,7 +40,7 @@ TOKEN = "a-long-enough-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ITEMS = [f"sku{i}" for i in range(8)]
 NAMES = ["Red heart bag", "Blue heart bag", "Green lamp", "Red lamp shade", "Heart candle holder", "Jumbo bag retrospot",
-         "Red bag withdrawn", "Paper bag"]
+         "Red bag withdrawn", "Brown paper bag"]
 SHOWN = [True] * 6 + [False, True]  # item 6 is unavailable: no list and no search shows it
 POPULAR = [20, 30, 40, 50, 60, 70, 5, 10]  # distinct customers per item
 
