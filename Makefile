@@ -42,12 +42,14 @@ test: setup airflow-setup browser lint
 lint: setup
 	$(BIN)/lint-imports
 
-# Headless Chromium for the report test (Debian's package; needs root or sudo the first time).
+# Headless Chromium for the report test, and its driver for the shop page test (Debian's packages; needs root or
+# sudo the first time).
 browser:
-	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
-		{ echo "installing Debian's chromium for the report test"; \
+	@{ command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; } && \
+		command -v chromedriver >/dev/null 2>&1 || \
+		{ echo "installing Debian's chromium and chromium-driver for the browser tests"; \
 		  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
-		  DEBIAN_FRONTEND=noninteractive $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq chromium >/dev/null; }
+		  DEBIAN_FRONTEND=noninteractive $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 # Airflow in a virtual environment of its own (its pins clash with ours); the DAG tests drive it.
 # pyspark is pinned to ours so the provider does not pull a second, newer Spark.

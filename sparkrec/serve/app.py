@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -26,7 +27,7 @@ import orjson
 from fastapi import Body, Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -440,6 +441,14 @@ def create_app(cfg: Config, state: State | None = None, *, start_loader: bool = 
                            "nothing was accepted, send them again") from None
         metrics.events.inc(len(accepted))
         return {"accepted": len(accepted)}
+
+    page = (Path(__file__).with_name("shop.html").read_text(encoding="utf-8")
+            .replace("/*SPARKREC_SHAPE*/null", json.dumps(events_.shape(cfg)).replace("</", "<\\/")))
+
+    @app.get("/", include_in_schema=False)
+    async def shop_page() -> HTMLResponse:
+        """A small shop over the API: a customer's list, search, and view/buy buttons that post events."""
+        return HTMLResponse(page)
 
     @app.get("/healthz", summary="The process is alive")
     async def healthz() -> dict[str, str]:

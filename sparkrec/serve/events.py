@@ -73,6 +73,20 @@ def check(events: list[Any], cfg: Config) -> list[dict[str, Any]]:
     return out
 
 
+def shape(cfg: Config) -> dict[str, Any]:
+    """How an event of this shop is written (its column names, type names and time format): for the shop page,
+    which posts the events its buttons stand for in the shape `check` accepts."""
+    src, cols = cfg.source, cfg.source.columns
+    return {
+        "kind": src.kind,
+        "columns": {"user": cols.user_id, "item": cols.item_id, "time": cols.timestamp, "type": cols.event_type,
+                    "invoice": cols.invoice, "quantity": cols.quantity, "price": cols.price},
+        "types": {canonical: names[0] for canonical, names in src.event_types.items() if names},
+        "time_format": src.timestamp_format,
+        "timezone": src.timezone,
+    }
+
+
 class Sink:
     """Where accepted events go: the stream's Kafka topic or its directory. Thread-safe."""
 
