@@ -101,7 +101,7 @@ def test_generate_command_writes_events_items_and_manifest(spark, tmp_path, caps
     assert "generated 2,000 events" in capsys.readouterr().out
     assert spark.read.text(str(out / "events")).count() == 2_000
     items = spark.read.option("header", "true").csv(str(out / "items"))
-    assert items.columns == ["item_id", "category", "price", "available"] and items.count() == 40
+    assert items.columns == ["item_id", "category", "price", "available", "name"] and items.count() == 40
     manifest = (out / "manifest.json").read_text()
     assert '"seed": 3' in manifest and '"users": 50' in manifest
     assert main(["generate", "--events", "0", "--out", str(out)], spark=spark) == 2

@@ -185,7 +185,8 @@ def test_generate_writes_files_without_a_jvm(tmp_path):
     assert len(parsed) > 2_950 and {"event_id", "item_id", "event_type", "timestamp", "price"} <= set(parsed[0])
     assert json.loads((tmp_path / "shop" / "manifest.json").read_text())["users"] == 75
     items = (tmp_path / "shop" / "items" / "part-00000.csv").read_text().splitlines()
-    assert items[0] == "item_id,category,price,available" and len(items) == 41
+    assert items[0] == "item_id,category,price,available,name" and len(items) == 41
+    assert items[1].split(",")[4][0].isupper() and len({line.split(",")[4] for line in items[1:]}) > 30  # named, mostly apart
 
 
 def test_generated_lines_do_not_depend_on_how_they_are_chunked():

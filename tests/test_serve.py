@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -58,6 +59,20 @@ def test_the_served_plan_reproduces_every_published_list(spark, published):
     assert set(theirs[C.REC_SOURCE]) >= {C.SOURCE_ALS}
     pd.testing.assert_frame_equal(mine[cols], theirs[cols], check_dtype=False)
     assert (mine[C.SCORE] - theirs[C.SCORE]).abs().max() < 1e-5
+
+
+def test_the_batch_writes_the_search_index_of_the_items_the_rules_allow(spark, published):
+    _, overrides = published
+    cfg = cfg_of(overrides)
+    st = state_.State(cfg)
+    assert st.refresh()
+    snap = st.snapshot
+    assert snap.searchable is not None, snap.search_problem
+    items = tables.read_required(spark, cfg, C.ITEMS).df
+    allowed = items.where(F.col(C.AVAILABLE)).count()
+    known = set(snap.plan.catalogue.item_id[snap.searchable.shown])
+    assert snap.searchable.index.documents == len(known) <= allowed
+    assert not known & {r[0] for r in items.where(~F.col(C.AVAILABLE)).select(C.ITEM_ID).collect()}
 
 
 def test_delta_rs_reads_a_table_with_deletion_vectors_as_spark_does(spark, published, tmp_path):
@@ -122,6 +137,8 @@ def test_a_real_server_process_serves_the_published_lists_and_stops_on_sigterm(s
         assert get(f"{base}/v1/users/{customer}/recommendations")[0] == 401
         status, cold = get(f"{base}/v1/users/never-seen-before/recommendations?n=5", token)
         assert status == 200 and cold["list"] == "cold_start" and len(cold["items"]) == 5
+        search_checks(base, token, customer, got["items"])
+        shop_page_checks(base, token, customer, tmp_path)
         proc.send_signal(signal.SIGTERM)
         # uvicorn shuts down gracefully, then re-raises the signal it caught (so a supervisor sees SIGTERM).
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
@@ -133,6 +150,63 @@ def test_a_real_server_process_serves_the_published_lists_and_stops_on_sigterm(s
             proc.kill()
             proc.wait(timeout=10)
         logfile.close()
+
+
+def search_checks(base: str, token: str, customer: str, listed: list[dict]) -> None:
+    """Search over HTTP on the index the batch wrote: an item's own word finds it, for anyone and for a customer."""
+    item = listed[0]
+    word = max(item["name"].split(), key=len)
+    status, anyone = get(f"{base}/v1/search?q={urllib.parse.quote(word)}&n=100", token)
+    assert status == 200 and item["item_id"] in [r["item_id"] for r in anyone["items"]] and not anyone["personalized"]
+    assert all(word.lower() in (r["name"] or "").lower() for r in anyone["items"])
+    status, mine = get(f"{base}/v1/search?q={urllib.parse.quote(word)}&n=100&customer={customer}", token)
+    assert status == 200 and mine["personalized"] and {r["source"] for r in mine["items"]} == {"search_personal"}
+    assert sorted(r["item_id"] for r in mine["items"]) == sorted(r["item_id"] for r in anyone["items"])
+    status, body = get(f"{base}/v1/search?q=%22name%3A%20*", token)  # the index's own syntax, as plain words
+    assert status == 200
+
+
+def shop_page_checks(base: str, token: str, customer: str, tmp_path: Path) -> None:
+    """Issue 31: the shop page in headless Chromium: it loads with the server's auth, a search shows results, and
+    a "buy" removes that item from the customer's list (the event goes round through the stream's source)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_bin = shutil.which("chromedriver")
+    assert chromium and driver_bin, "headless Chromium and its driver are needed: `make browser` installs them"
+    options = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,900", "--no-first-run",
+                "--disable-background-networking", f"--user-data-dir={tmp_path / 'chrome'}"):
+        options.add_argument(arg)
+    options.binary_location = chromium
+    browser = webdriver.Chrome(service=Service(driver_bin), options=options)
+    try:
+        browser.get(f"{base}/?customer={urllib.parse.quote(customer)}&token={token}")
+        wait = WebDriverWait(browser, 15)
+
+        def listed():
+            return [e.get_attribute("data-item") for e in browser.find_elements(By.CSS_SELECTOR, "#list li")]
+
+        wait.until(lambda b: len(listed()) == 10)
+        assert "token" not in browser.current_url  # taken and dropped from the address
+        assert browser.find_element(By.ID, "list-meta").text.startswith("list: published")
+        name = browser.find_element(By.CSS_SELECTOR, "#list li .name").text
+        browser.find_element(By.ID, "q").send_keys(max(name.split(), key=len))
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#results li"))
+        assert "ordered for this customer" in browser.find_element(By.ID, "results-meta").text
+        first = listed()[0]
+        browser.find_element(By.CSS_SELECTOR, f'#list li[data-item="{first}"] button.buy').click()
+        wait.until(lambda b: "list: live" in b.find_element(By.ID, "list-meta").text)
+        assert first not in listed() and len(listed()) == 10
+        assert "the list changed" in browser.find_element(By.ID, "status").text
+        browser.save_screenshot(str(tmp_path / "shop.png"))
+        severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert not severe, severe
+    finally:
+        browser.quit()
 
 
 def wait_for(fetch, ok, seconds: float):

@@ -204,13 +204,38 @@ def event_lines(p: GenerateParams, start: int = 0, stop: int | None = None) -> l
     return lines
 
 
-def item_rows(p: GenerateParams) -> list[tuple[str, str, str, str]]:
-    """(item_id, category, price, available) for every item, as the CSV holds them."""
+# Item names a shopper could search for: a colour, a material or style, and a thing of the item's category
+# (one list of things per category, so a word like "mug" finds mostly one category, as in a real shop).
+COLOURS = ("red", "blue", "green", "white", "black", "pink", "yellow", "grey", "ivory", "teal", "orange", "silver")
+STYLES = ("vintage", "enamel", "ceramic", "wooden", "glass", "paper", "cotton", "metal", "retro", "floral", "polka dot",
+          "jumbo", "mini", "rustic", "scandi", "striped")
+THINGS = (
+    ("mug", "teapot", "cake stand", "jug", "bowl", "lunch box"),
+    ("lantern", "candle holder", "fairy lights", "lamp", "tealight", "star light"),
+    ("bag", "tote", "purse", "wash bag", "shopper", "backpack"),
+    ("notebook", "pencil case", "card", "wrapping paper", "sticker set", "diary"),
+    ("doormat", "cushion", "throw", "clock", "mirror", "picture frame"),
+    ("garden sign", "plant pot", "watering can", "bird feeder", "trowel", "seed tin"),
+    ("tea towel", "apron", "oven glove", "napkins", "placemat", "coasters"),
+    ("bunting", "party cups", "balloons", "cake cases", "party bags", "candles"),
+    ("necklace", "bracelet", "earrings", "hair clip", "brooch", "ring box"),
+    ("toy car", "jigsaw", "skipping rope", "colouring set", "doll", "spinning top"),
+    ("bath mat", "soap dish", "toothbrush holder", "towel", "shower cap", "wash mitt"),
+    ("bauble", "stocking", "advent calendar", "wreath", "tree topper", "snow globe"),
+)
+
+
+def item_rows(p: GenerateParams) -> list[tuple[str, str, str, str, str]]:
+    """(item_id, category, price, available, name) for every item, as the CSV holds them."""
     i = np.arange(p.n_items, dtype=np.int64)
     price = 1 + (_hash(p.seed, "price", i) % np.uint64(5000)).astype(np.int64) / 100.0
     available = _u(p.seed, "avail", i) < 0.95
+    colour = _hash(p.seed, "colour", i) % np.uint64(len(COLOURS))
+    style = _hash(p.seed, "style", i) % np.uint64(len(STYLES))
+    thing = _hash(p.seed, "thing", i) % np.uint64(len(THINGS[0]))
     return [
-        (f"i{k:06d}", f"cat_{k % p.n_categories:02d}", f"{price[k]:.2f}", "true" if available[k] else "false")
+        (f"i{k:06d}", f"cat_{k % p.n_categories:02d}", f"{price[k]:.2f}", "true" if available[k] else "false",
+         f"{COLOURS[colour[k]]} {STYLES[style[k]]} {THINGS[k % p.n_categories % len(THINGS)][thing[k]]}".capitalize())
         for k in range(p.n_items)
     ]
 
@@ -235,7 +260,7 @@ def generate(p: GenerateParams, out: str) -> dict[str, object]:
             log.info("generated %s of %s events", f"{min(start + CHUNK, p.events):,}", f"{p.events:,}")
     rows = item_rows(p)
     (root / "items" / "part-00000.csv").write_text(
-        "item_id,category,price,available\n" + "".join(",".join(r) + "\n" for r in rows), encoding="utf-8"
+        "item_id,category,price,available,name\n" + "".join(",".join(r) + "\n" for r in rows), encoding="utf-8"
     )
     manifest = {
         "params": {**asdict(p), "start": p.start.isoformat()},
