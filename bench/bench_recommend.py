@@ -72,8 +72,22 @@ def _factors(spark: SparkSession, n: int, rank: int, seed: int, clusters: int = 
     return ids.select(F.col("_id").cast("int").alias("_id"), feats.alias(C.FEATURES))
 
 
-def build_warehouse(spark: SparkSession, cfg, users: int, items: int, rank: int, per_user: int) -> None:
-    """user_ids, item_ids, items, interactions (purchases), user_factors, item_factors."""
+def _name(i):
+    """A name from `sparkrec.dev.generate`'s words: colour, style, and a thing of the item's category."""
+    from sparkrec.dev.generate import COLOURS, STYLES, THINGS
+
+    def pick(words, salt):
+        return F.element_at(F.array(*[F.lit(w) for w in words]), (F.abs(F.xxhash64(F.lit(salt), i)) % len(words) + 1).cast("int"))
+
+    thing = F.element_at(F.array(*[F.lit(w) for group in THINGS for w in group]),
+                         ((i % len(THINGS)) * len(THINGS[0]) + F.abs(F.xxhash64(F.lit(3), i)) % len(THINGS[0]) + 1).cast("int"))
+    return F.initcap(F.concat_ws(" ", pick(COLOURS, 1), pick(STYLES, 2), thing)).alias(C.ITEM_NAME)
+
+
+def build_warehouse(spark: SparkSession, cfg, users: int, items: int, rank: int, per_user: int, named: bool = False) -> None:
+    """user_ids, item_ids, items, interactions (purchases), user_factors, item_factors.
+
+    `named`: items get names in the generator's vocabulary (for search: `bench_serve.py`)."""
     uf = _factors(spark, users, rank, 11)
     itf = _factors(spark, items, rank, 23)
     tables.overwrite_table(uf.select(F.col("_id").alias(C.USER_IDX), F.concat(F.lit("u"), F.col("_id")).alias(C.USER_ID)), cfg, C.USER_IDS)
@@ -84,6 +98,7 @@ def build_warehouse(spark: SparkSession, cfg, users: int, items: int, rank: int,
             F.concat(F.lit("cat"), (F.col("id") % 50).cast("string")).alias(C.CATEGORY),
             F.lit(9.99).alias(C.PRICE),
             (_uniform(5, F.col("id")) >= 0.05).alias(C.AVAILABLE),
+            *([_name(F.col("id"))] if named else []),
         ),
         cfg,
         C.ITEMS,

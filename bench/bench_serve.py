@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -119,7 +120,7 @@ def build(users: int, items: int, rank: int, n: int) -> tuple[Path, list[str]]:
     from sparkrec.storage.runs import RunContext
     from sparkrec.storage.session import build_session
 
-    wh = OUT / f"wh_{users}x{items}_r{rank}"
+    wh = OUT / f"wh_{users}x{items}_r{rank}_named"  # items with names: searchable
     sets = [f"warehouse={wh}", f"recommend.n={n}", "recommend.similar_items.enabled=false"]
     if (wh / "runs").exists():
         log.info("reusing %s", wh)
@@ -128,7 +129,7 @@ def build(users: int, items: int, rank: int, n: int) -> tuple[Path, list[str]]:
     cfg = load_config(ROOT / "conf" / "local.yaml", sets)
     spark = build_session(cfg.spark)
     t0 = time.monotonic()
-    build_warehouse(spark, cfg, users, items, rank, 5)
+    build_warehouse(spark, cfg, users, items, rank, 5, named=True)
     pipeline.run_recommend(RunContext(spark, cfg))
     log.info("warehouse built and recommended in %.0f s", time.monotonic() - t0)
     spark.stop()
@@ -171,6 +172,32 @@ def latency(server: Server, floor: Server, customer: str, rates: list[int], seco
             log.info("%s at %d/s: p50 %.2f ms, p99 %.2f ms (%d requests, %d not 2xx)", name, rate, res["p50_ms"],
                      res["p99_ms"], res["requests"], res["non_2xx"])
             out.append(res)
+    return out
+
+
+# Queries of the search bench: one word matching a twelfth of the catalogue, one matching far more than the
+# candidates re-ranked (search.candidates), and three words (a union of matches).
+SEARCH_QUERIES = ("mug", "red", "red enamel mug")
+
+
+def search_latency(server: Server, customer: str, seconds: int, rate: int = 200) -> list[dict]:
+    """`GET /v1/search` at `rate`/s for anyone and for a customer (their factor folded in per request), beside the
+    list route at the same rate in the same run (issue 31: p99 <= 20 ms at 200 requests/s)."""
+    out = []
+    urls = [("recommendations", f"{server.base}/v1/users/{customer}/recommendations")]
+    for q in SEARCH_QUERIES:
+        quoted = urllib.parse.quote(q)
+        status, body = get(f"{server.base}/v1/search?q={quoted}&n=10&customer={customer}")
+        if status != 200:
+            raise RuntimeError(f"search for {q!r} answered {status}: {body[:300]!r}")
+        urls.append((f"search {q!r} anyone", f"{server.base}/v1/search?q={quoted}&n=10"))
+        urls.append((f"search {q!r} customer", f"{server.base}/v1/search?q={quoted}&n=10&customer={customer}"))
+    for name, url in urls:
+        res = hey(url, rate, seconds)
+        res["route"] = name
+        log.info("%s at %d/s: p50 %.2f ms, p99 %.2f ms (%d requests, %d not 2xx)", name, rate, res["p50_ms"],
+                 res["p99_ms"], res["requests"], res["non_2xx"])
+        out.append(res)
     return out
 
 
@@ -254,6 +281,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=20)
     ap.add_argument("--only-startup", action="store_true")
     ap.add_argument("--freshness", action="store_true")
+    ap.add_argument("--search", action="store_true", help="with --only-startup: the search latency too")
     ap.add_argument("--json", default=str(OUT / "results.json"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -279,6 +307,8 @@ def main() -> None:
                 res["latency"] = latency(server, floor, customer, args.rates, args.seconds)
             finally:
                 floor.stop()
+        if not args.only_startup or args.search:
+            res["search"] = search_latency(server, customers(wh, 1)[0], args.seconds)
     finally:
         server.stop()
     if args.freshness:
