@@ -193,9 +193,14 @@ def shop_page_checks(base: str, token: str, customer: str, tmp_path: Path) -> No
         wait.until(lambda b: len(listed()) == 10)
         assert "token" not in browser.current_url  # taken and dropped from the address
         assert browser.find_element(By.ID, "list-meta").text.startswith("list: published")
-        name = browser.find_element(By.CSS_SELECTOR, "#list li .name").text
+        name = browser.find_element(By.CSS_SELECTOR, "#list li").get_attribute("data-name")
         browser.find_element(By.ID, "q").send_keys(max(name.split(), key=len))
-        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#results li"))
+        try:
+            wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#results li"))
+        except Exception:
+            browser.save_screenshot(str(tmp_path / "failed.png"))
+            raise AssertionError(f"no results for a word of {name!r}: status {browser.find_element(By.ID, 'status').text!r}, "
+                                 f"console {browser.get_log('browser')}") from None
         assert "ordered for this customer" in browser.find_element(By.ID, "results-meta").text
         first = listed()[0]
         browser.find_element(By.CSS_SELECTOR, f'#list li[data-item="{first}"] button.buy').click()
