@@ -31,6 +31,7 @@ def spark(tmp_path_factory):
             "spark.default.parallelism": "2",
             "spark.sql.warehouse.dir": str(warehouse),
             "spark.driver.memory": "3g",
+            "spark.databricks.delta.snapshotPartitions": "2",
         },
     )
     # With pytest-xdist each worker starts its own session: one at a time resolves the jars from Maven
