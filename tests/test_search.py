@@ -94,10 +94,12 @@ def shop(tmp_path_factory):
     return wh
 
 
+# The mechanism under test, not the tuned defaults: each part weighs enough to decide the orders worked out below.
+WEIGHTS = {"text": 1.0, "model": 1.0, "popularity": 0.5, "recent": 0.5}
+
+
 def client_for(wh, **search_cfg):
-    cfg = config(wh)
-    if search_cfg:
-        cfg = from_dict({**cfg.as_dict(), "search": search_cfg})
+    cfg = from_dict({**config(wh).as_dict(), "search": {"weights": WEIGHTS, **search_cfg}})
     st = state_.State(cfg)
     assert st.refresh()
     return st, TestClient(create_app(cfg, st, start_loader=False, token=TOKEN))

@@ -21,9 +21,9 @@ class SearchWeights(Strict):
     (`bench/bench_search.py`, bench/RESULTS.md)."""
 
     text: float = Field(default=1.0, ge=0, description="BM25 of the query in the item's fields.")
-    model: float = Field(default=1.0, ge=0, description="The customer's model score for the item (their live factor).")
-    popularity: float = Field(default=0.5, ge=0, description="Distinct customers of the item, all history (log scale).")
-    recent: float = Field(default=0.5, ge=0, description="Distinct customers in the last `recent_days` (log scale).")
+    model: float = Field(default=0.25, ge=0, description="The customer's model score for the item (their live factor).")
+    popularity: float = Field(default=0.0, ge=0, description="Distinct customers of the item, all history (log scale).")
+    recent: float = Field(default=2.0, ge=0, description="Distinct customers in the last `recent_days` (log scale).")
 
     @model_validator(mode="after")
     def _something(self) -> SearchWeights:
