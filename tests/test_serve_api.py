@@ -383,3 +383,18 @@ def test_an_erasure_recorded_after_the_run_drops_the_customer_from_what_the_serv
     assert st.live.rejected["erased"] == 1 and "alice" not in st.live.events
     st.live.add([(event, erased + 1)], st.snapshot)
     assert "alice" in st.live.lists
+
+
+def test_the_retail_presets_non_product_patterns_refuse_live_lines_as_the_clean_does():
+    """Its patterns carry inline flags ("(?i)POST"), which Python refuses inside one joined alternation: every
+    live event of the Online Retail preset failed before they were matched one at a time."""
+    from sparkrec.core import events
+    from sparkrec.core.config import load_config
+
+    cfg = load_config(ROOT / "conf" / "online_retail.yaml")
+    line = {"Invoice": "WEB1", "Customer ID": "12346", "StockCode": "post", "InvoiceDate": "2010-12-01 10:00:00",
+            "Quantity": 1, "Price": 1.0}
+    now = datetime.now(timezone.utc)
+    assert events.accept(line, cfg.source, cfg.clean, now) == (None, "non_product_item")
+    kept, reason = events.accept({**line, "StockCode": "22784"}, cfg.source, cfg.clean, now)
+    assert reason is None and kept.item_id == "22784"

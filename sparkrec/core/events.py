@@ -173,7 +173,9 @@ def accept(raw: dict[str, Any], src: InputConfig, clean: CleanConfig, now: datet
         return None, NON_POSITIVE_PRICE
     if (etype == C.RATING_EVENT and (rating is None or rating < clean.rating_min or rating > clean.rating_max)) or not finite(rating):
         return None, BAD_RATING
-    if clean.non_product_items and re.fullmatch("|".join(f"(?:{p})" for p in clean.non_product_items), item):
+    # One pattern at a time: Python refuses an inline flag such as the retail preset's "(?i)POST" anywhere but at
+    # the start of a pattern, so they cannot be joined into one alternation as Spark's Java regex allows.
+    if clean.non_product_items and any(re.fullmatch(p, item) for p in clean.non_product_items):
         return None, NON_PRODUCT
     event_id = _text(raw.get(cols.event_id)) if cols.event_id else None
     return Event(user, item, etype, ts, event_id, qty, price, rating), None
