@@ -293,7 +293,9 @@ def run_recommend(ctx: RunContext, baseline: str | None = None, blend_weight: fl
                 rec.overwrite(recommend.with_item_keys(sim, meta).select("*", *stamp), C.SIMILAR_ITEMS,
                               properties={"delta.dataSkippingStatsColumns": C.ITEM_ID})
                 rec.details["similar_items_rows"] = rec.rows_written(C.SIMILAR_ITEMS)
-            searched = recommend.item_popularity(history, meta, cfg.search.recent_days).toPandas()  # one row per item
+            # What search ranks by: one row per catalogue item (bounded), only when search is on.
+            searched = (recommend.item_popularity(history, meta, cfg.search.recent_days).toPandas()
+                        if cfg.search.enabled else None)
             write_serving(ctx, rec, plan, model_version, stamp, searched)
         finally:
             history.unpersist()
