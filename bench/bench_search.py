@@ -117,12 +117,7 @@ def queries(snap, cfg, events: pd.DataFrame, cut: pd.Timestamp) -> tuple[list[Qu
             row, _ = live.row_for(user, [], snap, cfg)  # the customer as the server holds them at the cut
             factors[user] = row.get("features")
         item_idx = cat.item_idx[mpos]
-        model = None
-        f = factors[user]
-        if f is not None and snap.model.factors is not None:
-            fpos, known = snap.model.positions(item_idx)
-            model = np.full(len(mpos), np.nan)
-            model[known] = snap.model.factors.vectors[fpos[known]] @ np.asarray(f, dtype=np.float32)
+        model = serve_search.model_scores(snap, item_idx, factors[user])  # as the route scores them
         s = snap.searchable
         tuning = int(hashlib.sha256(user.encode()).hexdigest(), 16) % 2 == 0
         out.append(Query(user, word, int(where[0]) if len(where) else -1, item_idx, text, model,

@@ -81,6 +81,17 @@ def matches(snap, q: str, category: str | None, limit: int) -> tuple[np.ndarray,
     return pos[keep], text[keep]
 
 
+def model_scores(snap, item_idx: np.ndarray, factor: np.ndarray | None) -> np.ndarray | None:
+    """The customer's model score for each item (NaN: the item has no factors); None without a factor."""
+    if factor is None or snap.model.factors is None:
+        return None
+    fpos, known = snap.model.positions(item_idx)
+    model = np.full(len(item_idx), np.nan)
+    if known.any():
+        model[known] = snap.model.factors.vectors[fpos[known]] @ np.asarray(factor, dtype=np.float32)
+    return model
+
+
 def ranked(snap, cfg: Config, pos: np.ndarray, text: np.ndarray, factor: np.ndarray | None,
            excluded: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The best `n` of the matches for a customer with `factor` (None: the non-personal ranking).
@@ -92,12 +103,7 @@ def ranked(snap, cfg: Config, pos: np.ndarray, text: np.ndarray, factor: np.ndar
     if excluded is not None and len(excluded):
         keep = ~np.isin(item_idx, excluded)
         pos, text, item_idx = pos[keep], text[keep], item_idx[keep]
-    model = None
-    if factor is not None and snap.model.factors is not None:
-        fpos, known = snap.model.positions(item_idx)
-        model = np.full(len(pos), np.nan)
-        if known.any():
-            model[known] = snap.model.factors.vectors[fpos[known]] @ np.asarray(factor, dtype=np.float32)
+    model = model_scores(snap, item_idx, factor)
     parts = search.Parts(item_idx, text, model, s.popularity[pos], s.recent[pos])
     score = search.blend(parts, cfg.search.weights)
     best = search.order(score, item_idx, n)
