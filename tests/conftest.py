@@ -96,3 +96,5 @@ def pytest_configure(config):
     os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
     # The stream's tests talk to a broker on 127.0.0.1; Spark's driver stays on the same address.
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    # Every JVM the tests start reads tests/spark-conf/spark-defaults.conf (why: see that file).
+    os.environ.setdefault("SPARK_CONF_DIR", str(ROOT / "tests" / "spark-conf"))
