@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None, spark: SparkSession | None = None) -> in
 
         overrides = [*args.overrides, *(["clean.full=true"] if getattr(args, "full", False) else [])]
         cfg = load_config(args.config, overrides)
+        if args.command in ("run", "evaluate", "tune"):
+            for line in cfg.advice():
+                log.warning("config: %s", line)
         if args.command == "lookup-user":  # no Spark: the pseudonym is a keyed hash of the key
             from sparkrec.core import pseudonyms
 

@@ -200,3 +200,17 @@ def test_cli_exits_2_before_spark_for_a_file_warehouse_a_bad_limit_and_a_directo
     assert "is a directory; give a file name" in capsys.readouterr().err
     assert main(["report", "R1", "--config", conf, "--set", wh, "--out", f"{tmp_path}/nope/r.html"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_relevant_types_the_lists_do_not_exclude_are_flagged_once_and_quiet_when_they_agree():
+    """Issue 32: a ratings data set evaluated on `view` while the lists excluded only `purchase` offered every
+    user what they had already rated, and nothing said so."""
+    def advice(*o):
+        return load_config(ROOT / "conf" / "local.yaml", list(o)).advice()
+
+    assert advice() == []  # the defaults agree: purchase and purchase
+    [line] = advice("evaluate.relevant_event_types=[view]")
+    assert "evaluate.relevant_event_types ['view']" in line and "recommend.exclude_event_types ['purchase']" in line
+    assert advice("evaluate.relevant_event_types=[view]", "recommend.exclude_event_types=[view, purchase]") == []
+    assert advice("evaluate.relevant_event_types=[view]", "evaluate.repeat_relevant=true") == []
+    assert advice("evaluate.relevant_event_types=[view]", "evaluate.enabled=false") == []

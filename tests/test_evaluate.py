@@ -204,3 +204,55 @@ def test_spark_metrics_equal_the_plain_reference_on_random_lists(spark):
     assert got.keys() >= want.keys()
     for key, value in want.items():
         assert got[key] == pytest.approx(value, abs=1e-9), key
+
+
+def _ratings(spark, users=30, items=40, per_user=12):
+    """A MovieLens-shaped table: one `view` (a rating) per user and item, spread over 200 days; and its id tables."""
+    import random
+
+    rng = random.Random(4)
+    rows = [(f"u{u}", f"m{i}", "view", rng.randrange(200)) for u in range(users) for i in rng.sample(range(items), per_user)]
+    from pyspark.sql import functions as F
+
+    df = inter(spark, rows).withColumn(C.RATING, (F.abs(F.hash(C.USER_ID, C.ITEM_ID)) % 5 + 1).cast("double"))
+    uids = spark.createDataFrame([(f"u{u}", u) for u in range(users)], "user_id string, user_idx int")
+    iids = spark.createDataFrame([(f"m{i}", i) for i in range(items)], "item_id string, item_idx int")
+    return df, uids, iids
+
+
+def test_tuning_runs_on_a_random_split_of_a_ratings_table(spark, tmp_path):
+    """Issue 32: with `evaluate.split: random`, tuning's validation split (carved from the training part with
+    the evaluation's seed) had no test pairs, so tuning was skipped on every run."""
+    from sparkrec.batch import protocol
+    from sparkrec.core.config import load_config
+    from tests.conftest import ROOT
+
+    df, uids, iids = _ratings(spark)
+    cfg = load_config(ROOT / "conf" / "local.yaml", [
+        f"warehouse={tmp_path / 'wh'}", "evaluate.split=random", "evaluate.relevant_event_types=[view]",
+        "evaluate.test_fraction=0.25", "recommend.exclude_event_types=[view]", "train.als.rank=4", "train.als.max_iter=2",
+        "tune.max_trials=1", "tune.min_users=5", "tune.candidates=[]"])
+    ev = cfg.evaluate
+    training_period = protocol.split_of(df, ev).train
+    # the old validation split, the evaluation's split applied again: nothing in its test part
+    assert protocol.split_of(training_period, ev).test.count() == 0
+    validation = protocol.validation_split(training_period, ev)
+    n_val, n_train = validation.test.count(), training_period.count()
+    assert 0.15 * n_train < n_val < 0.35 * n_train  # about a quarter of the training pairs, by another seed
+    spark.sparkContext.setCheckpointDir(str(tmp_path / "ckpt"))
+    trials, best = tune.run_trials(cfg, training_period, uids, iids)
+    assert len(trials) == 1 and best.metric is not None
+
+
+def test_a_split_without_relevant_events_says_which_setting_to_change(spark):
+    from sparkrec.batch import protocol
+
+    df, uids, iids = _ratings(spark, users=6, items=10, per_user=5)
+    ev = EvaluateConfig()  # relevant: purchase; the table holds views only
+    proto = protocol.make_protocol(protocol.split_of(df, ev), ev, uids, iids)
+    try:
+        assert proto.n_users == 0
+        why = protocol.why_no_users(df, proto, ev)
+    finally:
+        proto.release()
+    assert "evaluate.relevant_event_types ['purchase']" in why and "view 30" in why

@@ -404,7 +404,7 @@ def run_evaluate(ctx: RunContext, settings: TrainConfig | None = None, blend_wei
         try:
             if proto.n_users == 0:
                 raise StageError(f"evaluate: the split ({proto.description}) has no evaluated users: "
-                                 "no user with training history acted in the test period")
+                                 + protocol.why_no_users(inter, proto, ev))
             with ctx.checkpoints():
                 rec_cfg = cfg.recommend if blend_weight is None else tune.with_blend(cfg.recommend, blend_weight)
                 lists = protocol.all_lists(proto, uids, iids, settings, rec_cfg, ev)

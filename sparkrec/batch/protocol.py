@@ -23,7 +23,8 @@ from sparkrec.core import columns as C
 from sparkrec.core.config import EvaluateConfig, RecommendConfig, TrainConfig
 from sparkrec.core.gate import metric_key
 
-__all__ = ["Protocol", "baseline_lists", "make_protocol", "metric_key", "model_lists", "model_lists_blended", "split_of"]
+__all__ = ["Protocol", "baseline_lists", "make_protocol", "metric_key", "model_lists", "model_lists_blended", "split_of",
+           "validation_split", "why_no_users"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,18 @@ def split_of(interactions: DataFrame, ev: EvaluateConfig) -> evaluate.Split:
     return evaluate.random_split(interactions, ev.test_fraction, ev.seed)
 
 
+def validation_split(training_period: DataFrame, ev: EvaluateConfig) -> evaluate.Split:
+    """The split tuning judges on, carved from the training period the way the evaluation's is from the whole.
+
+    A random split of the training period with the evaluation's own seed hashes every pair as before, so it
+    puts nothing in its test part (those pairs were already taken out): tuning never ran on a random split.
+    It takes the next seed.
+    """
+    if ev.split == "random":
+        return evaluate.random_split(training_period, ev.test_fraction, ev.seed + 1)
+    return split_of(training_period, ev)
+
+
 def make_protocol(split: evaluate.Split, ev: EvaluateConfig, user_ids: DataFrame, item_ids: DataFrame) -> Protocol:
     """Materialise the split's fixed parts once: every list on it (model trials and baselines) reads them."""
     tr = split.train.persist(StorageLevel.MEMORY_AND_DISK)
@@ -65,6 +78,25 @@ def make_protocol(split: evaluate.Split, ev: EvaluateConfig, user_ids: DataFrame
     n = users.count()
     log.info("evaluation protocol %s: %s evaluated users", split.description, f"{n:,}")
     return Protocol(tr, history, relevant, users, user_ids, item_ids, split.description, n)
+
+
+def why_no_users(interactions: DataFrame, proto: Protocol, ev: EvaluateConfig) -> str:
+    """The reason a split evaluates nobody, in the user's terms: most often no event is of a relevant type.
+
+    A ratings data set whose events are all `view` met "no user with training history acted in the test
+    period" and had no way to learn that `evaluate.relevant_event_types` was the setting to change.
+    """
+    counts = {r[C.EVENT_TYPE]: r["count"] for r in interactions.groupBy(C.EVENT_TYPE).count().collect()}  # a few types
+    held = ", ".join(f"{t} {n:,}" for t, n in sorted(counts.items()))
+    if not any(counts.get(t) for t in ev.relevant_event_types):
+        return (f"no interaction is of a type in evaluate.relevant_event_types {ev.relevant_event_types} (the "
+                f"interactions hold: {held or 'nothing'}); set it to the types that mean a customer wanted the item")
+    if proto.train.isEmpty():
+        return "the training period is empty: the whole history falls in the test period"
+    return ("no user with training history has a new item of a type in evaluate.relevant_event_types "
+            f"{ev.relevant_event_types} in the test period (the interactions hold: {held}); "
+            + ("use a longer history or another evaluate.split" if ev.repeat_relevant else
+               "use a longer history, another evaluate.split, or evaluate.repeat_relevant: true if customers buy again"))
 
 
 def _eval_rec_cfg(rec: RecommendConfig, k: int) -> RecommendConfig:

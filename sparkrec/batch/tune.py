@@ -21,7 +21,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from sparkrec.batch import evaluate, train
-from sparkrec.batch.protocol import make_protocol, model_lists_blended, split_of
+from sparkrec.batch.protocol import make_protocol, model_lists_blended, validation_split
 from sparkrec.core import columns as C
 from sparkrec.core.config import Config, RecommendConfig, TrainConfig, TuneConfig, with_candidate
 from sparkrec.core.errors import StageError
@@ -141,7 +141,7 @@ def run_trials(
         TooLittleData: fewer than `tune.min_users` users on the validation split.
     """
     ev, tune_cfg = cfg.evaluate, cfg.tune
-    proto = make_protocol(split_of(interactions, ev), ev, user_ids, item_ids)
+    proto = make_protocol(validation_split(interactions, ev), ev, user_ids, item_ids)
     if proto.n_users < max(1, tune_cfg.min_users):
         proto.release()
         raise TooLittleData(

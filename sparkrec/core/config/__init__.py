@@ -106,6 +106,26 @@ class Config(Strict):
             raise ValueError("two tables share one name")
         return v
 
+    def advice(self) -> list[str]:
+        """Settings that are valid one by one but disagree with each other, each in one line for the log.
+
+        Not errors: a shop may mean them. But a ratings data set whose relevant type is `view` while the lists
+        exclude only `purchase` got lists full of items each user had already rated, lost to popularity, and
+        nothing said why.
+        """
+        out = []
+        ev, rec = self.evaluate, self.recommend
+        missing = [t for t in ev.relevant_event_types if t not in rec.exclude_event_types]
+        if ev.enabled and missing and not ev.repeat_relevant:
+            out.append(
+                f"evaluate.relevant_event_types {ev.relevant_event_types} holds {missing}, which "
+                f"recommend.exclude_event_types {rec.exclude_event_types} does not: the lists may offer items a "
+                f"customer already had ({', '.join(missing)}), and the evaluation never counts those as hits "
+                "(evaluate.repeat_relevant is false); add them to recommend.exclude_event_types, or set "
+                "evaluate.repeat_relevant: true if customers come back for them"
+            )
+        return out
+
     def table_name(self, key: str) -> str:
         return self.tables.get(key, key)
 
