@@ -28,11 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sparkrec.core import columns as C  # noqa: E402
 from sparkrec.batch import pipeline, train  # noqa: E402
-from sparkrec.storage import tables  # noqa: E402
+from sparkrec.core import columns as C  # noqa: E402
 from sparkrec.core.config import load_config  # noqa: E402
 from sparkrec.dev.generate import GenerateParams, generate  # noqa: E402
+from sparkrec.storage import tables  # noqa: E402
 from sparkrec.storage.runs import RunContext  # noqa: E402
 from sparkrec.storage.session import build_session  # noqa: E402
 

@@ -33,15 +33,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pyspark.sql import functions as F  # noqa: E402
-
 # The day bench (this directory) gives the settings every day runs with, where its state lies, and the timer.
 from bench_incremental import OUT, timed  # noqa: E402
 from bench_incremental import day_config as config  # noqa: E402
-from sparkrec.core import columns as C  # noqa: E402
+from pyspark.sql import functions as F  # noqa: E402
+
 from sparkrec.batch import incremental, pipeline, train  # noqa: E402
-from sparkrec.storage import files, merges, tables  # noqa: E402
+from sparkrec.core import columns as C  # noqa: E402
 from sparkrec.dev.generate import GenerateParams, generate  # noqa: E402
+from sparkrec.storage import files, merges, tables  # noqa: E402
 from sparkrec.storage.runs import RunContext  # noqa: E402
 from sparkrec.storage.session import build_session  # noqa: E402
 

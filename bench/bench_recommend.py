@@ -46,10 +46,10 @@ import psutil  # noqa: E402
 from pyspark.sql import SparkSession  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
-from sparkrec.core import columns as C  # noqa: E402
 from sparkrec.batch import pipeline  # noqa: E402
-from sparkrec.storage import tables  # noqa: E402
+from sparkrec.core import columns as C  # noqa: E402
 from sparkrec.core.config import load_config  # noqa: E402
+from sparkrec.storage import tables  # noqa: E402
 from sparkrec.storage.runs import RunContext  # noqa: E402
 from sparkrec.storage.session import build_session  # noqa: E402
 
