@@ -105,6 +105,9 @@ load-tools:
 		{ echo "installing Debian's wrk and hey for bench/bench_serve.py"; \
 		  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
 		  DEBIAN_FRONTEND=noninteractive $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq wrk hey >/dev/null; }
+	@command -v vegeta >/dev/null 2>&1 || test -x $$HOME/go/bin/vegeta || \
+		{ echo "installing vegeta (open loop at a constant rate) from the Go module proxy"; \
+		  go install github.com/tsenart/vegeta/v12@v12.13.0; }
 
 bench-serve: setup load-tools
 	$(BIN)/python bench/bench_serve.py
