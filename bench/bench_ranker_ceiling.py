@@ -148,11 +148,11 @@ def candidates(c: Cut, rows: np.ndarray, sources=SOURCES) -> pd.DataFrame:
     if "co" in sources:
         ranks["co"] = top_k(c.co[rows], seen, K_SOURCE)
     if "recent" in sources:
-        pool = c.recent_top[: K_SOURCE + 200]
         rec = np.empty((len(rows), K_SOURCE), dtype=np.int64)
         for j in range(len(rows)):  # the first K not bought
-            bought = set(seen[j].indices)
-            rec[j] = [x for x in pool if x not in bought][:K_SOURCE]
+            bought = seen[j].indices
+            pool = c.recent_top[: K_SOURCE + len(bought)]
+            rec[j] = pool[~np.isin(pool, bought)][:K_SOURCE]
         ranks["recent"] = rec
     for top in ranks.values():
         parts.append(pd.DataFrame({"r": np.repeat(np.arange(len(rows)), top.shape[1]), "col": top.ravel()}))
@@ -188,18 +188,29 @@ def new_purchases(df: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp) -> s
     return {p for p in zip(window["user"], window["item"]) if p not in before}
 
 
-def train_ranker(cand: pd.DataFrame, labels: np.ndarray, feats: list[str], seed: int = 42):
-    import lightgbm as lgb
-
+def _grouped(cand: pd.DataFrame, labels: np.ndarray) -> pd.DataFrame:
     frame = cand.assign(label=labels)
     keep = frame.groupby("row")["label"].transform("max") > 0  # customers with a positive among their candidates
-    frame = frame[keep].sort_values("row", kind="stable")
-    groups = frame.groupby("row", sort=False).size().to_numpy()
-    model = lgb.LGBMRanker(objective="lambdarank", n_estimators=300, learning_rate=0.05, num_leaves=31,
-                           min_child_samples=50, subsample=0.8, subsample_freq=1, colsample_bytree=0.8,
-                           random_state=seed, verbose=-1, n_jobs=2, lambdarank_truncation_level=20)
-    model.fit(frame[feats], frame["label"], group=groups)
-    return model
+    return frame[keep].sort_values("row", kind="stable")
+
+
+def train_ranker(cand: pd.DataFrame, labels: np.ndarray, feats: list[str], seed: int = 42, rounds: int = 300,
+                 valid: tuple[pd.DataFrame, np.ndarray] | None = None):
+    """LightGBM lambdarank; with `valid`, stops when NDCG@10 on it has not improved for 20 rounds."""
+    import lightgbm as lgb
+
+    def dataset(c: pd.DataFrame, y: np.ndarray) -> lgb.Dataset:
+        frame = _grouped(c, y)
+        return lgb.Dataset(frame[feats], frame["label"], group=frame.groupby("row", sort=False).size().to_numpy())
+
+    params = {"objective": "lambdarank", "learning_rate": 0.05, "num_leaves": 31, "min_data_in_leaf": 50,
+              "bagging_fraction": 0.8, "bagging_freq": 1, "feature_fraction": 0.8, "seed": seed, "verbose": -1,
+              "num_threads": 2, "lambdarank_truncation_level": 20, "eval_at": [10], "metric": "ndcg"}
+    train = dataset(cand, labels)
+    if valid is None:
+        return lgb.train(params, train, num_boost_round=rounds)
+    return lgb.train(params, train, num_boost_round=rounds, valid_sets=[dataset(*valid)],
+                     callbacks=[lgb.early_stopping(20, verbose=False)])
 
 
 def protocol_scores(p: Protocol, c: Cut, cand: pd.DataFrame, score: np.ndarray) -> np.ndarray:
@@ -219,6 +230,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--no-ablation", action="store_true")
+    ap.add_argument("--rounds", type=int, default=0, help="boosting rounds; 0: chosen on the newest training cut")
+    ap.add_argument("--cuts", type=int, default=5, help="training cuts, 28 days apart, stacked")
     args = ap.parse_args()
     if not args.data.exists():
         sys.exit(f"{args.data} is missing (see ../shared/data/README.md)")
@@ -228,9 +241,11 @@ def main() -> None:
     test_cut = pd.Timestamp(p.cut)
     train_cut = test_cut - pd.Timedelta(days=HORIZON)
     print(f"{len(p.users):,} evaluated customers; test cut {test_cut}, ranker's training cut {train_cut}", flush=True)
-    tr, te = at_cut(df, train_cut), at_cut(df, test_cut)
-    print(f"candidates' scores at both cuts in {time.monotonic() - t0:.0f} s", flush=True)
-    positives = new_purchases(df, train_cut, test_cut)
+    trs = [at_cut(df, train_cut - pd.Timedelta(days=HORIZON * n)) for n in range(args.cuts)]
+    te = at_cut(df, test_cut)
+    print(f"scores at {args.cuts + 1} cuts in {time.monotonic() - t0:.0f} s", flush=True)
+    back = [pd.Timedelta(days=HORIZON * n) for n in range(args.cuts)]
+    positives = [new_purchases(df, train_cut - b, test_cut - b) for b in back]
     results: dict[str, float] = {}
     recent = p.ndcg(p.popularity(30.0))
     results["recently popular (30 days)"] = recent
@@ -240,19 +255,28 @@ def main() -> None:
 
     def run(name: str, sources=SOURCES, drop: frozenset[str] = frozenset()) -> float:
         t = time.monotonic()
-        train_rows = np.arange(len(tr.users))
-        ctr = candidates(tr, train_rows, sources)
-        labels = np.array([(u, i) in positives for u, i in zip(tr.users[ctr["row"]], tr.items[ctr["col"]])], dtype=int)
-        feats = features(ctr, set(drop))
-        model = train_ranker(ctr, labels, feats)
+        frames, labels = [], []
+        for n, (tr, pos) in enumerate(zip(trs, positives)):
+            ctr = candidates(tr, np.arange(len(tr.users)), sources)
+            lab = np.array([(u, i) in pos for u, i in zip(tr.users[ctr["row"]], tr.items[ctr["col"]])], dtype=int)
+            frames.append(ctr.assign(row=ctr["row"] + n * 1_000_000))
+            labels.append(lab)
+        feats = features(frames[0], set(drop))
+        rounds = args.rounds
+        if rounds == 0:  # chosen on the newest training cut, trained on the older ones: the test month unseen
+            held = train_ranker(pd.concat(frames[1:], ignore_index=True), np.concatenate(labels[1:]), feats,
+                                rounds=500, valid=(frames[0], labels[0]))
+            rounds = held.best_iteration or 500
+        ctr, labels = pd.concat(frames, ignore_index=True), np.concatenate(labels)
+        model = train_ranker(ctr, labels, feats, rounds=rounds)
         cte = candidates(te, test_rows, sources)
         got = p.ndcg(protocol_scores(p, te, cte, model.predict(cte[feats])))
-        recall = labels.sum() / max(1, len(positives))
+        recall = labels.sum() / max(1, sum(len(p) for p in positives))
         results[name] = got
-        print(f"{name}: NDCG@10 {got:.4f} ({got / recent:.2f}x recently popular); training candidates hold "
+        print(f"{name}: NDCG@10 {got:.4f} ({got / recent:.2f}x recently popular; {rounds} rounds); candidates hold "
               f"{recall:.1%} of the label window's new purchases; {time.monotonic() - t:.0f} s", flush=True)
         if name == "ranker, everything":
-            gain = dict(zip(feats, model.booster_.feature_importance("gain")))
+            gain = dict(zip(feats, model.feature_importance("gain")))
             total = sum(gain.values()) or 1.0
             ordered = sorted(gain.items(), key=lambda kv: -kv[1])
             print("  gain: " + ", ".join(f"{k} {v / total:.0%}" for k, v in ordered))
