@@ -9,6 +9,8 @@ On the 50,000 x 20,000 warehouse of `bench_recommend.py` (rank 32, N 10), in one
 - **Freshness** (`--freshness`, needs the development broker): purchases of customers' top item produced to
   Kafka at 100 events/s while `hey` reads at 200 requests/s; for each, the time from produce to the first
   GET that no longer holds the item (p50, p95).
+- **Search latency** (`--only-startup --search`): `GET /v1/search` beside the list route at 200 requests/s,
+  under vegeta (a true open loop, `make load-tools`) and under hey.
 - **Start-up and memory:** seconds from process start to `/readyz` 200 and the server's resident memory
   once ready (`--scale USERS ITEMS RANK` for a larger warehouse).
 
