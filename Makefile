@@ -10,9 +10,16 @@ EVENTS ?= 100000
 DELTA_ARTIFACT := io.delta:delta-spark_4.2_2.13:4.4.0
 
 
-.PHONY: serve bench-serve load-tools airflow-setup browser setup demo test lint test-unit test-fast test-cluster retail bench jars dist dist-env cluster-up cluster-down kafka-up kafka-down clean
+.PHONY: system-libs serve bench-serve load-tools airflow-setup browser setup demo test lint test-unit test-fast test-cluster retail bench jars dist dist-env cluster-up cluster-down kafka-up kafka-down clean
 
-setup: $(VENV)/.installed
+setup: system-libs $(VENV)/.installed
+
+# LightGBM's wheel (the ranker) links the system's OpenMP runtime, which a minimal Debian may lack.
+system-libs:
+	@ldconfig -p 2>/dev/null | grep -q 'libgomp.so.1 ' || [ -e /usr/lib/x86_64-linux-gnu/libgomp.so.1 ] || \
+		{ echo "installing Debian's libgomp1 for LightGBM"; \
+		  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
+		  DEBIAN_FRONTEND=noninteractive $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq libgomp1 >/dev/null; }
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

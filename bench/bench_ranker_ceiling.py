@@ -40,14 +40,19 @@ K_SOURCE = 100  # candidates per source and customer
 HORIZON = 28.0  # days: the test period, and the label window of the ranker's training cut
 
 
-def clean(path: Path) -> pd.DataFrame:
-    """The protocol's rows (as `Protocol` keeps them), with the invoice and the price the features need."""
+def clean(path: Path, baskets: str = "invoice") -> pd.DataFrame:
+    """The protocol's rows (as `Protocol` keeps them), with the basket and the price the features need.
+
+    `baskets="day"`: a basket is one customer's day, as sparkrec's interactions (which keep no invoice) give it.
+    """
     df = pd.read_parquet(path).drop_duplicates()
     df = df[df["Customer ID"].notna() & ~df["Invoice"].str.startswith("C") & (df["Quantity"] > 0) & (df["Price"] > 0)]
     df = df[~df["StockCode"].str.fullmatch(NON_PRODUCT)]
+    ts = pd.to_datetime(df["InvoiceDate"])
+    basket = df["Invoice"] if baskets == "invoice" else df["Customer ID"].astype(str) + "@" + ts.dt.strftime("%Y-%m-%d")
     return pd.DataFrame({"user": df["Customer ID"].to_numpy(), "item": df["StockCode"].to_numpy(),
-                         "invoice": df["Invoice"].to_numpy(), "price": df["Price"].to_numpy(),
-                         "ts": pd.to_datetime(df["InvoiceDate"]).to_numpy()})
+                         "invoice": basket.to_numpy(), "price": df["Price"].to_numpy(),
+                         "ts": ts.to_numpy()})
 
 
 @dataclass
@@ -232,12 +237,14 @@ def main() -> None:
     ap.add_argument("--no-ablation", action="store_true")
     ap.add_argument("--rounds", type=int, default=0, help="boosting rounds; 0: chosen on the newest training cut")
     ap.add_argument("--cuts", type=int, default=5, help="training cuts, 28 days apart, stacked")
+    ap.add_argument("--baskets", choices=("invoice", "day"), default="invoice",
+                    help="what co-purchase counts as bought together: an invoice, or a customer's day")
     args = ap.parse_args()
     if not args.data.exists():
         sys.exit(f"{args.data} is missing (see ../shared/data/README.md)")
     t0 = time.monotonic()
     p = Protocol(args.data, HORIZON)
-    df = clean(args.data)
+    df = clean(args.data, args.baskets)
     test_cut = pd.Timestamp(p.cut)
     train_cut = test_cut - pd.Timedelta(days=HORIZON)
     print(f"{len(p.users):,} evaluated customers; test cut {test_cut}, ranker's training cut {train_cut}", flush=True)

@@ -1,0 +1,155 @@
+"""The ranker's kernel (`core.ranker`): candidates and their features on hand-built blocks, and a model
+trained on a planted pattern. No Spark: the batch, the evaluation and the server call these functions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sparkrec.core import ranker, topk
+
+pytestmark = pytest.mark.nojvm
+
+
+def _stats(depth: int = 3) -> ranker.ItemStats:
+    # Items 10..15. Recent popularity: 14 > 13 > 12 (11, 10, 15 sold nothing lately).
+    per_item = pd.DataFrame({
+        "item_idx": [10, 11, 12, 13, 14, 15],
+        "users": [9, 5, 4, 6, 7, 1], "users_recent": [0, 0, 1, 3, 8, 0], "users_week": [0, 0, 0, 1, 4, 0],
+        "age_days": [300, 200, 100, 50, 20, 5], "last_days": [90, 40, 3, 1, 0, 5],
+        "price": [1.0, 2.0, 4.0, np.nan, 8.0, 3.0],
+    })
+    # Co-purchase: 10 goes with 12 (0.5) and 13 (0.25); 11 goes with 13 (1.0).
+    pairs = pd.DataFrame({"item_idx": [10, 10, 11], "other_idx": [13, 12, 13], "weight": [0.25, 0.5, 1.0]})
+    return ranker.item_stats(per_item, pairs, depth)
+
+
+def _items() -> topk.ItemMatrix:
+    # Factors in one dimension: the ALS score is the query times the item's value.
+    return topk.ItemMatrix(np.array([10, 11, 12, 13, 14, 15]), np.array([[0.1], [0.2], [0.3], [0.4], [0.5], [0.9]]))
+
+
+def test_item_stats_derive_popularity_trend_and_neighbours():
+    s = _stats()
+    assert s.item_idx.tolist() == [10, 11, 12, 13, 14, 15]
+    row = dict(zip(ranker.ITEM_FEATURES, s.values[4].tolist()))  # item 14
+    assert row["pop_all"] == pytest.approx(np.log1p(7))
+    assert row["pop_recent"] == pytest.approx(np.log1p(8))
+    assert row["trend"] == pytest.approx((4 + 1) / (8 / 4 + 1))
+    assert (row["item_age"], row["item_last_sale"], row["item_price"]) == (20, 0, 8)
+    assert s.recent.tolist() == [14, 13, 12]  # items nobody bought lately are not in it
+    # Neighbours strongest first, per item position.
+    assert s.nb_item[s.nb_ptr[0]:s.nb_ptr[1]].tolist() == [12, 13]
+    assert s.nb_item[s.nb_ptr[1]:s.nb_ptr[2]].tolist() == [13]
+    assert s.nb_ptr[-1] == 3
+
+
+def test_co_purchase_weights_each_neighbour_by_how_recently_the_customer_bought_its_anchor():
+    s = _stats()
+    # Customer 0 bought 10 today and 11 fourteen days ago (half-life 14: weight 0.5); customer 1 nothing.
+    rows, items, score = ranker.co_purchase([np.array([10, 11]), np.array([], dtype=np.int64)],
+                                            [np.array([0.0, 14.0]), np.array([])], s, 14.0)
+    got = dict(zip(zip(rows.tolist(), items.tolist()), score.tolist()))
+    assert got == pytest.approx({(0, 12): 0.5, (0, 13): 0.25 + 0.5 * 1.0})
+
+
+def test_candidates_are_the_sources_union_with_features_checked_by_hand():
+    s = _stats()
+    r = ranker.Ranker(model="", depth=2)
+    user = np.array([[4, 3, 2.0, 100.0, 2.0]])
+    frame = ranker.candidates(np.array([[1.0]], dtype=np.float32), [np.array([10, 11])], _items(), s, r,
+                              [np.array([10, 11])], [np.array([0.0, 14.0])], user)
+    by_item = frame.set_index(ranker.ITEM)
+    # ALS top 2 (bought 10, 11 excluded): 15 (0.9), 14 (0.5). Co-purchase: 13 (0.75), 12 (0.5). Recent: 14, 13.
+    assert sorted(by_item.index.tolist()) == [12, 13, 14, 15]
+    assert by_item.loc[15, "als_rank"] == 1 and by_item.loc[14, "als_rank"] == 2
+    assert by_item.loc[13, "als_rank"] == 3  # beyond the depth: depth + 1
+    assert by_item.loc[13, "co_rank"] == 1 and by_item.loc[12, "co_rank"] == 2 and by_item.loc[15, "co_rank"] == 3
+    assert by_item.loc[14, "recent_rank"] == 1 and by_item.loc[13, "recent_rank"] == 2
+    assert by_item.loc[12, "recent_rank"] == 3  # third in the recent list: past the depth
+    assert by_item.loc[13, "co_score"] == pytest.approx(0.75) and by_item.loc[15, "co_score"] == 0
+    assert by_item.loc[12, "als_score"] == pytest.approx(0.3)
+    assert by_item.loc[14, "price_ratio"] == pytest.approx(8 / 2.0)
+    assert np.isnan(by_item.loc[13, "price_ratio"])  # the item's price is unknown
+    assert (by_item["user_items"] == 4).all() and (by_item["user_first"] == 100).all()
+    assert list(frame.columns) == [ranker.ROW, ranker.ITEM, *ranker.FEATURES]
+
+
+def test_an_excluded_or_unlisted_item_is_never_a_candidate():
+    s = _stats()
+    r = ranker.Ranker(model="", depth=5)
+    # Item 13 is excluded; the kernel's matrix lacks 12 (not allowed by the shop's rules).
+    items = topk.ItemMatrix(np.array([10, 11, 13, 14, 15]), np.array([[0.1], [0.2], [0.4], [0.5], [0.9]]))
+    frame = ranker.candidates(np.array([[1.0]], dtype=np.float32), [np.array([10, 13])], items, s, r,
+                              [np.array([10, 11])], [np.array([0.0, 0.0])], np.full((1, 5), np.nan))
+    assert set(frame[ranker.ITEM]) == {11, 14, 15}
+
+
+def test_a_source_left_out_gives_no_candidates_but_keeps_its_rank_feature():
+    s = _stats()
+    r = ranker.Ranker(model="", depth=2, sources=("als",))
+    frame = ranker.candidates(np.array([[1.0]], dtype=np.float32), [np.array([10, 11])], _items(), s, r,
+                              [np.array([10, 11])], [np.array([0.0, 14.0])], np.full((1, 5), np.nan))
+    assert sorted(frame[ranker.ITEM]) == [14, 15]
+    assert frame.set_index(ranker.ITEM).loc[14, "recent_rank"] == 1
+
+
+def _planted(rng: np.random.Generator, customers: int, group_offset: int = 0) -> pd.DataFrame:
+    """Candidates whose label follows co_score and a young item, not the ALS score (which is noise)."""
+    rows = customers * 30
+    frame = pd.DataFrame({f: rng.normal(size=rows) for f in ranker.FEATURES})
+    frame["group"] = np.repeat(np.arange(customers) + group_offset, 30)
+    signal = 2.0 * frame["co_score"] - 1.5 * (frame["item_age"] > 1.0) + rng.normal(scale=0.3, size=rows)
+    top = frame.assign(s=signal).groupby("group")["s"].rank(ascending=False, method="first")
+    frame["label"] = (top <= 2).astype(int)
+    return frame
+
+
+def test_a_ranker_trained_on_a_planted_pattern_recovers_it():
+    rng = np.random.default_rng(7)
+    frames = [_planted(rng, 300, 0), _planted(rng, 300, 1000)]
+    model, info = ranker.fit(frames, seed=3)
+    assert info["rounds"] >= 1 and info["groups"] == [300, 300]
+    r = ranker.Ranker(model=model)
+    gains = r.gains()
+    assert max(gains, key=gains.get) == "co_score"
+    assert gains["co_score"] + gains["item_age"] > 0.6
+    # On fresh customers the model's top 2 hold the planted positives far above chance (2 in 30).
+    test = _planted(rng, 200, 5000)
+    test["pred"] = r.predict(test)
+    picked = test.assign(k=test.groupby("group")["pred"].rank(ascending=False, method="first")).query("k <= 2")
+    assert picked["label"].mean() > 0.5
+
+
+def test_a_trained_ranker_ranks_a_block_and_caps_categories():
+    rng = np.random.default_rng(1)
+    model, _ = ranker.fit([_planted(rng, 200), _planted(rng, 200, 1000)], seed=1)
+    r = ranker.Ranker(model=model, depth=3)
+    items = topk.ItemMatrix(np.array([10, 11, 12, 13, 14, 15]), np.ones((6, 1)), np.array([0, 0, 0, 1, 1, -1]))
+    frame = pd.DataFrame({ranker.ROW: [0] * 4, ranker.ITEM: [10, 11, 12, 13],
+                          **{f: [0.0] * 4 for f in ranker.FEATURES}})
+    frame["co_score"] = [3.0, 2.0, 1.0, -1.0]
+    sel = ranker.rank(frame, r, items, n=3, cap=1)
+    # Ordered by co_score, but category 0 may hold only one item: 10, then 13 (category 1).
+    assert items.item_idx[sel.pos].tolist() == [10, 13]
+    assert sel.rank.tolist() == [1, 2]
+
+
+def test_a_ranker_pickles_as_its_model_string():
+    import pickle
+
+    rng = np.random.default_rng(2)
+    model, _ = ranker.fit([_planted(rng, 100)], seed=2, max_rounds=20)
+    r = ranker.Ranker(model=model)
+    frame = _planted(rng, 5)
+    before = r.predict(frame)
+    copy = pickle.loads(pickle.dumps(r))
+    assert copy._booster is None
+    np.testing.assert_allclose(copy.predict(frame), before)
+
+
+def test_nothing_to_learn_from_says_so():
+    frame = _planted(np.random.default_rng(0), 10).assign(label=0)
+    with pytest.raises(ValueError, match="no customer at any training cut bought one of their candidates"):
+        ranker.fit([frame])
