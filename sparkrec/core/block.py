@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from sparkrec.core import columns as C
-from sparkrec.core import topk
+from sparkrec.core import ranker, topk
 from sparkrec.core.recnames import (
     BECAUSE_IDX,
     BECAUSE_TYPE,
@@ -28,6 +28,9 @@ from sparkrec.core.recnames import (
     OWN_TYPE,
     PRESENT,
     REMINDERS,
+    RK_AGE,
+    RK_ITEMS,
+    RK_USER,
     TOUCHED,
     VERBS,
 )
@@ -81,6 +84,8 @@ class Plan:
         blend_weight: the queries' extra component matching the candidates' blend column.
         catalogue: when given, rows come out keyed and explained (`PUBLISHED_COLUMNS`).
         whole: False when the candidates exceed `max_broadcast_items`: scores then come with the block.
+        ranker, stats: when given, the model's part of a list is the ranker's order of its candidates
+            (`core.ranker`) instead of the ALS top n; the block then carries each customer's ranker inputs.
     """
 
     n: int
@@ -93,6 +98,8 @@ class Plan:
     trending_days: float = 7.0
     threads: int = 1
     whole: bool = True  # the candidate matrix fits `max_broadcast_items` (else it is scored in chunks)
+    ranker: ranker.Ranker | None = None
+    stats: ranker.ItemStats | None = None
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -168,7 +175,11 @@ def lists(batch: pd.DataFrame, plan: Plan) -> pd.DataFrame:
             q = np.stack(batch[C.FEATURES].to_numpy()[warm]).astype(np.float32)
             if plan.blend_weight is not None:
                 q = np.hstack([q, np.full((len(q), 1), plan.blend_weight, dtype=np.float32)])
-            sel = topk.top_k(q, [excluded[i] for i in warm], plan.items, n, plan.cap)
+            if plan.ranker is not None and plan.stats is not None and RK_ITEMS in batch.columns:
+                frame = _candidates(batch, warm, q, excluded, plan)
+                sel = ranker.rank(frame, plan.ranker, plan.items, n, plan.cap, plan.threads)
+            else:
+                sel = topk.top_k(q, [excluded[i] for i in warm], plan.items, n, plan.cap)
             row, item, score, rank = warm[sel.row], plan.items.item_idx[sel.pos], sel.score, sel.rank.astype(np.int64)
             cat = plan.items.category[sel.pos].astype(np.int64) if plan.items.category is not None else np.full(len(row), -1)
     elif PRESENT in batch.columns:
@@ -225,6 +236,35 @@ def lists(batch: pd.DataFrame, plan: Plan) -> pd.DataFrame:
         })
     return keyed(batch[C.USER_ID].to_numpy()[out_row], out[C.ITEM_IDX], out[C.RANK], out[C.SCORE], source,
                  out[BECAUSE_IDX], out[BECAUSE_TYPE], out[OWN_TYPE], plan.catalogue, plan.trending_days)
+
+
+def _candidates(batch: pd.DataFrame, warm: np.ndarray, q: np.ndarray, excluded: list[np.ndarray], plan: Plan) -> pd.DataFrame:
+    """The ranker's candidates of the block's warm rows (`row` indexes `warm`)."""
+    items, ages, user = ranker.user_inputs(batch[RK_ITEMS].to_numpy()[warm], batch[RK_AGE].to_numpy()[warm],
+                                           batch[RK_USER].to_numpy()[warm])
+    frame = ranker.candidates(q, [excluded[i] for i in warm], plan.items, plan.stats, plan.ranker, items, ages, user)
+    frame[ranker.ROW] = warm[frame[ranker.ROW].to_numpy()]
+    return frame
+
+
+def candidate_frames(batch: pd.DataFrame, plan: Plan) -> pd.DataFrame:
+    """A block's ranker candidates with their features, keyed by customer: what the ranker is trained on.
+
+    The same candidates and features `lists` ranks (one implementation): (user_idx, item_idx, *FEATURES).
+    """
+    empty = pd.DataFrame({C.USER_IDX: np.zeros(0, np.int32), C.ITEM_IDX: np.zeros(0, np.int32),
+                          **{f: np.zeros(0, np.float32) for f in ranker.FEATURES}})
+    if plan.items is None or plan.ranker is None or plan.stats is None or not len(batch):
+        return empty
+    warm = np.flatnonzero(batch[C.FEATURES].notna().to_numpy())
+    if not len(warm):
+        return empty
+    q = np.stack(batch[C.FEATURES].to_numpy()[warm]).astype(np.float32)
+    frame = _candidates(batch, warm, q, _arrays(batch[EXCLUDED], len(batch)), plan)
+    out = frame.drop(columns=[ranker.ROW]).astype({f: np.float32 for f in ranker.FEATURES})
+    out.insert(0, C.USER_IDX, batch[C.USER_IDX].to_numpy()[frame[ranker.ROW].to_numpy()].astype(np.int32))
+    out[C.ITEM_IDX] = out[C.ITEM_IDX].astype(np.int32)
+    return out
 
 
 def keyed(user_id, item_idx, rank, score, source, because_idx, because_type, own_type, cat: Catalogue,

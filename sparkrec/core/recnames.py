@@ -28,6 +28,11 @@ OWN_TYPE = "_own_type"
 PRESENT = "_present"
 # Category codes of the items a user touched (the category fallback).
 TOUCHED = "_touched"
+# What the ranker (`core.ranker`) needs of a customer: their items, the days since they last touched each,
+# and their activity (`ranker.USER_FEATURES`).
+RK_ITEMS = "_rk_items"
+RK_AGE = "_rk_age"
+RK_USER = "_rk_user"
 SCORED_SCHEMA = (
     f"{C.USER_IDX} int, {C.ITEM_IDX} int, {C.RANK} int, {C.SCORE} float, {CAT} int, {BECAUSE_IDX} int, "
     f"{BECAUSE_TYPE} int, {OWN_TYPE} int"

@@ -44,6 +44,7 @@ from sparkrec.core.config.model import (
     AlsConfig,
     BlendConfig,
     BoostConfig,
+    RankerConfig,
     RecommendConfig,
     RulesConfig,
     SimilarItemsConfig,
@@ -55,7 +56,7 @@ from sparkrec.core.errors import ConfigError
 
 __all__ = [
     "CANDIDATE_KEYS", "AlsConfig", "BlendConfig", "BoostConfig", "BotsConfig", "CleanConfig", "Config", "EvaluateConfig",
-    "GateConfig", "InputConfig", "IntervalConfig", "ItemColumns", "ItemsConfig", "PrivacyConfig", "RecommendConfig",
+    "GateConfig", "InputConfig", "IntervalConfig", "ItemColumns", "ItemsConfig", "PrivacyConfig", "RankerConfig", "RecommendConfig",
     "RulesConfig", "SearchConfig", "SearchWeights", "ServeConfig", "SimilarItemsConfig", "SourceColumns", "SparkConfig", "StreamConfig", "StreamSourceConfig", "TrainConfig",
     "TuneConfig", "TuneSpace", "as_utc", "check_datetime_pattern", "check_input_paths", "check_warehouse", "from_dict",
     "is_local_path", "load_config", "parse_override", "with_candidate",
@@ -82,6 +83,7 @@ class Config(Strict):
     stream: StreamConfig = StreamConfig()
     serve: ServeConfig = ServeConfig()
     search: SearchConfig = SearchConfig()
+    ranker: RankerConfig = RankerConfig()
 
     @model_validator(mode="after")
     def _kept_columns_are_not_dropped(self) -> Config:

@@ -114,3 +114,29 @@ class RecommendConfig(Strict):
         if unknown:
             raise ValueError(f"unknown event type(s) {unknown}; allowed: {list(C.EVENT_TYPES)}")
         return v
+
+
+class RankerConfig(Strict):
+    """The second stage (`core.ranker`): candidates from several sources, ordered by a learned ranker.
+
+    Trained at `training_cuts` past moments, `label_days` apart (labels: what each customer bought new in
+    the `label_days` after a cut), with an ALS model fitted at each cut so no feature knows the labels.
+    The evaluation measures the ranked lists beside the model's; the gate publishes them only when they win.
+    """
+
+    enabled: bool = Field(default=True, description="Train the ranker in evaluate and let the gate choose it.")
+    depth: int = Field(default=100, ge=1, le=1000, description="Candidates per source and customer.")
+    training_cuts: int = Field(default=3, ge=1, le=12, description="Past moments the ranker learns from, newest first.")
+    label_days: float = Field(default=28.0, gt=0, description="Days after a cut whose new purchases are the labels.")
+    recent_days: float = Field(default=28.0, gt=0, description="The recent popularity's window (a source and features).")
+    co_half_life_days: float = Field(default=14.0, gt=0,
+                                     description="A customer's items count half as much in co-purchase after this many days.")
+    max_neighbours: int = Field(default=50, ge=1, le=1000, description="Co-purchase neighbours kept per item (broadcast).")
+    basket_items: int = Field(default=100, ge=2, le=10_000,
+                              description="Items of one customer's day counted as bought together (the latest).")
+    max_training_customers: int = Field(default=4000, ge=10,
+                                        description="Customers per cut whose candidates train the ranker (on the driver).")
+    max_rounds: int = Field(default=500, ge=1, description="Boosting rounds at most; early stopping picks fewer.")
+    learning_rate: float = Field(default=0.05, gt=0, le=1)
+    num_leaves: int = Field(default=31, ge=2)
+    seed: int = 42
