@@ -98,3 +98,6 @@ def pytest_configure(config):
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     # Every JVM the tests start reads tests/spark-conf/spark-defaults.conf (why: see that file).
     os.environ.setdefault("SPARK_CONF_DIR", str(ROOT / "tests" / "spark-conf"))
+    # Training the ranker costs an ALS fit per training cut in every evaluation: the tests that are about
+    # something else run without it (through every command they start); the ranker's own tests turn it on.
+    os.environ.setdefault("SPARKREC_SET", "ranker.enabled=false")

@@ -84,6 +84,30 @@ def test_metric_key_and_evaluation_line():
     assert line == "model recall@20 0.3000 vs best baseline popular 0.2000 (x1.50); gate passed"
 
 
+def test_the_ranked_lists_go_before_the_gate_only_where_they_beat_als():
+    results = {"model": {"m": 0.12}, "ranked": {"m": 0.13}, "popular": {"m": 0.05}, "recent_popular": {"m": 0.11}}
+    assert gate.contender(results, "m") == "ranked"
+    v = gate.verdict(results, "m", 0.1, gate.contender(results, "m"))
+    # Judged against the baselines only (ALS's own lists are not a baseline): 0.13 > 0.11 x 1.1.
+    assert (v.lists, v.model_score, v.best_baseline, v.passed) == ("ranked", 0.13, "recent_popular", True)
+    assert gate.contender({**results, "ranked": {"m": 0.12}}, "m") == "model"  # a tie keeps ALS
+    assert gate.contender({**results, "ranked": {"m": 0.10}}, "m") == "model"
+    assert gate.contender({k: v for k, v in results.items() if k != "ranked"}, "m") == "model"
+    # A ranked list that wins over ALS but not by the gate's margin over a baseline fails the gate.
+    assert not gate.verdict({**results, "recent_popular": {"m": 0.125}}, "m", 0.1, "ranked").passed
+
+
+def test_the_evaluation_line_says_which_lists_went_out():
+    metrics = {"model.m": 0.12, "ranked.m": 0.13, "popular.m": 0.1}
+    details = {"metric": "m", "best_baseline": "popular", "lists": "ranked", "gate": {"enabled": True, "passed": True}}
+    assert gate.evaluation_line(metrics, details) == (
+        "ranked m 0.1300 vs best baseline popular 0.1000 (x1.30) (ranked lists 0.1300 against ALS's 0.1200: the "
+        "ranker's lists go out); gate passed")
+    kept = gate.evaluation_line({**metrics, "ranked.m": 0.11}, {**details, "lists": "model"})
+    assert kept.startswith("model m 0.1200 vs best baseline popular 0.1000 (x1.20) (ranked lists 0.1100")
+    assert "ALS's lists go out" in kept
+
+
 # --------------------------------------------------------------------------- the stage table
 
 

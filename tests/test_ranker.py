@@ -153,3 +153,11 @@ def test_nothing_to_learn_from_says_so():
     frame = _planted(np.random.default_rng(0), 10).assign(label=0)
     with pytest.raises(ValueError, match="no customer at any training cut bought one of their candidates"):
         ranker.fit([frame])
+
+
+def test_basket_pairs_count_the_baskets_holding_each_pair():
+    i, j, n = ranker.basket_pairs([[5, 900], [5, 900, 7], [7], [], None])
+    got = dict(zip(zip(i.tolist(), j.tolist()), n.tolist()))
+    assert got == {(5, 5): 2, (900, 900): 2, (7, 7): 2, (5, 900): 2, (900, 5): 2, (5, 7): 1, (7, 5): 1,
+                   (900, 7): 1, (7, 900): 1}
+    assert all(len(a) == 0 for a in ranker.basket_pairs([[], None]))

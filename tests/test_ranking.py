@@ -119,3 +119,71 @@ def test_the_ranker_learns_a_planted_co_purchase_pattern(spark, tmp_path):
                               [np.array([3])], [np.array([0.5])], np.array([[6.0, 6.0, 0.5, 100.0, 2.0]]))
     sel = ranker.rank(frame, model, matrix, n=3, cap=None)
     assert matrix.item_idx[sel.pos][0] == 23  # b3 (item_idx 20 + 3)
+
+
+def _write_shop(path, customers: int = 600, days: int = 150, seed: int = 5) -> None:
+    """`_shop` as the raw JSON events a shop hands sparkrec (the demo's format), where the partners of the
+    last days' 'a' items are still to be bought when the history ends."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    lines, n = [], 0
+
+    def event(user: str, item: str, when: datetime, price: float) -> None:
+        nonlocal n
+        n += 1
+        lines.append(json.dumps({"event_id": f"e{n}", "user_id": user, "item_id": item, "event_type": "purchase",
+                                 "timestamp": when.strftime("%Y-%m-%dT%H:%M:%SZ"), "quantity": 1, "price": price}))
+
+    end = START + timedelta(days=days)
+    for u in range(customers):
+        for _ in range(6):
+            t = START + timedelta(days=rng.uniform(0, days))
+            pair = int(rng.integers(0, 20))
+            later = 0.0 if rng.uniform() < 0.3 else float(rng.uniform(1, 6))
+            event(f"u{u}", f"a{pair}", t, 2.0)
+            if t + timedelta(days=later, minutes=5) < end:  # the partner of a late 'a' is still to be bought
+                event(f"u{u}", f"b{pair}", t + timedelta(days=later, minutes=5), 3.0)
+        for _ in range(6):
+            event(f"u{u}", f"n{int(rng.zipf(1.6)) % 60}", START + timedelta(days=rng.uniform(0, days)), 1.0)
+    path.mkdir(parents=True)
+    (path / "part-0.json").write_text("\n".join(lines) + "\n")
+
+
+def test_a_run_keeps_the_ranker_where_it_wins_and_publishes_its_lists(spark, tmp_path):
+    from pyspark.sql import functions as F
+
+    from sparkrec.batch import pipeline
+    from sparkrec.cli import main
+    from sparkrec.core.config import load_config
+    from sparkrec.storage import tables
+    from tests.conftest import ROOT
+
+    _write_shop(tmp_path / "events")
+    overrides = [f"warehouse={tmp_path}/wh", f"source.path={tmp_path}/events", "items.path=null", "tune.enabled=false",
+                 "train.als.rank=4", "train.als.max_iter=4", "recommend.n=5", "evaluate.test_days=14",
+                 "ranker.enabled=true", "ranker.depth=20", "ranker.training_cuts=2", "ranker.label_days=14",
+                 "ranker.max_neighbours=5", "recommend.similar_items.enabled=false", "search.enabled=false"]
+    assert main(["run", "--config", str(ROOT / "conf" / "local.yaml"), *[a for o in overrides for a in ("--set", o)]],
+                spark=spark) == 0
+    cfg = load_config(ROOT / "conf" / "local.yaml", overrides)
+    runs = tables.read_table(spark, cfg, C.RUNS).df
+    import json
+
+    evaluate = runs.where("stage = 'evaluate'").first()
+    details, metrics = json.loads(evaluate["details"]), evaluate["metrics"]
+    # The pairs are what the customers buy next; ALS's taste factors cannot hold them, co-purchase does.
+    assert metrics["ranked.ndcg@10"] > 1.2 * metrics["model.ndcg@10"], metrics
+    assert details["lists"] == "ranked" and details["ranker"]["chosen"], details
+    assert set(details["ranker"]["gains"]) == set(ranker.FEATURES)
+    recommend = json.loads(runs.where("stage = 'recommend'").first()["details"])
+    assert recommend["ranker"] == details["ranker"]["path"] == pipeline.ranker_path(cfg, evaluate["run_id"])
+    recs = tables.read_table(spark, cfg, C.RECOMMENDATIONS).df
+    assert {r[0] for r in recs.select(C.REC_SOURCE).distinct().collect()} <= {"ranked", "popular"}
+    # A customer whose latest purchase is an 'a' item without its partner finds the partner in their list.
+    inter = tables.read_table(spark, cfg, C.INTERACTIONS).df
+    latest = inter.groupBy(C.USER_ID).agg(F.max_by(C.ITEM_ID, C.EVENT_TS).alias("last"))
+    waiting = latest.where(F.col("last").startswith("a")).withColumn("partner", F.regexp_replace("last", "^a", "b"))
+    waiting = waiting.join(inter.select(C.USER_ID, F.col(C.ITEM_ID).alias("partner")), [C.USER_ID, "partner"], "left_anti")
+    found = waiting.join(recs.select(C.USER_ID, F.col(C.ITEM_ID).alias("partner")), [C.USER_ID, "partner"], "left_semi")
+    assert waiting.count() >= 20 and found.count() >= 0.6 * waiting.count(), (found.count(), waiting.count())

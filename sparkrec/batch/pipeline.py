@@ -27,6 +27,7 @@ from sparkrec.batch import (
     item_table,
     privacy,
     protocol,
+    ranking,
     recommend,
     train,
     tune,
@@ -255,6 +256,10 @@ def run_recommend(ctx: RunContext, baseline: str | None = None, blend_weight: fl
         else:
             uf, itf = rec.read(C.USER_FACTORS), rec.read(C.ITEM_FACTORS)
             model_version = recommend.model_version_of(uf)
+        chosen = chosen_ranker(ctx) if baseline is None else None
+        if chosen is not None:
+            r = ranking.list_settings(r)  # the ranker weighs popularity itself: no blend
+            rec.details["ranker"] = chosen[1]
         # Read by the per-user rows, the rankings and the blend: joined once, kept.
         history = recommend.indexed_history(inter, uids, iids).persist(StorageLevel.MEMORY_AND_DISK)
         # One row per item (bounded by the catalogue) and read by several jobs: the
@@ -265,8 +270,15 @@ def run_recommend(ctx: RunContext, baseline: str | None = None, blend_weight: fl
                  F.lit(ctx.now).cast("timestamp").alias(C.GENERATED_AT)]
         try:
             # Scored, filled, keyed and explained in one pass over the users: the table as published.
+            ranked = None
+            if chosen is not None:
+                with rec.step("ranker inputs"):
+                    priced = ranking.priced_history(inter, uids, iids)
+                    reference = inter.agg(F.max(C.EVENT_TS)).first()[0]
+                    ranked = (chosen[0], ranking.item_stats(priced, reference, cfg.ranker),
+                              ranking.user_inputs(priced, reference))
             keyed, plan = recommend.recommend_all(history, uf, itf, r, meta, user_ids=uids, baseline=baseline,
-                                                  return_plan=True)
+                                                  return_plan=True, ranked=ranked)
             if r.exploration_slots and items is not None:
                 pool = recommend.exploration_pool(items, history, iids, r.rules, r.max_exploration_items)
                 rec.details["exploration_pool"] = len(pool)
@@ -401,21 +413,38 @@ def run_evaluate(ctx: RunContext, settings: TrainConfig | None = None, blend_wei
         inter, uids, iids = rec.read(C.INTERACTIONS), rec.read(C.USER_IDS), rec.read(C.ITEM_IDS)
         categories = protocol.categories_of(rec.read_optional(C.ITEMS))
         proto = protocol.make_protocol(protocol.split_of(inter, ev), ev, uids, iids)
+        trained = None
         try:
             if proto.n_users == 0:
                 raise StageError(f"evaluate: the split ({proto.description}) has no evaluated users: "
                                  + protocol.why_no_users(inter, proto, ev))
             with ctx.checkpoints():
                 rec_cfg = cfg.recommend if blend_weight is None else tune.with_blend(cfg.recommend, blend_weight)
-                lists = protocol.all_lists(proto, uids, iids, settings, rec_cfg, ev)
+                lists, factors = protocol.all_lists_and_factors(proto, uids, iids, settings, rec_cfg, ev)
                 results = protocol.measure(lists, proto, ev, categories)
+                if cfg.ranker.enabled:
+                    trained = _evaluate_ranker(ctx, rec, proto, factors, settings, rec_cfg, categories)
+                    if trained is not None:
+                        results["ranked"] = trained[2]
         finally:
             proto.release()
         for name, metrics in results.items():
             log.info("run %s: %s: %s", ctx.run_id, name, ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if "@" in k))
             for k, v in metrics.items():
                 rec.metrics[f"{name}.{k}"] = v
-        verdict = gate.verdict(results, gate.metric_key(ev), ev.gate.margin)
+        key = gate.metric_key(ev)
+        chosen = gate.contender(results, key)
+        verdict = gate.verdict(results, key, ev.gate.margin, chosen)
+        rec.details["lists"] = chosen
+        if trained is not None:
+            model, info, _ = trained
+            info["chosen"] = chosen == "ranked"
+            if chosen == "ranked":
+                info["path"] = ranker_path(cfg, ctx.run_id)
+                files.write_text(ctx.spark, f"{info['path']}/{RANKER_FILE}", model.model)
+            rec.details["ranker"] = info
+            log.info("run %s: ranked lists %s %.4f against ALS's %.4f: %s", ctx.run_id, key, results["ranked"][key],
+                     results["model"][key], "the ranker is kept" if chosen == "ranked" else "ALS's own lists are kept")
         published_before = tables.current_version(ctx.spark, cfg.table_path(C.RECOMMENDATIONS)) is not None
         decision = gate.decide(verdict, results, ev.gate.enabled, ev.gate.on_fail, published_before)
         rec.details.update(
@@ -426,7 +455,7 @@ def run_evaluate(ctx: RunContext, settings: TrainConfig | None = None, blend_wei
             train=settings.model_dump(),
         )
         rec.rows_in = proto.n_users
-        log.info("run %s: model %s %.4f vs best baseline %s %.4f (x%.2f)", ctx.run_id, verdict.metric,
+        log.info("run %s: %s %s %.4f vs best baseline %s %.4f (x%.2f)", ctx.run_id, chosen, verdict.metric,
                  verdict.model_score, verdict.best_baseline, verdict.best_score, verdict.ratio)
         if decision.publish == "nothing":
             raise GateError(
@@ -438,6 +467,74 @@ def run_evaluate(ctx: RunContext, settings: TrainConfig | None = None, blend_wei
             log.warning("run %s: %s: publishing the %s baseline's lists instead of the model's", ctx.run_id,
                         decision.reason, decision.baseline)
         return decision
+
+
+RANKER_FILE = "model.txt"
+
+
+def ranker_path(cfg, run_id: str) -> str:
+    """Where a run keeps the ranker its evaluation chose (outside `_models`: it holds no customer)."""
+    return f"{cfg.warehouse.rstrip('/')}/_rankers/{run_id}"
+
+
+def _evaluate_ranker(ctx: RunContext, rec, proto, factors, settings: TrainConfig, rec_cfg, categories):
+    """Train the ranker on the evaluation's training period, measure its lists beside the others', and train
+    the one a shop gets: the same, with the evaluation's own cut as its newest.
+
+    The judged ranker learns from cuts before the evaluation's cut, so the test period stays unseen. The
+    published one is the same recipe on fresher data, as the train stage refits ALS on everything after
+    evaluate judged it: its newest cut is the evaluation's own (the factors evaluate already fitted, the
+    test period's new purchases as labels), its older ones the judged ranker's newer ones. It costs one
+    candidate pass and a LightGBM fit, not another ALS fit.
+
+    Returns:
+        (the ranker to publish, what the training did, the judged ranker's metrics), or None when there was
+        nothing to learn from (logged).
+    """
+    cfg, rk = ctx.cfg, ctx.cfg.ranker
+    threads = int(ctx.spark.conf.get("spark.task.cpus", "1") or 1)
+    with rec.step("ranker training"):
+        try:
+            frames, found = ranking.cut_frames(proto.train, proto.user_ids, proto.item_ids, settings, rec_cfg, rk,
+                                               cfg.evaluate)
+            judged, info = ranking.fit_frames(frames, rk, threads)
+        except ValueError as exc:
+            log.warning("run %s: no ranker: %s", ctx.run_id, exc)
+            rec.details["ranker"] = {"skipped": str(exc)}
+            return None
+    info["cuts"] = [c.at.isoformat() for c in found]
+    with rec.step("ranked lists"):
+        lists = protocol.ranked_lists(proto, factors, judged, rec_cfg, rk, max(cfg.evaluate.ks))
+        measured = protocol.measure({"ranked": lists}, proto, cfg.evaluate, categories)["ranked"]
+    published = judged
+    if proto.cutoff is not None:
+        with rec.step("ranker to publish"):
+            positives = ranking.indexed_pairs(proto.relevant, proto.user_ids, proto.item_ids)
+            newest = ranking.labelled_frame(proto.train, proto.user_ids, proto.item_ids, positives, factors,
+                                            proto.cutoff, rec_cfg, rk, group_offset=0)
+            try:
+                published, fresh = ranking.fit_frames([newest, *frames[:-1]], rk, threads)
+                info["published"] = {"cuts": [proto.cutoff.isoformat(), *info["cuts"][:-1]], "rounds": fresh["rounds"],
+                                     "gains": fresh["gains"]}
+            except ValueError as exc:
+                log.warning("run %s: the ranker is published as judged: %s", ctx.run_id, exc)
+    return published, info, measured
+
+
+def chosen_ranker(ctx: RunContext):
+    """The ranker the latest evaluation chose, or None (it chose ALS's own lists, the ranker is off, or none ran)."""
+    if not ctx.cfg.ranker.enabled:
+        return None
+    found = registry.latest_details(ctx.spark, ctx.cfg, "evaluate") or {}
+    info = found.get("ranker") or {}
+    if found.get("lists") != "ranked" or found.get("gate", {}).get("publish") != "model" or not info.get("path"):
+        return None
+    text = files.read_texts(ctx.spark, info["path"]).get(RANKER_FILE)
+    if text is None:
+        log.warning("run %s: the ranker the last evaluation chose is missing (%s): ALS's own lists are published",
+                    ctx.run_id, info["path"])
+        return None
+    return ranking.ranker_settings(ctx.cfg.ranker, text), info["path"]
 
 
 def run_forget(ctx: RunContext, keys: list[str]) -> dict:

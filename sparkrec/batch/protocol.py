@@ -12,19 +12,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from sparkrec.batch import evaluate, recommend, train
+from sparkrec.batch import evaluate, ranking, recommend, train
 from sparkrec.core import columns as C
-from sparkrec.core.config import EvaluateConfig, RecommendConfig, TrainConfig
+from sparkrec.core import ranker
+from sparkrec.core.config import EvaluateConfig, RankerConfig, RecommendConfig, TrainConfig
 from sparkrec.core.gate import metric_key
 
-__all__ = ["Protocol", "baseline_lists", "make_protocol", "metric_key", "model_lists", "model_lists_blended", "split_of",
-           "validation_split", "why_no_users"]
+__all__ = ["Protocol", "all_lists_and_factors", "baseline_lists", "make_protocol", "metric_key", "model_lists",
+           "model_lists_blended", "ranked_lists", "split_of", "validation_split", "why_no_users"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class Protocol:
     item_ids: DataFrame
     description: str
     n_users: int
+    cutoff: datetime | None = None  # a time split's cut: the test period starts there
 
     def release(self) -> None:
         self.history.unpersist()
@@ -77,7 +79,7 @@ def make_protocol(split: evaluate.Split, ev: EvaluateConfig, user_ids: DataFrame
     users = relevant.select(C.USER_ID).distinct().join(user_ids, C.USER_ID).select(C.USER_IDX).localCheckpoint()
     n = users.count()
     log.info("evaluation protocol %s: %s evaluated users", split.description, f"{n:,}")
-    return Protocol(tr, history, relevant, users, user_ids, item_ids, split.description, n)
+    return Protocol(tr, history, relevant, users, user_ids, item_ids, split.description, n, split.cutoff)
 
 
 def why_no_users(interactions: DataFrame, proto: Protocol, ev: EvaluateConfig) -> str:
@@ -110,13 +112,21 @@ def model_lists(proto: Protocol, matrix: DataFrame, tcfg: TrainConfig, rec: Reco
     return lists
 
 
-def model_lists_blended(
-    proto: Protocol, matrix: DataFrame, tcfg: TrainConfig, rec: RecommendConfig, weights: list[float], k: int
-) -> Iterator[tuple[float, DataFrame]]:
-    """Fit ALS once and list the evaluated users' top k at each blend weight: (weight, (user_id, item_id, rank))."""
+def fitted_factors(matrix: DataFrame, tcfg: TrainConfig) -> tuple[DataFrame, DataFrame]:
+    """ALS fitted on a materialised matrix: (user factors, item factors) as the list code reads them."""
     model = train.fit_als(matrix, tcfg.als)
     uf = model.userFactors.select(F.col("id").alias(C.USER_IDX), F.col("features").alias(C.FEATURES))
     itf = model.itemFactors.select(F.col("id").alias(C.ITEM_IDX), F.col("features").alias(C.FEATURES))
+    return uf, itf
+
+
+def model_lists_blended(
+    proto: Protocol, matrix: DataFrame, tcfg: TrainConfig, rec: RecommendConfig, weights: list[float], k: int,
+    factors: tuple[DataFrame, DataFrame] | None = None,
+) -> Iterator[tuple[float, DataFrame]]:
+    """Fit ALS once (unless `factors` are given) and list the evaluated users' top k at each blend weight:
+    (weight, (user_id, item_id, rank))."""
+    uf, itf = factors or fitted_factors(matrix, tcfg)
     for weight in weights:
         blended = rec.model_copy(update={"blend": rec.blend.model_copy(update={"weight": weight})})
         yield weight, proto.keyed(recommend.recommend_all(proto.history, uf, itf, _eval_rec_cfg(blended, k), users=proto.users))
@@ -156,12 +166,34 @@ def all_lists(
 
     Needs a checkpoint directory (the matrix is checkpointed for ALS).
     """
+    lists, _ = all_lists_and_factors(proto, user_ids, item_ids, settings, rec, ev)
+    return lists
+
+
+def all_lists_and_factors(
+    proto: Protocol, user_ids: DataFrame, item_ids: DataFrame, settings: TrainConfig, rec: RecommendConfig, ev: EvaluateConfig
+) -> tuple[dict[str, DataFrame], tuple[DataFrame, DataFrame]]:
+    """`all_lists`, and the factors the model's lists came from (the ranked lists rank their candidates)."""
     kmax = max(ev.ks)
     reference = proto.train.agg(F.max(C.EVENT_TS)).first()[0]
     matrix = train.training_matrix(proto.train, user_ids, item_ids, settings, reference).checkpoint(eager=True)
-    lists = {"model": model_lists(proto, matrix, settings, rec, kmax)}
+    factors = fitted_factors(matrix, settings)
+    [(_, model)] = model_lists_blended(proto, matrix, settings, rec, [rec.blend.weight], kmax, factors)
+    lists = {"model": model}
     lists.update(baseline_lists(proto, ev, kmax, rec.exclude_event_types))
-    return lists
+    return lists, factors
+
+
+def ranked_lists(proto: Protocol, factors: tuple[DataFrame, DataFrame], model: ranker.Ranker, rec: RecommendConfig,
+                 rk: RankerConfig, k: int) -> DataFrame:
+    """The evaluated users' top k as the ranker orders their candidates, from the model's own factors."""
+    uf, itf = factors
+    r = _eval_rec_cfg(ranking.list_settings(rec), k)
+    reference = proto.train.agg(F.max(C.EVENT_TS)).first()[0]
+    priced = ranking.priced_history(proto.train, proto.user_ids, proto.item_ids)
+    evaluated = priced.join(proto.users, C.USER_IDX, "left_semi")
+    ranked = (model, ranking.item_stats(priced, reference, rk), ranking.user_inputs(evaluated, reference))
+    return proto.keyed(recommend.recommend_all(proto.history, uf, itf, r, users=proto.users, ranked=ranked))
 
 
 def measure(lists: dict[str, DataFrame], proto: Protocol, ev: EvaluateConfig, categories: DataFrame | None) -> dict[str, dict[str, float]]:

@@ -29,6 +29,7 @@ from sparkrec.batch.recommend import catalogue, lists
 from sparkrec.core import block, ranker
 from sparkrec.core import columns as C
 from sparkrec.core.config import EvaluateConfig, RankerConfig, RecommendConfig, TrainConfig
+from sparkrec.core.errors import StageError
 from sparkrec.core.recnames import EXCLUDED, RK_AGE, RK_ITEMS, RK_USER
 
 log = logging.getLogger(__name__)
@@ -75,24 +76,33 @@ def item_inputs(history: DataFrame, reference: datetime, rk: RankerConfig) -> tu
     Two items' weight is the days that hold both over the root of the product of the days that hold each.
     """
     h = history.withColumn("_age", days_before(reference))
-    user = F.col(C.USER_IDX)
-    per_item = h.groupBy(C.ITEM_IDX).agg(
-        F.countDistinct(user).alias("users"),
-        F.countDistinct(F.when(F.col("_age") < rk.recent_days, user)).alias("users_recent"),
-        F.countDistinct(F.when(F.col("_age") < ranker.WEEK_DAYS, user)).alias("users_week"),
-        F.max("_age").alias("age_days"), F.min("_age").alias("last_days"),
-        F.percentile_approx(C.PRICE, 0.5).cast("double").alias("price"),
-    )
+    # One row per (item, customer) first: three distinct counts in one aggregation would triple the rows.
+    bought = h.groupBy(C.ITEM_IDX, C.USER_IDX).agg(F.min("_age").alias("_last"), F.max("_age").alias("_first"))
+    per_item = bought.groupBy(C.ITEM_IDX).agg(
+        F.count("*").alias("users"),
+        F.count(F.when(F.col("_last") < rk.recent_days, True)).alias("users_recent"),
+        F.count(F.when(F.col("_last") < ranker.WEEK_DAYS, True)).alias("users_week"),
+        F.max("_first").alias("age_days"), F.min("_last").alias("last_days"),
+    ).join(h.groupBy(C.ITEM_IDX).agg(F.percentile_approx(C.PRICE, 0.5).cast("double").alias("price")), C.ITEM_IDX)
     day = F.to_date(C.EVENT_TS).alias("_day")
-    baskets = h.groupBy(C.USER_IDX, day, C.ITEM_IDX).agg(F.max(C.EVENT_TS).alias("_t"))
-    latest = Window.partitionBy(C.USER_IDX, "_day").orderBy(F.col("_t").desc(), F.col(C.ITEM_IDX))
-    baskets = (baskets.withColumn("_n", F.row_number().over(latest)).where(F.col("_n") <= rk.basket_items)
-               .select(C.USER_IDX, "_day", C.ITEM_IDX))
-    days = baskets.groupBy(C.ITEM_IDX).agg(F.count("*").alias("_d"))
-    other = baskets.select(C.USER_IDX, "_day", F.col(C.ITEM_IDX).alias("other_idx"))
-    both = (baskets.join(other, [C.USER_IDX, "_day"]).where(F.col(C.ITEM_IDX) != F.col("other_idx"))
-            .groupBy(C.ITEM_IDX, "other_idx").agg(F.count("*").alias("_both")))
-    weighted = (both.join(days, C.ITEM_IDX)
+    latest_first = F.sort_array(F.collect_list(F.struct(F.col("_t"), (-F.col(C.ITEM_IDX)).alias("_i"))), asc=False)
+    baskets = (h.groupBy(C.USER_IDX, day, C.ITEM_IDX).agg(F.max(C.EVENT_TS).alias("_t"))
+               .groupBy(C.USER_IDX, "_day").agg(F.slice(latest_first, 1, rk.basket_items).alias("_l"))
+               .select(F.transform("_l", lambda x: (-x["_i"]).cast("int")).alias("_items")))
+
+    def count_pairs(batches):
+        for batch in batches:
+            i, j, n = ranker.basket_pairs(list(batch["_items"]))
+            yield pd.DataFrame({C.ITEM_IDX: i.astype("int32"), "other_idx": j.astype("int32"), "_both": n})
+
+    # Each task counts its baskets' pairs (and, as pairs of an item with itself, the baskets holding each
+    # item) with one sparse product; Spark only adds the tasks' counts up.
+    # Materialised once: the pairs and the baskets per item are both read from it, by three joins.
+    counts = (baskets.mapInPandas(count_pairs, f"{C.ITEM_IDX} int, other_idx int, _both long")
+              .groupBy(C.ITEM_IDX, "other_idx").agg(F.sum("_both").alias("_both")).localCheckpoint())
+    same = F.col(C.ITEM_IDX) == F.col("other_idx")
+    days = counts.where(same).select(C.ITEM_IDX, F.col("_both").alias("_d"))
+    weighted = (counts.where(~same).join(days, C.ITEM_IDX)
                 .join(days.select(F.col(C.ITEM_IDX).alias("other_idx"), F.col("_d").alias("_do")), "other_idx")
                 .select(C.ITEM_IDX, "other_idx", (F.col("_both") / F.sqrt(F.col("_d") * F.col("_do"))).alias("weight")))
     strongest = Window.partitionBy(C.ITEM_IDX).orderBy(F.col("weight").desc(), F.col("other_idx"))
@@ -161,61 +171,98 @@ def sampled(users: DataFrame, limit: int, seed: int) -> DataFrame:
     return users.where(F.pmod(F.xxhash64(F.lit(seed), F.col(C.USER_IDX)), F.lit(1 << 20)) < F.lit(int(share * (1 << 20))))
 
 
-def cut_frame(interactions: DataFrame, user_ids: DataFrame, item_ids: DataFrame, cut: Cut, settings: TrainConfig,
-              rec: RecommendConfig, rk: RankerConfig, ev: EvaluateConfig, group_offset: int) -> pd.DataFrame:
-    """The labelled candidates of one cut, on the driver: (group, label, *FEATURES), bounded by
-    `max_training_customers` customers of about 3 x `depth` candidates each. Needs a checkpoint directory."""
-    ts = F.col(C.EVENT_TS)
-    before = interactions.where(ts < F.lit(cut.at)).persist(StorageLevel.MEMORY_AND_DISK)
-    window = interactions.where((ts >= F.lit(cut.at)) & (ts < F.lit(cut.end)))
+def fitted_at(before: DataFrame, user_ids: DataFrame, item_ids: DataFrame, at: datetime,
+              settings: TrainConfig) -> tuple[DataFrame, DataFrame]:
+    """ALS fitted on the history before a cut, as the train stage would have then: (user, item factors).
+    Needs a checkpoint directory."""
+    matrix = train.training_matrix(before, user_ids, item_ids, settings, at).checkpoint(eager=True)
+    model = train.fit_als(matrix, settings.als)
+    return (model.userFactors.select(F.col("id").alias(C.USER_IDX), F.col("features").alias(C.FEATURES)),
+            model.itemFactors.select(F.col("id").alias(C.ITEM_IDX), F.col("features").alias(C.FEATURES)))
+
+
+def labelled_frame(before: DataFrame, user_ids: DataFrame, item_ids: DataFrame, positives: DataFrame,
+                   factors: tuple[DataFrame, DataFrame], at: datetime, rec: RecommendConfig, rk: RankerConfig,
+                   group_offset: int) -> pd.DataFrame:
+    """The candidates at a cut of a bounded sample of the customers in `positives` (user_idx, item_idx: what
+    they bought new after it), labelled, on the driver: (group, label, *FEATURES). At most
+    `max_training_customers` customers of about 3 x `depth` candidates each."""
+    users = sampled(positives.select(C.USER_IDX).distinct(), rk.max_training_customers, rk.seed).localCheckpoint()
+    if users.isEmpty():
+        return pd.DataFrame(columns=[GROUP, LABEL, *ranker.FEATURES])
+    uf, itf = factors
+    history = catalogue.indexed_history(before, user_ids, item_ids).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        positives = (evaluate.relevant_items(before, window, ev.relevant_event_types, ev.repeat_relevant)
-                     .join(user_ids, C.USER_ID).join(item_ids, C.ITEM_ID).select(C.USER_IDX, C.ITEM_IDX))
-        users = sampled(positives.select(C.USER_IDX).distinct(), rk.max_training_customers, rk.seed).localCheckpoint()
-        if users.isEmpty():
-            return pd.DataFrame(columns=[GROUP, LABEL, *ranker.FEATURES])
-        matrix = train.training_matrix(before, user_ids, item_ids, settings, cut.at).checkpoint(eager=True)
-        model = train.fit_als(matrix, settings.als)
-        uf = model.userFactors.select(F.col("id").alias(C.USER_IDX), F.col("features").alias(C.FEATURES))
-        itf = model.itemFactors.select(F.col("id").alias(C.ITEM_IDX), F.col("features").alias(C.FEATURES))
-        history = catalogue.indexed_history(before, user_ids, item_ids).persist(StorageLevel.MEMORY_AND_DISK)
         priced = priced_history(before, user_ids, item_ids)
         r = list_settings(rec).model_copy(update={"explain": False, "exploration_slots": 0})
         meta = catalogue.default_meta(itf, history)
         plan, _, _ = lists.bounded_plan(history, itf, r, meta, keyed=False)
-        plan.ranker, plan.stats = ranker_settings(rk), item_stats(priced, cut.at, rk)
-        rows = with_inputs(lists.user_rows(history, uf, r, meta, users), priced, cut.at)
+        if not plan.whole:
+            raise StageError(f"the ranker needs every item in one broadcast: more than recommend.max_broadcast_items="
+                             f"{rec.max_broadcast_items} items have factors (raise it, or set ranker.enabled: false)")
+        plan.ranker, plan.stats = ranker_settings(rk), item_stats(priced, at, rk)
+        rows = with_inputs(lists.user_rows(history, uf, r, meta, users), priced.join(users, C.USER_IDX, "left_semi"), at)
         labelled = (candidate_rows(rows, plan)
                     .join(positives.withColumn(LABEL, F.lit(1)), [C.USER_IDX, C.ITEM_IDX], "left")
                     .select((F.col(C.USER_IDX).cast("long") + F.lit(group_offset)).alias(GROUP),
                             F.coalesce(F.col(LABEL), F.lit(0)).alias(LABEL), *ranker.FEATURES))
-        frame = labelled.toPandas()  # bounded: max_training_customers x about 3 x depth rows
+        frame = labelled.toPandas()  # bounded: see above
+    finally:
         history.unpersist()
-        return frame
+    log.info("ranker: at %s: %s candidates of %s customers, %s of them bought in the %g days after", at.isoformat(),
+             f"{len(frame):,}", f"{frame[GROUP].nunique():,}", f"{int(frame[LABEL].sum()):,}", rk.label_days)
+    return frame
+
+
+def cut_frame(interactions: DataFrame, user_ids: DataFrame, item_ids: DataFrame, cut: Cut, settings: TrainConfig,
+              rec: RecommendConfig, rk: RankerConfig, ev: EvaluateConfig, group_offset: int) -> pd.DataFrame:
+    """One training cut's labelled candidates (`labelled_frame`), with an ALS model fitted at the cut so that no
+    feature has seen the labels. Needs a checkpoint directory."""
+    ts = F.col(C.EVENT_TS)
+    before = interactions.where(ts < F.lit(cut.at)).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        window = interactions.where((ts >= F.lit(cut.at)) & (ts < F.lit(cut.end)))
+        positives = indexed_pairs(evaluate.relevant_items(before, window, ev.relevant_event_types, ev.repeat_relevant),
+                                  user_ids, item_ids).localCheckpoint()
+        if positives.isEmpty():
+            log.info("ranker: at %s: no customer bought anything new in the %g days after", cut.at.isoformat(), rk.label_days)
+            return pd.DataFrame(columns=[GROUP, LABEL, *ranker.FEATURES])
+        factors = fitted_at(before, user_ids, item_ids, cut.at, settings)
+        return labelled_frame(before, user_ids, item_ids, positives, factors, cut.at, rec, rk, group_offset)
     finally:
         before.unpersist()
 
 
-def fit(interactions: DataFrame, user_ids: DataFrame, item_ids: DataFrame, settings: TrainConfig,
-        rec: RecommendConfig, rk: RankerConfig, ev: EvaluateConfig, threads: int = 1) -> tuple[ranker.Ranker, dict]:
-    """Train the ranker on `interactions` (the history it may see): the cuts' rows, then LightGBM on the driver.
+def indexed_pairs(pairs: DataFrame, user_ids: DataFrame, item_ids: DataFrame) -> DataFrame:
+    """(user_id, item_id) pairs as (user_idx, item_idx)."""
+    return pairs.join(user_ids, C.USER_ID).join(item_ids, C.ITEM_ID).select(C.USER_IDX, C.ITEM_IDX)
 
-    Returns:
-        (the ranker, what its training did: cuts, rows, customers and positives per cut, rounds, each
-        feature's share of the gain).
-    """
+
+def cut_frames(interactions: DataFrame, user_ids: DataFrame, item_ids: DataFrame, settings: TrainConfig,
+               rec: RecommendConfig, rk: RankerConfig, ev: EvaluateConfig) -> tuple[list[pd.DataFrame], list[Cut]]:
+    """The labelled candidates of every training cut before the end of `interactions`, newest first."""
     latest = interactions.agg(F.max(C.EVENT_TS)).first()[0]
     if latest is None:
         raise ValueError("no interactions to train the ranker on")
-    frames = []
-    for j, cut in enumerate(cuts(latest, rk)):
-        frame = cut_frame(interactions, user_ids, item_ids, cut, settings, rec, rk, ev, group_offset=j << 32)
-        log.info("ranker: cut %s: %s candidate rows of %s customers, %s of them bought", cut.at.isoformat(),
-                 f"{len(frame):,}", f"{frame[GROUP].nunique():,}" if len(frame) else 0,
-                 f"{int(frame[LABEL].sum()):,}" if len(frame) else 0)
-        frames.append(frame)
+    found = cuts(latest, rk)
+    return [cut_frame(interactions, user_ids, item_ids, c, settings, rec, rk, ev, group_offset=(j + 1) << 32)
+            for j, c in enumerate(found)], found
+
+
+def fit_frames(frames: list[pd.DataFrame], rk: RankerConfig, threads: int = 1) -> tuple[ranker.Ranker, dict]:
+    """LightGBM on labelled cut frames (newest first) on the driver: (the ranker, what its training did: rows,
+    customers and positives per cut, rounds, each feature's share of the gain)."""
     model, info = ranker.fit(frames, seed=rk.seed, threads=threads, max_rounds=rk.max_rounds,
                              learning_rate=rk.learning_rate, num_leaves=rk.num_leaves)
     out = ranker_settings(rk, model)
-    info.update(cuts=[c.at.isoformat() for c in cuts(latest, rk)], gains=out.gains())
+    info["gains"] = out.gains()
     return out, info
+
+
+def fit(interactions: DataFrame, user_ids: DataFrame, item_ids: DataFrame, settings: TrainConfig,
+        rec: RecommendConfig, rk: RankerConfig, ev: EvaluateConfig, threads: int = 1) -> tuple[ranker.Ranker, dict]:
+    """Train the ranker on `interactions` (the history it may see): the cuts' frames, then LightGBM."""
+    frames, found = cut_frames(interactions, user_ids, item_ids, settings, rec, rk, ev)
+    model, info = fit_frames(frames, rk, threads)
+    info["cuts"] = [c.at.isoformat() for c in found]
+    return model, info

@@ -103,7 +103,7 @@ class Plan:
 
     @property
     def sources(self) -> tuple[str, ...]:
-        return (C.SOURCE_ALS, *self.seq.sources)
+        return (C.SOURCE_RANKED if self.ranker is not None else C.SOURCE_ALS, *self.seq.sources)
 
 
 INDEXED_SCHEMA = (
@@ -274,7 +274,8 @@ def keyed(user_id, item_idx, rank, score, source, because_idx, because_type, own
     keep = hit  # an item the catalogue does not know cannot be published (the old inner join)
     bpos, bhit = cat.at(np.asarray(because_idx, dtype=np.int64))
     bhit &= np.asarray(because_idx) >= 0
-    is_als = source == C.SOURCE_ALS
+    src = np.asarray(source, dtype=object)
+    is_als = (src == C.SOURCE_ALS) | (src == C.SOURCE_RANKED)
     reminder = is_als & (np.asarray(own_type) >= 0)
     because_id = np.where(bhit & ~reminder, cat.item_id[bpos], None)
     text = explanations(source, np.asarray(own_type), np.asarray(because_type), np.where(bhit, cat.item_id[bpos], None),
@@ -318,7 +319,7 @@ def explanations(source, own_type, because_type, because_id, because_name, categ
     out[m] = "popular in " + category[m]
     out[src == "recent_popular"] = f"popular in the last {days} days"
     out[src == C.SOURCE_TRENDING] = f"trending in the last {days} days"
-    als = src == C.SOURCE_ALS
+    als = (src == C.SOURCE_ALS) | (src == C.SOURCE_RANKED)
     out[als] = "matches your tastes"
     because_type = np.clip(np.asarray(because_type, dtype=np.int64), -1, len(_BECAUSE) - 2)
     label = np.where(np.asarray(because_name, dtype=object) != None, because_name, because_id)  # noqa: E711

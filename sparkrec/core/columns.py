@@ -60,6 +60,9 @@ BECAUSE_ITEM_ID = "because_item_id"
 SIMILAR_ITEM_ID = "similar_item_id"
 
 SOURCE_ALS = "als"
+# The model's candidates ordered by the learned ranker (`core.ranker`), when the gate chose it.
+SOURCE_RANKED = "ranked"
+MODEL_SOURCES = (SOURCE_ALS, SOURCE_RANKED)
 SOURCE_POPULAR = "popular"
 SOURCE_TRENDING = "trending"
 SOURCE_CATEGORY_POPULAR = "category_popular"

@@ -26,14 +26,29 @@ class Verdict:
     best_score: float
     needed: float
     passed: bool
+    lists: str = "model"  # which of the model's lists was judged (`CONTENDERS`)
 
     @property
     def ratio(self) -> float:
         return self.model_score / self.best_score if self.best_score > 0 else float("inf")
 
 
-def verdict(results: dict[str, dict[str, float]], metric: str, margin: float) -> Verdict:
-    """Judge `results["model"]` against the best of the other lists on `metric`.
+# The model's lists a run may publish: ALS's own top n, or its candidates ordered by the learned ranker.
+CONTENDERS = ("model", "ranked")
+
+
+def contender(results: dict[str, dict[str, float]], metric: str) -> str:
+    """Which of the model's lists goes before the gate: the ranked lists only where they beat ALS's own.
+
+    A ranker costs a training per run and a model to keep; it is kept only when it wins on the split.
+    """
+    if "ranked" in results and "model" in results and results["ranked"][metric] > results["model"][metric]:
+        return "ranked"
+    return "model"
+
+
+def verdict(results: dict[str, dict[str, float]], metric: str, margin: float, lists: str = "model") -> Verdict:
+    """Judge `results[lists]` (the model's lists, or the ranked ones) against the best baseline on `metric`.
 
     The model passes when it beats the best baseline by `margin` (0.1: 10% above);
     when every baseline scores 0, any positive score passes.
@@ -41,17 +56,17 @@ def verdict(results: dict[str, dict[str, float]], metric: str, margin: float) ->
     Raises:
         ValueError: there is no model result or no baseline to compare with.
     """
-    if "model" not in results:
-        raise ValueError("no model result to judge")
-    baselines = [n for n in results if n != "model"]
+    if lists not in results:
+        raise ValueError(f"no {lists} result to judge")
+    baselines = [n for n in results if n not in CONTENDERS]
     if not baselines:
         raise ValueError("no baseline to judge the model against")
-    model_score = results["model"][metric]
+    model_score = results[lists][metric]
     best = max(baselines, key=lambda n: results[n][metric])  # ties: the first listed
     best_score = results[best][metric]
     needed = best_score * (1 + margin)
     passed = model_score > needed if best_score > 0 else model_score > 0
-    return Verdict(metric, model_score, best, best_score, needed, passed)
+    return Verdict(metric, model_score, best, best_score, needed, passed, lists)
 
 
 # Baselines the recommend stage can publish, and how: (fallback strategy, source of its rows).
@@ -94,12 +109,18 @@ def evaluation_line(metrics: dict[str, float], details: dict) -> str:
     key, best = details.get("metric"), details.get("best_baseline")
     if not key or not best:
         return ""
-    model, base = metrics.get(f"model.{key}", 0.0), metrics.get(f"{best}.{key}", 0.0)
+    judged = details.get("lists", "model")
+    model, base = metrics.get(f"{judged}.{key}", 0.0), metrics.get(f"{best}.{key}", 0.0)
     ratio = f"x{model / base:.2f}" if base else "baseline 0"
     gate = details.get("gate", {})
     verdict = "passed" if gate.get("passed") else "FAILED"
     published = f"; published the {gate['baseline']} baseline instead" if gate.get("publish") == "baseline" else ""
-    return (f"model {key} {model:.4f} vs best baseline {best} {base:.4f} ({ratio}); gate {verdict}"
+    ranked = ""
+    if f"ranked.{key}" in metrics:
+        ranked = (f" (ranked lists {metrics[f'ranked.{key}']:.4f} against ALS's {metrics.get(f'model.{key}', 0.0):.4f}: "
+                  + ("the ranker's lists go out)" if judged == "ranked" else "ALS's lists go out)"))
+    name = "ranked" if judged == "ranked" else "model"
+    return (f"{name} {key} {model:.4f} vs best baseline {best} {base:.4f} ({ratio}){ranked}; gate {verdict}"
             + ("" if gate.get("enabled") else " (gate off)") + published)
 
 

@@ -170,6 +170,21 @@ def user_inputs(items: Sequence, ages: Sequence, user: Sequence) -> tuple[list[n
     return it, ag, uf
 
 
+def basket_pairs(baskets: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """How many of `baskets` (item id lists, no repeats within one) hold each pair of items: (item, other,
+    count) for every ordered pair with a count, an item with itself counting the baskets that hold it."""
+    lists = [np.asarray(b, dtype=np.int64) for b in baskets if b is not None and len(b)]
+    if not lists:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    import scipy.sparse as sp
+
+    rows, cols = _flat(lists, np.int64)
+    ids, cols = np.unique(cols, return_inverse=True)  # a compact matrix whatever the ids' range
+    b = sp.csr_matrix((np.ones(len(cols), np.int64), (rows, cols)), shape=(len(lists), len(ids)))
+    both = (b.T @ b).tocoo()
+    return ids[both.row], ids[both.col], both.data.astype(np.int64)
+
+
 def _flat(lists: list[np.ndarray], dtype) -> tuple[np.ndarray, np.ndarray]:
     lens = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
     flat = np.concatenate(lists).astype(dtype) if lens.sum() else np.zeros(0, dtype=dtype)

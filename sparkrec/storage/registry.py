@@ -145,3 +145,13 @@ def rollback(ctx: RunContext, to_run: str) -> str:
         rec.rows_out = len(versions)
     done = ", ".join(f"{t} -> version {v} (now {rec.outputs[t]})" for t, v in sorted(versions.items()))
     return f"rolled back to run {to_run}: {done}"
+
+
+def latest_details(spark: SparkSession, cfg: Config, stage: str) -> dict | None:
+    """The details of the latest succeeded run of `stage` (by when it finished), or None."""
+    read = tables.read_table(spark, cfg, C.RUNS, required=False)
+    if read is None:
+        return None
+    row = (read.df.where((F.col("stage") == stage) & (F.col("status") == "succeeded"))
+           .orderBy(F.col("finished_at").desc()).select("details").first())
+    return None if row is None else json.loads(row["details"] or "{}")

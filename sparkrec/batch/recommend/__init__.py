@@ -24,6 +24,7 @@ from sparkrec.batch.recommend.fallbacks import fallback_rankings, item_popularit
 from sparkrec.batch.recommend.lists import (
     PUBLISHED_COLUMNS,
     as_baseline,
+    assemble,
     bounded_plan,
     exploration_pool,
     list_lengths,
@@ -41,7 +42,7 @@ from sparkrec.core.recnames import BECAUSE_IDX, BECAUSE_TYPE, CAT, EXCLUDED, HIS
 
 __all__ = [
     "BECAUSE_IDX", "BECAUSE_TYPE", "CAT", "EXCLUDED", "HIST", "HIST_TYPE", "PUBLISHED_COLUMNS",
-    "allowed_by", "as_baseline", "bounded_plan", "candidate_matrix", "default_meta", "exploration_pool",
+    "allowed_by", "as_baseline", "assemble", "bounded_plan", "candidate_matrix", "default_meta", "exploration_pool",
     "fallback_rankings", "indexed_history", "item_popularity", "item_meta", "list_lengths", "model_version_of", "no_factors", "user_rows",
     "popular_lists", "popularity", "recommend_all", "score_top_n", "similar_items", "with_exploration",
     "with_item_keys", "with_keys",

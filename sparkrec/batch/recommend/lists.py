@@ -17,7 +17,7 @@ from pyspark.sql import functions as F
 from sparkrec.batch.recommend.catalogue import allowed_by, default_meta, strength
 from sparkrec.batch.recommend.fallbacks import fallback_rankings, popularity, recent_popularity
 from sparkrec.batch.recommend.scoring import candidate_matrix, collect_bounded, score_top_n, with_blend_weight
-from sparkrec.core import block, serving, topk
+from sparkrec.core import block, ranker, serving, topk
 from sparkrec.core import columns as C
 from sparkrec.core.config import RecommendConfig, RulesConfig
 from sparkrec.core.errors import StageError
@@ -32,6 +32,9 @@ from sparkrec.core.recnames import (
     OWN_TYPE,
     PRESENT,
     PRIO,
+    RK_AGE,
+    RK_ITEMS,
+    RK_USER,
     TOUCHED,
 )
 
@@ -150,7 +153,7 @@ def assemble(rows: DataFrame, plan: block.Plan) -> DataFrame:
         for batch in batches:
             yield from block.lists_in_blocks(batch, p)
 
-    wanted = [C.USER_IDX, C.FEATURES, EXCLUDED, HIST, HIST_TYPE, TOUCHED, PRESENT, C.USER_ID]
+    wanted = [C.USER_IDX, C.FEATURES, EXCLUDED, HIST, HIST_TYPE, TOUCHED, PRESENT, RK_ITEMS, RK_AGE, RK_USER, C.USER_ID]
     if plan.catalogue is None:
         wanted.remove(C.USER_ID)
     cols = [c for c in wanted if c in rows.columns]
@@ -168,6 +171,7 @@ def recommend_all(
     user_ids: DataFrame | None = None,
     baseline: str | None = None,
     return_plan: bool = False,
+    ranked: tuple[ranker.Ranker, ranker.ItemStats, DataFrame] | None = None,
 ) -> DataFrame | tuple[DataFrame, block.Plan]:
     """Exactly `n` items per user with history (whenever `n` allowed items exist), with their source.
 
@@ -183,6 +187,8 @@ def recommend_all(
         user_ids: when given, the rows come out as published (`PUBLISHED_COLUMNS`): keyed and explained.
         baseline: the gate baseline these lists stand for; its rows are named after it.
         return_plan: also return the plan the lists were built with (the recommend stage writes it for serving).
+        ranked: (ranker, item stats, each customer's ranker inputs as `ranking.user_inputs` gives them): the
+            model's part of each list is the ranker's order of its candidates (`core.ranker`).
     Returns:
         (user_idx, item_idx, rank, score, _cat, source, _because_idx, _because_type, _own_type),
         or the published columns with `user_ids`; with `return_plan`, (that, the plan).
@@ -191,6 +197,12 @@ def recommend_all(
         meta = default_meta(item_factors, history)
     plan, candidates, blend = bounded_plan(history, item_factors, cfg, meta, keyed=user_ids is not None, baseline=baseline)
     rows = user_rows(history, user_factors, cfg, meta, users)
+    if ranked is not None:
+        if not plan.whole:
+            raise StageError(f"the ranker needs every item in one broadcast: more than recommend.max_broadcast_items="
+                             f"{cfg.max_broadcast_items} items have factors (raise it, or set ranker.enabled: false)")
+        plan.ranker, plan.stats = ranked[0], ranked[1]
+        rows = rows.join(ranked[2], C.USER_IDX, "left")
     if plan.items is None and not plan.whole:
         if cfg.explain:
             log.warning("explanations skipped: more than recommend.max_broadcast_items=%d items", cfg.max_broadcast_items)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -272,14 +273,23 @@ def from_dict(data: dict[str, Any]) -> Config:
         raise ConfigError(_format_errors(exc)) from None
 
 
+# Overrides from the environment, `;`-separated (`SPARKREC_SET="ranker.enabled=false;recommend.n=10"`),
+# applied before `--set`: a scheduler or container sets them once for every command it starts.
+ENV_OVERRIDES = "SPARKREC_SET"
+
+
+def env_overrides() -> list[str]:
+    return [part.strip() for part in os.environ.get(ENV_OVERRIDES, "").split(";") if part.strip()]
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Load a layered config file, apply `--set` overrides and validate it.
+    """Load a layered config file, apply the `SPARKREC_SET` overrides, then `--set` overrides, and validate it.
 
     Example:
         cfg = load_config("conf/local.yaml", ["recommend.n=10"])
     """
     data = _load_yaml(Path(path))
-    for text in overrides or []:
+    for text in [*env_overrides(), *(overrides or [])]:
         parts, value = parse_override(text)
         _apply_override(data, parts, value)
     return from_dict(data)
