@@ -161,3 +161,13 @@ def test_basket_pairs_count_the_baskets_holding_each_pair():
     assert got == {(5, 5): 2, (900, 900): 2, (7, 7): 2, (5, 900): 2, (900, 5): 2, (5, 7): 1, (7, 5): 1,
                    (900, 7): 1, (7, 900): 1}
     assert all(len(a) == 0 for a in ranker.basket_pairs([[], None]))
+
+
+def test_strongest_neighbours_add_partial_counts_and_keep_the_top_k():
+    # Two tasks' partial counts of item 1's pairs; item 1 is in 4 baskets, 2 in 1, 3 in 4, 4 in 1.
+    got = ranker.strongest_neighbours(np.array([1, 1, 1, 1]), np.array([2, 3, 3, 4]), np.array([1, 1, 2, 1]),
+                                      np.array([1, 2, 3, 4]), np.array([4, 1, 4, 1]), k=2)
+    assert got["item_idx"].tolist() == [1, 1]
+    # 3: 3 / sqrt(4 x 4) = 0.75; 2 and 4 tie at 1 / sqrt(4 x 1) = 0.5: the lower id is kept.
+    assert got["other_idx"].tolist() == [3, 2]
+    assert got["weight"].tolist() == pytest.approx([0.75, 0.5])

@@ -185,6 +185,27 @@ def basket_pairs(baskets: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return ids[both.row], ids[both.col], both.data.astype(np.int64)
 
 
+def strongest_neighbours(item: np.ndarray, other: np.ndarray, both: np.ndarray, day_ids: np.ndarray,
+                         day_counts: np.ndarray, k: int) -> pd.DataFrame:
+    """Partial pair counts (item, other, baskets holding both; an item's partial counts all present) to each
+    item's `k` strongest neighbours: (item_idx, other_idx, weight), weight = both / sqrt(days(item) x days(other)),
+    ties to the lower id."""
+    span = int(np.max(other, initial=0)) + 1
+    uniq, inv = np.unique(np.asarray(item, dtype=np.int64) * span + np.asarray(other, dtype=np.int64), return_inverse=True)
+    total = np.bincount(inv, weights=np.asarray(both, dtype=np.float64))
+    i, j = uniq // span, uniq % span
+    order = np.argsort(day_ids, kind="stable")
+    ids, counts = np.asarray(day_ids, dtype=np.int64)[order], np.asarray(day_counts, dtype=np.float64)[order]
+
+    def days(x: np.ndarray) -> np.ndarray:
+        pos = np.minimum(np.searchsorted(ids, x), max(len(ids) - 1, 0))
+        return np.where(ids[pos] == x, counts[pos], np.nan) if len(ids) else np.full(len(x), np.nan)
+
+    weight = total / np.sqrt(days(i) * days(j))
+    rows, cand, w, _ = _top_per_row(i, j, weight, k)
+    return pd.DataFrame({"item_idx": rows.astype(np.int32), "other_idx": cand.astype(np.int32), "weight": w})
+
+
 def _flat(lists: list[np.ndarray], dtype) -> tuple[np.ndarray, np.ndarray]:
     lens = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
     flat = np.concatenate(lists).astype(dtype) if lens.sum() else np.zeros(0, dtype=dtype)
