@@ -349,10 +349,12 @@ def write_search_index(cfg, frame) -> dict:
     return search.build(root.removeprefix("file://"), docs, cfg.search).record()
 
 
-def run_tune(ctx: RunContext, reuse: bool = False) -> tune.Tuned:
+def run_tune(ctx: RunContext, reuse: bool = False, ranker_after: bool = False) -> tune.Tuned:
     """Search ALS and feedback settings on a validation split of the training period.
 
     Args:
+        ranker_after: the evaluation after it trains the ranker: the search's time budget covers that
+            training too (the last evaluation's figure, or an estimate from the trials).
         reuse: take the winner of an earlier tuning of the same search younger than
             `tune.reuse_days` instead of searching (what `run` does; `sparkrec tune` always searches).
     Returns:
@@ -376,7 +378,8 @@ def run_tune(ctx: RunContext, reuse: bool = False) -> tune.Tuned:
         training_period = protocol.split_of(inter, cfg.evaluate).train  # the test period is never seen
         with ctx.checkpoints():
             try:
-                trials, best = tune.run_trials(cfg, training_period, uids, iids)
+                reserve = _ranker_seconds(ctx) if ranker_after else 0.0
+                trials, best = tune.run_trials(cfg, training_period, uids, iids, ranker_seconds=reserve)
             except tune.TooLittleData as exc:
                 if not reuse:
                     raise
@@ -398,6 +401,13 @@ def run_tune(ctx: RunContext, reuse: bool = False) -> tune.Tuned:
         rec.rows_in = len(trials)
         log.info("run %s: tuning chose trial %d %s (validation %s %.4f)", ctx.run_id, best.number, best.params(), key, best.metric)
         return best.tuned
+
+
+def _ranker_seconds(ctx: RunContext) -> float | None:
+    """What the last evaluation's ranker training took, or None (never measured in this warehouse)."""
+    found = registry.latest_details(ctx.spark, ctx.cfg, "evaluate") or {}
+    took = (found.get("steps") or {}).get("ranker training")
+    return float(took) if took else None
 
 
 def run_evaluate(ctx: RunContext, settings: TrainConfig | None = None, blend_weight: float | None = None) -> gate.Decision:
@@ -504,14 +514,17 @@ def _evaluate_ranker(ctx: RunContext, rec, proto, factors, settings: TrainConfig
             return None
     info["cuts"] = [c.at.isoformat() for c in found]
     with rec.step("ranked lists"):
-        lists = protocol.ranked_lists(proto, factors, judged, rec_cfg, rk, max(cfg.evaluate.ks))
+        # The items' inputs at the split's cut, read by the ranked lists and by the newest training frame.
+        stats = ranking.item_stats(ranking.priced_history(proto.train, proto.user_ids, proto.item_ids),
+                                   protocol.ranking_reference(proto), rk)
+        lists = protocol.ranked_lists(proto, factors, judged, rec_cfg, rk, max(cfg.evaluate.ks), stats)
         measured = protocol.measure({"ranked": lists}, proto, cfg.evaluate, categories)["ranked"]
     published = judged
     if proto.cutoff is not None:
         with rec.step("ranker to publish"):
             positives = ranking.indexed_pairs(proto.relevant, proto.user_ids, proto.item_ids)
             newest = ranking.labelled_frame(proto.train, proto.user_ids, proto.item_ids, positives, factors,
-                                            proto.cutoff, rec_cfg, rk, group_offset=0)
+                                            proto.cutoff, rec_cfg, rk, group_offset=0, stats=stats)
             try:
                 published, fresh = ranking.fit_frames([newest, *frames[:-1]], rk, threads)
                 info["published"] = {"cuts": [proto.cutoff.isoformat(), *info["cuts"][:-1]], "rounds": fresh["rounds"],
@@ -624,7 +637,8 @@ def run_stages(ctx: RunContext, names: Sequence[str] = stages.CORE, *, reuse_tun
         elif name == "ids":
             run_ids(ctx)
         elif name == "tune":
-            settings = run_tune(ctx, reuse=reuse_tuning)
+            settings = run_tune(ctx, reuse=reuse_tuning,
+                                ranker_after="evaluate" in names and ctx.cfg.ranker.enabled)
         elif name == "evaluate":
             decision = run_evaluate(ctx, settings.train, settings.blend_weight)
             if decision.publish == "baseline":

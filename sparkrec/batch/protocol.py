@@ -185,15 +185,25 @@ def all_lists_and_factors(
 
 
 def ranked_lists(proto: Protocol, factors: tuple[DataFrame, DataFrame], model: ranker.Ranker, rec: RecommendConfig,
-                 rk: RankerConfig, k: int) -> DataFrame:
-    """The evaluated users' top k as the ranker orders their candidates, from the model's own factors."""
+                 rk: RankerConfig, k: int, stats: ranker.ItemStats | None = None) -> DataFrame:
+    """The evaluated users' top k as the ranker orders their candidates, from the model's own factors.
+
+    Args:
+        stats: the items' ranker inputs at the end of the training period (`ranking.item_stats` at
+            `ranking_reference(proto)`), when the caller has them already.
+    """
     uf, itf = factors
     r = _eval_rec_cfg(ranking.list_settings(rec), k)
-    reference = proto.train.agg(F.max(C.EVENT_TS)).first()[0]
+    reference = ranking_reference(proto)
     priced = ranking.priced_history(proto.train, proto.user_ids, proto.item_ids)
     evaluated = priced.join(proto.users, C.USER_IDX, "left_semi")
-    ranked = (model, ranking.item_stats(priced, reference, rk), ranking.user_inputs(evaluated, reference))
+    ranked = (model, stats or ranking.item_stats(priced, reference, rk), ranking.user_inputs(evaluated, reference))
     return proto.keyed(recommend.recommend_all(proto.history, uf, itf, r, users=proto.users, ranked=ranked))
+
+
+def ranking_reference(proto: Protocol) -> datetime:
+    """The moment the ranker's inputs describe on this split: its cut (a time split), else its last event."""
+    return proto.cutoff or proto.train.agg(F.max(C.EVENT_TS)).first()[0]
 
 
 def measure(lists: dict[str, DataFrame], proto: Protocol, ev: EvaluateConfig, categories: DataFrame | None) -> dict[str, dict[str, float]]:

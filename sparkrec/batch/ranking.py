@@ -198,7 +198,7 @@ def fitted_at(before: DataFrame, user_ids: DataFrame, item_ids: DataFrame, at: d
 
 def labelled_frame(before: DataFrame, user_ids: DataFrame, item_ids: DataFrame, positives: DataFrame,
                    factors: tuple[DataFrame, DataFrame], at: datetime, rec: RecommendConfig, rk: RankerConfig,
-                   group_offset: int) -> pd.DataFrame:
+                   group_offset: int, stats: ranker.ItemStats | None = None) -> pd.DataFrame:
     """The candidates at a cut of a bounded sample of the customers in `positives` (user_idx, item_idx: what
     they bought new after it), labelled, on the driver: (group, label, *FEATURES). At most
     `max_training_customers` customers of about 3 x `depth` candidates each."""
@@ -215,7 +215,7 @@ def labelled_frame(before: DataFrame, user_ids: DataFrame, item_ids: DataFrame, 
         if not plan.whole:
             raise StageError(f"the ranker needs every item in one broadcast: more than recommend.max_broadcast_items="
                              f"{rec.max_broadcast_items} items have factors (raise it, or set ranker.enabled: false)")
-        plan.ranker, plan.stats = ranker_settings(rk), item_stats(priced, at, rk)
+        plan.ranker, plan.stats = ranker_settings(rk), stats or item_stats(priced, at, rk)
         rows = with_inputs(lists.user_rows(history, uf, r, meta, users), priced.join(users, C.USER_IDX, "left_semi"), at)
         labelled = (candidate_rows(rows, plan)
                     .join(positives.withColumn(LABEL, F.lit(1)), [C.USER_IDX, C.ITEM_IDX], "left")
