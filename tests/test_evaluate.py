@@ -256,3 +256,11 @@ def test_a_split_without_relevant_events_says_which_setting_to_change(spark):
     finally:
         proto.release()
     assert "evaluate.relevant_event_types ['purchase']" in why and "view 30" in why
+
+
+def test_the_search_keeps_time_for_the_ranker_it_precedes():
+    # Measured by the last evaluation: that much is kept.
+    assert tune.ranker_reserve(70.0, 3, 40.0) == 70.0
+    # Never measured: a cut costs about half a trial, three running side by side.
+    assert tune.ranker_reserve(None, 3, 40.0) == pytest.approx(3 * tune.CUT_PER_TRIAL * 40.0)
+    assert tune.ranker_reserve(0.0, 3, 40.0) == 0.0  # no ranker after the search

@@ -11,8 +11,8 @@ from chispa import assert_df_equality
 
 from sparkrec.batch import ranking
 from sparkrec.core import columns as C
-from sparkrec.core import ranker, topk
-from sparkrec.core.config import EvaluateConfig, RankerConfig, RecommendConfig, TrainConfig
+from sparkrec.core import ranker
+from sparkrec.core.config import RankerConfig
 
 REF = datetime(2025, 6, 30)
 PRICED = "user_idx int, item_idx int, event_ts timestamp, price double"
@@ -70,60 +70,12 @@ def test_the_cuts_go_back_label_days_at_a_time():
 # --------------------------------------------------------------------------- a planted pattern
 
 START = datetime(2025, 1, 1)
-INTERACTIONS = "user_id string, item_id string, event_type string, event_ts timestamp, price double, rating double"
-
-
-def _shop(spark, customers: int = 600, days: int = 150, seed: int = 5):
-    """A shop of item pairs: some customers buy an 'a' item and its 'b' partner in one day, most buy
-    the 'b' a few days after the 'a'. Each customer's pairs are drawn at random, so no taste factor holds
-    the pattern; only what is bought together does. Plus background purchases of popular 'n' items."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for u in range(customers):
-        for _ in range(6):
-            day = rng.uniform(0, days - 8)
-            pair = int(rng.integers(0, 20))
-            t = START + timedelta(days=day)
-            later = 0.0 if rng.uniform() < 0.3 else float(rng.uniform(1, 6))
-            rows.append((f"u{u}", f"a{pair}", "purchase", t, 2.0, None))
-            rows.append((f"u{u}", f"b{pair}", "purchase", t + timedelta(days=later, minutes=5), 3.0, None))
-        for _ in range(6):
-            when = START + timedelta(days=rng.uniform(0, days))
-            rows.append((f"u{u}", f"n{int(rng.zipf(1.6)) % 60}", "purchase", when, 1.0, None))
-    inter = spark.createDataFrame(rows, INTERACTIONS)
-    users = spark.createDataFrame([(f"u{u}", u) for u in range(customers)], "user_id string, user_idx int")
-    names = [f"a{p}" for p in range(20)] + [f"b{p}" for p in range(20)] + [f"n{k}" for k in range(60)]
-    items = spark.createDataFrame([(n, k) for k, n in enumerate(names)], "item_id string, item_idx int")
-    return inter, users, items
-
-
-def test_the_ranker_learns_a_planted_co_purchase_pattern(spark, tmp_path):
-    spark.sparkContext.setCheckpointDir(str(tmp_path / "ckpt"))
-    inter, users, items = _shop(spark)
-    settings = TrainConfig.model_validate({"als": {"rank": 4, "max_iter": 4}})
-    rk = RankerConfig(depth=20, training_cuts=2, label_days=14, max_neighbours=5, max_training_customers=400)
-    model, info = ranking.fit(inter, users, items, settings, RecommendConfig(), rk, EvaluateConfig())
-    assert len(info["cuts"]) == 2 and info["rounds"] >= 1
-    assert all(n > 0 for n in info["positives"]), info
-    # What brings the 'b' partner is co-purchase, which no taste factor holds: its features gain more than ALS's
-    # (popularity explains the background items, drawn by a Zipf law).
-    by_group = {g: sum(info["gains"][f] for f in fs) for g, fs in ranker.GROUPS.items()}
-    assert by_group["co"] > 1.5 * by_group["als"], by_group
-    # Ranked at the end of the history, a customer who just bought 'a3' gets 'b3' on top.
-    latest = inter.agg({"event_ts": "max"}).first()[0]
-    priced = ranking.priced_history(inter, users, items)
-    stats = ranking.item_stats(priced, latest, rk)
-    vectors = np.random.default_rng(0).normal(size=(100, 4)).astype(np.float32)
-    matrix = topk.ItemMatrix(np.arange(100), vectors)
-    frame = ranker.candidates(np.ones((1, 4), np.float32), [np.array([3])], matrix, stats, model,
-                              [np.array([3])], [np.array([0.5])], np.array([[6.0, 6.0, 0.5, 100.0, 2.0]]))
-    sel = ranker.rank(frame, model, matrix, n=3, cap=None)
-    assert matrix.item_idx[sel.pos][0] == 23  # b3 (item_idx 20 + 3)
-
-
 def _write_shop(path, customers: int = 600, days: int = 150, seed: int = 5) -> None:
-    """`_shop` as the raw JSON events a shop hands sparkrec (the demo's format), where the partners of the
-    last days' 'a' items are still to be bought when the history ends."""
+    """A shop of item pairs, as the raw JSON events a shop hands sparkrec (the demo's format): some customers
+    buy an 'a' item and its 'b' partner in one day, most buy the 'b' a few days after the 'a'. Each customer's
+    pairs are drawn at random, so no taste factor holds the pattern; only what is bought together does. Plus
+    background purchases of popular 'n' items. The partners of the last days' 'a' items are still to be
+    bought when the history ends."""
     import json
 
     rng = np.random.default_rng(seed)

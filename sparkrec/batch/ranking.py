@@ -276,12 +276,3 @@ def fit_frames(frames: list[pd.DataFrame], rk: RankerConfig, threads: int = 1) -
     out = ranker_settings(rk, model)
     info["gains"] = out.gains()
     return out, info
-
-
-def fit(interactions: DataFrame, user_ids: DataFrame, item_ids: DataFrame, settings: TrainConfig,
-        rec: RecommendConfig, rk: RankerConfig, ev: EvaluateConfig, threads: int = 1) -> tuple[ranker.Ranker, dict]:
-    """Train the ranker on `interactions` (the history it may see): the cuts' frames, then LightGBM."""
-    frames, found = cut_frames(interactions, user_ids, item_ids, settings, rec, rk, ev)
-    model, info = fit_frames(frames, rk, threads)
-    info["cuts"] = [c.at.isoformat() for c in found]
-    return model, info

@@ -133,6 +133,12 @@ def sample_trials(tune: TuneConfig, base: TrainConfig, base_blend: float = 0.0) 
 CUT_PER_TRIAL = 0.55
 
 
+def ranker_reserve(ranker_seconds: float | None, cuts: int, slowest_trial: float) -> float:
+    """Seconds of the search's budget kept for the ranker's training: as long as it last took, or, never
+    measured, `CUT_PER_TRIAL` of the slowest trial per training cut."""
+    return float(ranker_seconds) if ranker_seconds is not None else cuts * CUT_PER_TRIAL * slowest_trial
+
+
 def run_trials(
     cfg: Config, interactions: DataFrame, user_ids: DataFrame, item_ids: DataFrame, progress=None,
     ranker_seconds: float | None = None,
@@ -171,8 +177,7 @@ def run_trials(
         for t in trials:
             elapsed = time.monotonic() - start
             typical = max((d.seconds or 0.0) for d in done) if done else 0.0
-            reserve = (ranker_seconds if ranker_seconds is not None
-                       else cfg.ranker.training_cuts * CUT_PER_TRIAL * typical)
+            reserve = ranker_reserve(ranker_seconds, cfg.ranker.training_cuts, typical)
             if done and elapsed + typical + reserve > budget:
                 kept = f", keeping {reserve:.0f} s of it for the ranker's training" if reserve else ""
                 log.warning("tuning: stopping after %d of %d trials: another would pass the time budget of %.1f min "
