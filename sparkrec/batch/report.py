@@ -104,7 +104,8 @@ def score_histogram(spark: SparkSession, cfg: Config, recs_version: int) -> str:
     recs = tables.read_table(spark, cfg, C.RECOMMENDATIONS, required=False, version=recs_version)
     if recs is None:
         return "<p>No recommendations table.</p>"
-    als = recs.df.where(F.col(C.REC_SOURCE) == C.SOURCE_ALS).where(F.col(C.SCORE).isNotNull())
+    # ALS's scores, or the ranker's when the gate kept its lists (a table holds one or the other).
+    als = recs.df.where(F.col(C.REC_SOURCE).isin(*C.MODEL_SOURCES)).where(F.col(C.SCORE).isNotNull())
     lo, hi = als.agg(F.min(C.SCORE), F.max(C.SCORE)).first()
     if lo is None:
         return "<p>No model scores in this table.</p>"
