@@ -105,10 +105,9 @@ def _write_shop(path, customers: int = 600, days: int = 150, seed: int = 5) -> N
 def test_a_run_keeps_the_ranker_where_it_wins_and_publishes_its_lists(spark, tmp_path):
     from pyspark.sql import functions as F
 
-    from sparkrec.batch import pipeline
     from sparkrec.cli import main
     from sparkrec.core.config import load_config
-    from sparkrec.storage import tables
+    from sparkrec.storage import files, tables
     from tests.conftest import ROOT
 
     _write_shop(tmp_path / "events")
@@ -129,7 +128,7 @@ def test_a_run_keeps_the_ranker_where_it_wins_and_publishes_its_lists(spark, tmp
     assert details["lists"] == "ranked" and details["ranker"]["chosen"], details
     assert set(details["ranker"]["gains"]) == set(ranker.FEATURES)
     recommend = json.loads(runs.where("stage = 'recommend'").first()["details"])
-    assert recommend["ranker"] == details["ranker"]["path"] == pipeline.ranker_path(cfg, evaluate["run_id"])
+    assert recommend["ranker"] == details["ranker"]["path"] == files.ranker_path(cfg, evaluate["run_id"])
     recs = tables.read_table(spark, cfg, C.RECOMMENDATIONS).df
     assert {r[0] for r in recs.select(C.REC_SOURCE).distinct().collect()} <= {"ranked", "popular"}
     # A customer whose latest purchase is an 'a' item without its partner finds the partner in their list.

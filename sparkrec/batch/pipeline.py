@@ -450,8 +450,8 @@ def run_evaluate(ctx: RunContext, settings: TrainConfig | None = None, blend_wei
             model, info, _ = trained
             info["chosen"] = chosen == "ranked"
             if chosen == "ranked":
-                info["path"] = ranker_path(cfg, ctx.run_id)
-                files.write_text(ctx.spark, f"{info['path']}/{RANKER_FILE}", model.model)
+                info["path"] = files.ranker_path(cfg, ctx.run_id)
+                files.write_text(ctx.spark, f"{info['path']}/{files.RANKER_FILE}", model.model)
             rec.details["ranker"] = info
             log.info("run %s: ranked lists %s %.4f against ALS's %.4f: %s", ctx.run_id, key, results["ranked"][key],
                      results["model"][key], "the ranker is kept" if chosen == "ranked" else "ALS's own lists are kept")
@@ -477,14 +477,6 @@ def run_evaluate(ctx: RunContext, settings: TrainConfig | None = None, blend_wei
             log.warning("run %s: %s: publishing the %s baseline's lists instead of the model's", ctx.run_id,
                         decision.reason, decision.baseline)
         return decision
-
-
-RANKER_FILE = "model.txt"
-
-
-def ranker_path(cfg, run_id: str) -> str:
-    """Where a run keeps the ranker its evaluation chose (outside `_models`: it holds no customer)."""
-    return f"{cfg.warehouse.rstrip('/')}/_rankers/{run_id}"
 
 
 def _evaluate_ranker(ctx: RunContext, rec, proto, factors, settings: TrainConfig, rec_cfg, categories):
@@ -542,7 +534,7 @@ def chosen_ranker(ctx: RunContext):
     info = found.get("ranker") or {}
     if found.get("lists") != "ranked" or found.get("gate", {}).get("publish") != "model" or not info.get("path"):
         return None
-    text = files.read_texts(ctx.spark, info["path"]).get(RANKER_FILE)
+    text = files.read_texts(ctx.spark, info["path"]).get(files.RANKER_FILE)
     if text is None:
         log.warning("run %s: the ranker the last evaluation chose is missing (%s): ALS's own lists are published",
                     ctx.run_id, info["path"])

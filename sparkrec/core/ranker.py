@@ -142,7 +142,9 @@ class Ranker:
     def predict(self, frame: pd.DataFrame, threads: int = 1) -> np.ndarray:
         if not len(frame):
             return np.zeros(0, dtype=np.float64)
-        x = frame.loc[:, list(self.features)].to_numpy(dtype=np.float64)
+        # Through float32, as the training rows went (`block.candidate_frames`): the trees' thresholds then see
+        # the very values they were learned on.
+        x = frame.loc[:, list(self.features)].to_numpy(dtype=np.float32).astype(np.float64)
         return self.booster().predict(x, num_threads=max(1, threads))
 
     def gains(self) -> dict[str, float]:

@@ -58,6 +58,15 @@ def model_path(cfg: Config, model_version: str) -> str:
     return f"{cfg.warehouse.rstrip('/')}/_models/{model_version}"
 
 
+RANKER_FILE = "model.txt"
+
+
+def ranker_path(cfg: Config, run_id: str) -> str:
+    """Where a run keeps the ranker its evaluation chose (outside `_models`: it holds no customer, and
+    `sparkrec forget` rewrites what is under `_models`)."""
+    return f"{cfg.warehouse.rstrip('/')}/_rankers/{run_id}"
+
+
 def write_text(spark: SparkSession, path: str, text: str) -> None:
     """Write a small text file through Hadoop's file system (local or remote alike), replacing it."""
     fs, hpath = hadoop_path(spark, path)
