@@ -112,21 +112,13 @@ def model_lists(proto: Protocol, matrix: DataFrame, tcfg: TrainConfig, rec: Reco
     return lists
 
 
-def fitted_factors(matrix: DataFrame, tcfg: TrainConfig) -> tuple[DataFrame, DataFrame]:
-    """ALS fitted on a materialised matrix: (user factors, item factors) as the list code reads them."""
-    model = train.fit_als(matrix, tcfg.als)
-    uf = model.userFactors.select(F.col("id").alias(C.USER_IDX), F.col("features").alias(C.FEATURES))
-    itf = model.itemFactors.select(F.col("id").alias(C.ITEM_IDX), F.col("features").alias(C.FEATURES))
-    return uf, itf
-
-
 def model_lists_blended(
     proto: Protocol, matrix: DataFrame, tcfg: TrainConfig, rec: RecommendConfig, weights: list[float], k: int,
     factors: tuple[DataFrame, DataFrame] | None = None,
 ) -> Iterator[tuple[float, DataFrame]]:
     """Fit ALS once (unless `factors` are given) and list the evaluated users' top k at each blend weight:
     (weight, (user_id, item_id, rank))."""
-    uf, itf = factors or fitted_factors(matrix, tcfg)
+    uf, itf = factors or train.fit_factors(matrix, tcfg.als)
     for weight in weights:
         blended = rec.model_copy(update={"blend": rec.blend.model_copy(update={"weight": weight})})
         yield weight, proto.keyed(recommend.recommend_all(proto.history, uf, itf, _eval_rec_cfg(blended, k), users=proto.users))
@@ -177,7 +169,7 @@ def all_lists_and_factors(
     kmax = max(ev.ks)
     reference = proto.train.agg(F.max(C.EVENT_TS)).first()[0]
     matrix = train.training_matrix(proto.train, user_ids, item_ids, settings, reference).checkpoint(eager=True)
-    factors = fitted_factors(matrix, settings)
+    factors = train.fit_factors(matrix, settings.als)
     [(_, model)] = model_lists_blended(proto, matrix, settings, rec, [rec.blend.weight], kmax, factors)
     lists = {"model": model}
     lists.update(baseline_lists(proto, ev, kmax, rec.exclude_event_types))

@@ -10,7 +10,7 @@ Training, as the prototype measured it (`bench/bench_ranker_ceiling.py`, bench/R
 `ranker.training_cuts` past moments, `label_days` apart and newest first, an ALS model is fitted on the
 history before the cut (so no feature has seen the labels), the candidates of a bounded sample of the
 customers who bought something new in the `label_days` after it are labelled, and the cuts' rows go to
-the driver, where LightGBM fits lambdarank (`ranker.fit`).
+the driver, where LightGBM fits lambdarank (`fit_frames`, `core.ranker.fit`).
 """
 
 from __future__ import annotations
@@ -191,9 +191,7 @@ def fitted_at(before: DataFrame, user_ids: DataFrame, item_ids: DataFrame, at: d
     """ALS fitted on the history before a cut, as the train stage would have then: (user, item factors).
     Needs a checkpoint directory."""
     matrix = train.training_matrix(before, user_ids, item_ids, settings, at).checkpoint(eager=True)
-    model = train.fit_als(matrix, settings.als)
-    return (model.userFactors.select(F.col("id").alias(C.USER_IDX), F.col("features").alias(C.FEATURES)),
-            model.itemFactors.select(F.col("id").alias(C.ITEM_IDX), F.col("features").alias(C.FEATURES)))
+    return train.fit_factors(matrix, settings.als)
 
 
 def labelled_frame(before: DataFrame, user_ids: DataFrame, item_ids: DataFrame, positives: DataFrame,

@@ -89,6 +89,14 @@ def fit_als(matrix: DataFrame, als: AlsConfig) -> ALSModel:
     return make_als(als).fit(matrix)
 
 
+def fit_factors(matrix: DataFrame, als: AlsConfig) -> tuple[DataFrame, DataFrame]:
+    """ALS fitted on a materialised matrix, its factors as the list code reads them: (user, item factors).
+    What evaluation, tuning and the ranker's training cuts score with (nothing saved, no model version)."""
+    model = fit_als(matrix, als)
+    return (model.userFactors.select(F.col("id").alias(C.USER_IDX), F.col("features").alias(C.FEATURES)),
+            model.itemFactors.select(F.col("id").alias(C.ITEM_IDX), F.col("features").alias(C.FEATURES)))
+
+
 def factors(model: ALSModel, model_version: str) -> tuple[DataFrame, DataFrame]:
     users = model.userFactors.select(
         F.col("id").alias(C.USER_IDX), F.col("features").alias(C.FEATURES), F.lit(model_version).alias(C.MODEL_VERSION)

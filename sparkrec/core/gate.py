@@ -119,8 +119,7 @@ def evaluation_line(metrics: dict[str, float], details: dict) -> str:
     if f"ranked.{key}" in metrics:
         ranked = (f" (ranked lists {metrics[f'ranked.{key}']:.4f} against ALS's {metrics.get(f'model.{key}', 0.0):.4f}: "
                   + ("the ranker's lists go out)" if judged == "ranked" else "ALS's lists go out)"))
-    name = "ranked" if judged == "ranked" else "model"
-    return (f"{name} {key} {model:.4f} vs best baseline {best} {base:.4f} ({ratio}){ranked}; gate {verdict}"
+    return (f"{judged} {key} {model:.4f} vs best baseline {best} {base:.4f} ({ratio}){ranked}; gate {verdict}"
             + ("" if gate.get("enabled") else " (gate off)") + published)
 
 
