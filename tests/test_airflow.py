@@ -48,7 +48,7 @@ def airflow_env(tmp_path_factory, spark):
         pytest.fail(f"{AIRFLOW_VENV} is missing: run `make airflow-setup` (make test does it)")
     home = tmp_path_factory.mktemp("airflow-home")
     shop = tmp_path_factory.mktemp("airflow-shop")
-    generate(GenerateParams(events=12_000, seed=11), str(shop))
+    generate(GenerateParams(events=6_000, seed=11), str(shop))
     wh = home / "warehouse"
     env = {
         **os.environ,

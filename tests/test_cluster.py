@@ -35,7 +35,6 @@ from sparkrec.cli import main
 from sparkrec.core import columns as C
 from sparkrec.core.config import load_config
 from sparkrec.dev import cluster as devcluster
-from sparkrec.dev.generate import GenerateParams, generate
 from sparkrec.storage import tables
 from sparkrec.storage.runs import RunContext
 from tests.conftest import ROOT
@@ -69,10 +68,8 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def shop(spark, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cluster-shop")
-    generate(GenerateParams(events=8_000, seed=5), str(out))
-    return out
+def shop(small_shop):
+    return small_shop
 
 
 def overrides(wh, shop) -> list[str]:

@@ -176,7 +176,7 @@ def test_forget_leaves_no_trace_in_any_file_and_the_rest_untouched(spark, tmp_pa
     from sparkrec.dev.generate import GenerateParams, generate
 
     shop = tmp_path / "shop"
-    generate(GenerateParams(events=12_000, seed=5), str(shop))
+    generate(GenerateParams(events=6_000, seed=5), str(shop))
     wh = tmp_path / "wh"
     monkeypatch.setenv("SPARKREC_PSEUDONYM_SECRET", SECRET)
     args = ["--config", str(ROOT / "conf" / "local.yaml"), "--set", f"warehouse={wh}", "--set", f"source.path={shop}/events",
