@@ -102,7 +102,8 @@ def test_n_above_what_a_user_can_be_offered_gives_every_allowed_item_and_one_war
     (all but what they bought), and the stage warns once with the counts."""
     _tiny_shop(tmp_path / "events.json")
     cfg = make_config(f"source.path={tmp_path / 'events.json'}", "items.path=null", "recommend.n=50",
-                      "train.als.rank=4", "train.als.max_iter=3", "recommend.similar_items.enabled=false")
+                      "train.als.rank=4", "train.als.max_iter=3", "recommend.similar_items.enabled=false",
+                      "tune.enabled=false", "evaluate.enabled=false")  # the recommend stage's n is the point here
     with caplog.at_level("WARNING", logger="sparkrec.batch.pipeline"):
         pipeline.run_stages(RunContext(spark, cfg))
     recs = tables.read_table(spark, cfg, C.RECOMMENDATIONS).df
