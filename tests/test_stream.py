@@ -184,6 +184,21 @@ def _commits(table: Path) -> int:
     return len(list(log.glob("*.json"))) if log.exists() else 0
 
 
+def _on_commit(table: Path, predicate):
+    """`predicate`, asked again only after `table` has a new commit: a Spark query every half second of a
+    minutes-long wait would keep the suite's session busy for nothing."""
+    seen = [-1]
+
+    def check() -> bool:
+        now = _commits(table)
+        if now == seen[0]:
+            return False
+        seen[0] = now
+        return predicate()
+
+    return check
+
+
 def test_sigkill_mid_batch_then_restart_every_event_exactly_once_and_the_broker_restart_loses_nothing(
         spark, built, broker, tmp_path):
     wh, overrides = copy_warehouse(built, tmp_path, "t_kill", broker)
@@ -207,8 +222,8 @@ def test_sigkill_mid_batch_then_restart_every_event_exactly_once_and_the_broker_
     log2 = tmp_path / "stream2.log"
     proc = _stream_process(overrides, log2)
     try:
-        cleaned = lambda: spark.read.format("delta").load(str(wh / C.INTERACTIONS)).where(  # noqa: E731
-            F.col(C.EVENT_ID).startswith("k")).count() == 300
+        cleaned = _on_commit(wh / C.INTERACTIONS, lambda: spark.read.format("delta").load(str(wh / C.INTERACTIONS)).where(
+            F.col(C.EVENT_ID).startswith("k")).count() == 300)
         _wait_for(cleaned, 240, "the first events cleaned", proc, log2)
         # the broker restarts mid-stream (same storage, same port): the stream waits and resumes
         broker.stop()
@@ -218,8 +233,8 @@ def test_sigkill_mid_batch_then_restart_every_event_exactly_once_and_the_broker_
         broker.__dict__.update(restarted.__dict__)
         later = [{**e, "event_id": f"l{i}"} for i, e in enumerate(first[:50])]
         produce(broker, "t_kill", later)
-        done = lambda: spark.read.format("delta").load(str(wh / C.INTERACTIONS)).where(  # noqa: E731
-            F.col(C.EVENT_ID).startswith("l")).count() == 50
+        done = _on_commit(wh / C.INTERACTIONS, lambda: spark.read.format("delta").load(str(wh / C.INTERACTIONS)).where(
+            F.col(C.EVENT_ID).startswith("l")).count() == 50)
         _wait_for(done, 240, "the events produced after the broker restart", proc, log2)
     finally:
         proc.send_signal(signal.SIGINT)
