@@ -48,10 +48,12 @@ def test_item_stats_derive_popularity_trend_and_neighbours():
 def test_co_purchase_weights_each_neighbour_by_how_recently_the_customer_bought_its_anchor():
     s = _stats()
     # Customer 0 bought 10 today and 11 fourteen days ago (half-life 14: weight 0.5); customer 1 nothing.
-    rows, items, score = ranker.co_purchase([np.array([10, 11]), np.array([], dtype=np.int64)],
-                                            [np.array([0.0, 14.0]), np.array([])], s, 14.0)
+    rows, items, score, anchor = ranker.co_purchase([np.array([10, 11]), np.array([], dtype=np.int64)],
+                                                    [np.array([0.0, 14.0]), np.array([])], s, 14.0)
     got = dict(zip(zip(rows.tolist(), items.tolist()), score.tolist()))
     assert got == pytest.approx({(0, 12): 0.5, (0, 13): 0.25 + 0.5 * 1.0})
+    # 13 owes 0.25 to 10 and 0.5 to 11: 11 is the item it is explained by.
+    assert dict(zip(items.tolist(), anchor.tolist())) == {12: 10, 13: 11}
 
 
 def test_candidates_are_the_sources_union_with_features_checked_by_hand():
@@ -73,7 +75,8 @@ def test_candidates_are_the_sources_union_with_features_checked_by_hand():
     assert by_item.loc[14, "price_ratio"] == pytest.approx(8 / 2.0)
     assert np.isnan(by_item.loc[13, "price_ratio"])  # the item's price is unknown
     assert (by_item["user_items"] == 4).all() and (by_item["user_first"] == 100).all()
-    assert list(frame.columns) == [ranker.ROW, ranker.ITEM, *ranker.FEATURES]
+    assert list(frame.columns) == [ranker.ROW, ranker.ITEM, *ranker.FEATURES, ranker.ANCHOR]
+    assert by_item[ranker.ANCHOR].to_dict() == {12: 10, 13: 11, 14: -1, 15: -1}  # only co-purchase has one
 
 
 def test_an_excluded_or_unlisted_item_is_never_a_candidate():
@@ -171,3 +174,36 @@ def test_strongest_neighbours_add_partial_counts_and_keep_the_top_k():
     # 3: 3 / sqrt(4 x 4) = 0.75; 2 and 4 tie at 1 / sqrt(4 x 1) = 0.5: the lower id is kept.
     assert got["other_idx"].tolist() == [3, 2]
     assert got["weight"].tolist() == pytest.approx([0.75, 0.5])
+
+
+def test_a_ranked_co_purchase_item_is_explained_by_the_item_it_is_bought_with():
+    """Through the list kernel, as the batch and the server call it: the ranked list's co-purchase items name
+    the customer's item that brought them, not the one their factors resemble most."""
+    from sparkrec.core import block
+    from sparkrec.core import columns as C
+    from sparkrec.core.recnames import EXCLUDED, HIST, HIST_TYPE, RK_AGE, RK_ITEMS, RK_USER
+
+    rng = np.random.default_rng(1)
+    model, _ = ranker.fit([_planted(rng, 200), _planted(rng, 200, 1000)], seed=1)  # co_score decides
+    items = _items()
+    seq = topk.FillSequence.of([14], [1.0], [-1], ["popular"], [0])
+    ids = items.item_idx.tolist()
+    plan = block.Plan(n=2, cap=None, seq=seq, items=items, unit=topk.ItemMatrix(items.item_idx, topk.normalized(items.vectors)),
+                      catalogue=block.Catalogue(items.item_idx, [f"i{i}" for i in ids], [f"Item {i}" for i in ids], [None] * 6),
+                      ranker=ranker.Ranker(model=model, depth=3), stats=_stats())
+    batch = pd.DataFrame({C.USER_IDX: [0], C.USER_ID: ["u0"], C.FEATURES: [[1.0]], EXCLUDED: [[10, 11]],
+                          HIST: [[10, 11]], HIST_TYPE: [[3, 3]], RK_ITEMS: [[10, 11]], RK_AGE: [[0.0, 14.0]],
+                          RK_USER: [[2.0, 2.0, 0.0, 100.0, 2.0]]})
+    got = block.lists(batch, plan).set_index(C.RANK)
+    # In one dimension every factor points the same way: similarity alone would name the first history item, 10.
+    assert got.loc[1, C.ITEM_ID] == "i13" and got.loc[1, C.REC_SOURCE] == "ranked"
+    assert got.loc[1, C.BECAUSE_ITEM_ID] == "i11" and got.loc[1, C.EXPLANATION] == "because you bought Item 11"
+    assert got.loc[2, C.ITEM_ID] == "i12" and got.loc[2, C.BECAUSE_ITEM_ID] == "i10"
+
+
+def test_anchors_follow_the_selection_and_a_frame_without_them_gives_none():
+    items = _items()
+    frame = pd.DataFrame({ranker.ROW: [0, 0, 1], ranker.ITEM: [12, 13, 12], ranker.ANCHOR: [10, -1, 11]})
+    sel = topk.Selection(row=np.array([1, 0, 0]), pos=np.array([2, 3, 2]), score=np.zeros(3), rank=np.array([1, 1, 2]))
+    assert ranker.anchors(frame, items, sel).tolist() == [11, -1, 10]
+    assert ranker.anchors(frame.drop(columns=[ranker.ANCHOR]), items, sel).tolist() == [-1, -1, -1]

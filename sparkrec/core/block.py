@@ -169,6 +169,7 @@ def lists(batch: pd.DataFrame, plan: Plan) -> pd.DataFrame:
     row = np.zeros(0, dtype=np.int64)
     item, cat, rank = row.copy(), row.copy(), row.copy()
     score = np.zeros(0, dtype=np.float32)
+    anchor = row.copy()  # a ranked item's co-purchase anchor (-1: none): its explanation
     if plan.items is not None:
         warm = np.flatnonzero(batch[C.FEATURES].notna().to_numpy())
         if len(warm):
@@ -178,6 +179,7 @@ def lists(batch: pd.DataFrame, plan: Plan) -> pd.DataFrame:
             if plan.ranker is not None and plan.stats is not None and RK_ITEMS in batch.columns:
                 frame = _candidates(batch, warm, q, excluded, plan)
                 sel = ranker.rank(frame, plan.ranker, plan.items, n, plan.cap, plan.threads)
+                anchor = ranker.anchors(frame, plan.items, sel)
             else:
                 sel = topk.top_k(q, [excluded[i] for i in warm], plan.items, n, plan.cap)
             row, item, score, rank = warm[sel.row], plan.items.item_idx[sel.pos], sel.score, sel.rank.astype(np.int64)
@@ -191,10 +193,15 @@ def lists(batch: pd.DataFrame, plan: Plan) -> pd.DataFrame:
         item = np.fromiter((x[C.ITEM_IDX] for x in flat), dtype=np.int64, count=len(flat))
         score = np.fromiter((x[C.SCORE] for x in flat), dtype=np.float32, count=len(flat))
         cat = np.fromiter((x[CAT] for x in flat), dtype=np.int64, count=len(flat))
+    if len(anchor) != len(row):  # lists not ranked here
+        anchor = np.full(len(row), -1, dtype=np.int64)
     because = np.full(len(row), -1, dtype=np.int64)
     because_type, own_type = because.copy(), because.copy()
     if plan.unit is not None and HIST in batch.columns and len(row):
         because = topk.explain(row, item, hist, plan.unit)
+        # "Because you bought X" for an item bought with X: the anchor, when it is in the history shown.
+        anchor_type = _type_of(anchor, row, hist, hist_type)
+        because = np.where((anchor >= 0) & (anchor_type >= 0), anchor, because)
         because_type = _type_of(because, row, hist, hist_type)
         own_type = _type_of(item, row, hist, hist_type)
     # Every list short of n is filled from the fallback sequence.
@@ -261,7 +268,7 @@ def candidate_frames(batch: pd.DataFrame, plan: Plan) -> pd.DataFrame:
         return empty
     q = np.stack(batch[C.FEATURES].to_numpy()[warm]).astype(np.float32)
     frame = _candidates(batch, warm, q, _arrays(batch[EXCLUDED], len(batch)), plan)
-    out = frame.drop(columns=[ranker.ROW]).astype({f: np.float32 for f in ranker.FEATURES})
+    out = frame.drop(columns=[ranker.ROW, ranker.ANCHOR]).astype({f: np.float32 for f in ranker.FEATURES})
     out.insert(0, C.USER_IDX, batch[C.USER_IDX].to_numpy()[frame[ranker.ROW].to_numpy()].astype(np.int32))
     out[C.ITEM_IDX] = out[C.ITEM_IDX].astype(np.int32)
     return out

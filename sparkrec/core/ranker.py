@@ -49,6 +49,9 @@ WEEK_DAYS = 7.0
 
 # Columns of a candidate frame besides the features: the block's row and the item id.
 ROW, ITEM = "row", "item_idx"
+# Not a feature: the customer's item whose neighbour a co-purchase candidate is (the largest share of its
+# co_score), -1 for the others. It explains the ranked list ("because you bought X").
+ANCHOR = "_anchor"
 
 
 @dataclass
@@ -224,17 +227,18 @@ def _top_per_row(rows: np.ndarray, cand: np.ndarray, score: np.ndarray, depth: i
 
 
 def co_purchase(hist_items: list[np.ndarray], hist_ages: list[np.ndarray], stats: ItemStats,
-                half_life_days: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                half_life_days: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Every item bought with a customer's items, scored by the neighbours' weights and how recently the
-    customer bought the item that brings it: (row, item id, score), one row per pair, unsorted."""
+    customer bought the item that brings it: (row, item id, score, anchor), one row per pair, unsorted. The
+    anchor is the customer's item that gives the pair the most of its score (the first listed on a tie)."""
     rows, items = _flat(hist_items, np.int64)
     _, ages = _flat(hist_ages, np.float64)
     pos, hit = stats.positions(items)
-    rows, pos, w = rows[hit], pos[hit], np.power(0.5, ages[hit] / half_life_days)
+    rows, pos, w, mine = rows[hit], pos[hit], np.power(0.5, ages[hit] / half_life_days), items[hit]
     start, stop = stats.nb_ptr[pos], stats.nb_ptr[pos + 1]
     n = stop - start
     if not n.sum():
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64), np.zeros(0, np.int64)
     at = np.repeat(start - np.concatenate([[0], np.cumsum(n)[:-1]]), n) + np.arange(n.sum())
     r = np.repeat(rows, n)
     other = stats.nb_item[at]
@@ -242,9 +246,10 @@ def co_purchase(hist_items: list[np.ndarray], hist_ages: list[np.ndarray], stats
     key = r * (int(other.max()) + 1) + other
     uniq, inv = np.unique(key, return_inverse=True)
     total = np.bincount(inv, weights=score)
-    first = np.zeros(len(uniq), dtype=np.int64)
-    first[inv[::-1]] = np.arange(len(inv))[::-1]
-    return r[first], other[first], total
+    # Per pair, its largest share first (stable: the earlier listed item wins a tie).
+    order = np.lexsort((-score, inv))
+    best = order[np.searchsorted(inv[order], np.arange(len(uniq)))]
+    return r[best], other[best], total, np.repeat(mine, n)[best]
 
 
 def candidates(
@@ -274,13 +279,13 @@ def candidates(
     if "als" in ranker.sources or "als_rank" in ranker.features:
         sel = topk.top_k(queries, excluded, items, depth)
         found["als"] = (sel.row, sel.pos, sel.rank.astype(np.int64))
-    r, other, s = co_purchase(hist_items, hist_ages, stats, ranker.co_half_life_days)
+    r, other, s, anchor = co_purchase(hist_items, hist_ages, stats, ranker.co_half_life_days)
     pos, hit = items.positions(other)
-    r, pos, s = r[hit], pos[hit], s[hit]
+    r, pos, s, anchor = r[hit], pos[hit], s[hit], anchor[hit]
     ok = ~np.isin(r * m + pos, ex_keys)
-    r, pos, s = r[ok], pos[ok], s[ok]
+    r, pos, s, anchor = r[ok], pos[ok], s[ok], anchor[ok]
     co_key, first = np.unique(r * m + pos, return_index=True)
-    co_val = s[first]
+    co_val, co_anchor = s[first], anchor[first]
     rr, pp, _, k = _top_per_row(r, pos, s, depth)
     found["co"] = (rr, pp, k)
     recent_pos, recent_hit = items.positions(stats.recent)
@@ -306,11 +311,11 @@ def candidates(
             rank[at[hit]] = k[hit]
         out[f"{name}_rank"] = rank
     out["als_score"] = np.einsum("ij,ij->i", queries[row], items.vectors[pos]).astype(np.float64) if len(row) else np.zeros(0)
-    co = np.zeros(len(keys))
+    co, why = np.zeros(len(keys)), np.full(len(keys), -1, dtype=np.int64)
     if len(co_key):
         at = np.minimum(np.searchsorted(co_key, keys), len(co_key) - 1)
         hit = co_key[at] == keys
-        co[hit] = co_val[at[hit]]
+        co[hit], why[hit] = co_val[at[hit]], co_anchor[at[hit]]
     out["co_score"] = co
     spos, shit = stats.positions(out[ITEM])
     vals = np.where(shit[:, None], stats.values[spos], np.nan) if len(spos) else np.zeros((0, len(ITEM_FEATURES)))
@@ -321,8 +326,23 @@ def candidates(
             out[f] = user[row, j]
     with np.errstate(divide="ignore", invalid="ignore"):
         out["price_ratio"] = out["item_price"] / user[row, USER_FEATURES.index("user_price")]
+    out[ANCHOR] = why
     frame = pd.DataFrame(out)
-    return frame[[ROW, ITEM, *FEATURES]]
+    return frame[[ROW, ITEM, *FEATURES, ANCHOR]]
+
+
+def anchors(frame: pd.DataFrame, items: topk.ItemMatrix, sel: topk.Selection) -> np.ndarray:
+    """The co-purchase anchor of each selected (row, item) of a block's candidates (-1: none, or no column)."""
+    if ANCHOR not in frame.columns or not len(sel.row) or not len(frame):
+        return np.full(len(sel.row), -1, dtype=np.int64)
+    m = len(items.item_idx)
+    pos, _ = items.positions(frame[ITEM].to_numpy())
+    keys = frame[ROW].to_numpy(dtype=np.int64) * m + pos
+    order = np.argsort(keys, kind="stable")
+    want = sel.row.astype(np.int64) * m + sel.pos
+    at = np.minimum(np.searchsorted(keys[order], want), len(keys) - 1)
+    hit = keys[order][at] == want
+    return np.where(hit, frame[ANCHOR].to_numpy(dtype=np.int64)[order][at], -1)
 
 
 def rank(frame: pd.DataFrame, ranker: Ranker, items: topk.ItemMatrix, n: int, cap: int | None,
