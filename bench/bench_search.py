@@ -83,9 +83,9 @@ def co_purchase_scores(snap, train: pd.DataFrame, cut: pd.Timestamp, neighbours:
     pos = snap.item_index.get_indexer(train["item"])
     t = train[pos >= 0].assign(item_idx=cat.item_idx[pos[pos >= 0]].astype(np.int64), day=lambda d: d["ts"].dt.floor("D"))
     latest = t.groupby(["user", "day", "item_idx"])["ts"].max().reset_index().sort_values(["user", "day", "ts"], ascending=[True, True, False])
-    baskets = latest.groupby(["user", "day"])["item_idx"].agg(lambda x: x.to_numpy()[:basket_items])
-    i, j, both = ranker.basket_pairs(list(baskets))
-    days = pd.Series(np.concatenate(list(baskets))).value_counts()
+    baskets = [g.to_numpy()[:basket_items] for _, g in latest.groupby(["user", "day"], sort=False)["item_idx"]]
+    i, j, both = ranker.basket_pairs(baskets)
+    days = pd.Series(np.concatenate(baskets)).value_counts()
     off = i != j
     pairs = ranker.strongest_neighbours(i[off], j[off], both[off], days.index.to_numpy(np.int64), days.to_numpy(np.int64), neighbours)
     ids = np.unique(np.concatenate([pairs["item_idx"].to_numpy(np.int64), pairs["other_idx"].to_numpy(np.int64)]))
