@@ -199,9 +199,9 @@ def lists(batch: pd.DataFrame, plan: Plan) -> pd.DataFrame:
     because_type, own_type = because.copy(), because.copy()
     if plan.unit is not None and HIST in batch.columns and len(row):
         because = topk.explain(row, item, hist, plan.unit)
-        # "Because you bought X" for an item bought with X: the anchor, when it is in the history shown.
-        anchor_type = _type_of(anchor, row, hist, hist_type)
-        because = np.where((anchor >= 0) & (anchor_type >= 0), anchor, because)
+        if (anchor >= 0).any():  # "because you bought X" for an item bought with X, when X is in the history shown
+            anchor_type = _type_of(anchor, row, hist, hist_type)
+            because = np.where((anchor >= 0) & (anchor_type >= 0), anchor, because)
         because_type = _type_of(because, row, hist, hist_type)
         own_type = _type_of(item, row, hist, hist_type)
     # Every list short of n is filled from the fallback sequence.
