@@ -207,3 +207,49 @@ def test_anchors_follow_the_selection_and_a_frame_without_them_gives_none():
     sel = topk.Selection(row=np.array([1, 0, 0]), pos=np.array([2, 3, 2]), score=np.zeros(3), rank=np.array([1, 1, 2]))
     assert ranker.anchors(frame, items, sel).tolist() == [11, -1, 10]
     assert ranker.anchors(frame.drop(columns=[ranker.ANCHOR]), items, sel).tolist() == [-1, -1, -1]
+
+
+def test_a_customers_activity_is_counted_by_hand():
+    day = ranker.DAY_US
+    # Customer 0: three events on two days, prices 4, 1, 10. Customer 1: one event, no price. Customer 2: none.
+    user = np.array([0, 0, 1, 0])
+    ts = np.array([10 * day + 5, 10 * day + 9, 3 * day, 12 * day])
+    price = np.array([4.0, 1.0, np.nan, 10.0])
+    sessions, first, last_day, median = ranker.activity(user, ts, price, 3)
+    assert sessions.tolist() == [2, 1, 0]
+    assert first[:2].tolist() == [10 * day + 5, 3 * day]
+    assert last_day[:2].tolist() == [12, 3]
+    # Spark's percentile_approx(price, 0.5): the lower middle value (4 of 1, 4, 10); none without a price.
+    assert median[0] == 4.0 and np.isnan(median[1]) and np.isnan(median[2])
+    assert ranker.activity(np.zeros(4, np.int64), np.arange(4) * day, np.array([4.0, 1.0, 3.0, 2.0]), 1)[3][0] == 2.0
+
+
+def test_a_customers_inputs_age_from_the_reference():
+    day = ranker.DAY_US
+    items, ages, user = ranker.customer_inputs(np.array([7, 9]), np.array([8 * day, 5 * day]), 3, 2 * day, 4.5, 10 * day)
+    assert items.tolist() == [7, 9] and ages.tolist() == [2.0, 5.0]
+    assert user.tolist() == [2.0, 3.0, 2.0, 8.0, 4.5]  # items, days, last, first, median price (USER_FEATURES)
+
+
+def test_item_statistics_go_through_serving_items_unchanged():
+    """The server ranks with the statistics the batch ranked with: written per catalogue row, read back whole."""
+    from sparkrec.core import block, serving
+
+    stats = _stats()
+    seq = topk.FillSequence(np.array([14]), np.array([1.0], np.float32), np.array([-1], np.int32),
+                            np.array([0], np.int8), ("popular",))
+    ids = np.arange(9, 17)
+    cat = block.Catalogue(ids, np.array([f"k{i}" for i in ids], dtype=object), np.full(len(ids), None, dtype=object),
+                          np.full(len(ids), None, dtype=object))
+    plan = block.Plan(n=3, cap=None, seq=seq, items=_items(), catalogue=cat,
+                      ranker=ranker.Ranker(model="m", depth=3, co_half_life_days=7.0, features=("als_score", "co_score")),
+                      stats=stats)
+    rows, settings = serving.plan_rows(plan), serving.plan_settings(plan)
+    back = serving.plan_of(rows, settings, None, "m")
+    for f in ("item_idx", "values", "recent", "nb_ptr", "nb_item", "nb_weight"):
+        np.testing.assert_array_equal(getattr(back.stats, f), getattr(stats, f), err_msg=f)
+    assert (back.ranker.depth, back.ranker.co_half_life_days, back.ranker.features) == (3, 7.0, ("als_score", "co_score"))
+    # Without the model the plan comes back unranked; a plan without a ranker writes null statistics.
+    assert serving.plan_of(rows, settings, None).ranker is None
+    plain = serving.plan_rows(block.Plan(n=3, cap=None, seq=seq, items=_items(), catalogue=cat))
+    assert plain[serving.RK_VALUES].isna().all() and serving.stats_of(plain) is None

@@ -138,3 +138,36 @@ def test_a_run_keeps_the_ranker_where_it_wins_and_publishes_its_lists(spark, tmp
     waiting = waiting.join(inter.select(C.USER_ID, F.col(C.ITEM_ID).alias("partner")), [C.USER_ID, "partner"], "left_anti")
     found = waiting.join(recs.select(C.USER_ID, F.col(C.ITEM_ID).alias("partner")), [C.USER_ID, "partner"], "left_semi")
     assert waiting.count() >= 20 and found.count() >= 0.6 * waiting.count(), (found.count(), waiting.count())
+
+    # The server ranks as the batch did (one kernel, the plan and item statistics read back from serving_items,
+    # each customer's inputs from interactions): with nothing new, every live list is the published one.
+    from fastapi.testclient import TestClient
+
+    from sparkrec.serve import live
+    from sparkrec.serve import state as state_
+    from sparkrec.serve.app import create_app
+    from tests.test_serve import wait_for
+
+    served = load_config(ROOT / "conf" / "local.yaml",
+                         [*overrides, "stream.source.kind=files", f"stream.source.path={tmp_path / 'in'}"])
+    st = state_.State(served)
+    with TestClient(create_app(served, st, token=None)) as client:
+        snap, _ = wait_for(lambda: st.snapshot, lambda s: s is not None, 30)
+        assert snap.plan.ranker is not None and snap.plan.stats is not None
+        shown = lambda rows: [(r[C.ITEM_ID], r[C.REC_SOURCE], r[C.EXPLANATION]) for r in rows]  # noqa: E731
+        for key in snap.lists.index:
+            assert shown(live.list_for(key, [], snap, served)[0]) == shown(snap.lists.get(key, 5)), key
+        # A customer who buys an 'a' item gets its partner within a second, ranked and explained by it.
+        end = inter.agg(F.max(C.EVENT_TS)).first()[0]
+        customer = snap.lists.index[0]
+        mine = {r[0] for r in inter.where(F.col(C.USER_ID) == customer).select(C.ITEM_ID).collect()}
+        listed = {r[C.ITEM_ID] for r in snap.lists.get(customer, 5)}
+        pair = next(k for k in range(20) if f"b{k}" not in mine | listed)
+        stamp = (end + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        client.post("/v1/events", json=[{"user_id": customer, "item_id": f"a{pair}", "event_type": "purchase",
+                                         "timestamp": stamp}]).raise_for_status()
+        got, _ = wait_for(lambda: client.get(f"/v1/users/{customer}/recommendations").json(),
+                          lambda b: b["list"] == "live", 2.0)
+        top = {r["item_id"]: r for r in got["items"][:3]}
+        assert f"b{pair}" in top, got
+        assert top[f"b{pair}"]["source"] == "ranked" and top[f"b{pair}"]["because_item_id"] == f"a{pair}", got

@@ -270,13 +270,15 @@ def run_recommend(ctx: RunContext, baseline: str | None = None, blend_weight: fl
                  F.lit(ctx.now).cast("timestamp").alias(C.GENERATED_AT)]
         try:
             # Scored, filled, keyed and explained in one pass over the users: the table as published.
-            ranked = None
+            ranked, served_ranker = None, None
             if chosen is not None:
                 with rec.step("ranker inputs"):
                     priced = ranking.priced_history(inter, uids, iids)
                     reference = inter.agg(F.max(C.EVENT_TS)).first()[0]
                     ranked = (chosen[0], ranking.item_stats(priced, reference, cfg.ranker),
                               ranking.user_inputs(priced, reference))
+                    # What the server needs besides the plan to rank a customer who acts as these lists were ranked.
+                    served_ranker = {"path": chosen[1], "reference": reference.isoformat()}
             keyed, plan = recommend.recommend_all(history, uf, itf, r, meta, user_ids=uids, baseline=baseline,
                                                   return_plan=True, ranked=ranked)
             if r.exploration_slots and items is not None:
@@ -308,7 +310,7 @@ def run_recommend(ctx: RunContext, baseline: str | None = None, blend_weight: fl
             # What search ranks by: one row per catalogue item (bounded), only when search is on.
             searched = (recommend.item_popularity(history, meta, cfg.search.recent_days).toPandas()
                         if cfg.search.enabled else None)
-            write_serving(ctx, rec, plan, model_version, stamp, searched)
+            write_serving(ctx, rec, plan, model_version, stamp, searched, served_ranker)
         finally:
             history.unpersist()
             meta.unpersist()
@@ -317,10 +319,13 @@ def run_recommend(ctx: RunContext, baseline: str | None = None, blend_weight: fl
         rec.details["model_version"] = model_version
 
 
-def write_serving(ctx: RunContext, rec, plan, model_version: str, stamp: list, searched=None) -> None:
+def write_serving(ctx: RunContext, rec, plan, model_version: str, stamp: list, searched=None,
+                  served_ranker: dict | None = None) -> None:
     """The plan the lists were built with, to `serving_items`, and its scalars to this stage's record:
     `sparkrec serve` rebuilds the very same plan from them (`core.serving`) to list a customer who acts.
-    With `searched` (`item_popularity`), also what search ranks by, and the search index of the items shown."""
+    With `searched` (`item_popularity`), also what search ranks by, and the search index of the items shown.
+    With `served_ranker` (the ranker's directory and the time its inputs describe), the item statistics it
+    ranked with go into `serving_items` too."""
     cfg = ctx.cfg
     frame = serving.plan_rows(plan, searched)
     if searched is not None and cfg.search.enabled:
@@ -331,6 +336,8 @@ def write_serving(ctx: RunContext, rec, plan, model_version: str, stamp: list, s
     trained = {} if model_version.startswith("baseline:") else registry.train_record(ctx.spark, cfg, model_version) or {}
     settings.update(train=trained.get("train"), decay_reference=trained.get("decay_reference"),
                     exploration_slots=cfg.recommend.exploration_slots)
+    if settings.get("ranker") and served_ranker:
+        settings["ranker"].update(served_ranker)
     rec.details["serving"] = settings
 
 

@@ -132,3 +132,6 @@ DAY = "day"
 HASH_CODE = "hash_code"
 # On a change set applied by MERGE (`merges.upsert`, `merges.apply_changes`): true = delete the row with this key.
 DROP_FLAG = "_op_drop"
+
+# The ranker a run's evaluation chose, as a file in its directory under `<warehouse>/_rankers/` (LightGBM's text).
+RANKER_FILE = "model.txt"

@@ -175,6 +175,56 @@ def user_inputs(items: Sequence, ages: Sequence, user: Sequence) -> tuple[list[n
     return it, ag, uf
 
 
+DAY_US = 86_400_000_000
+
+
+def activity(user: np.ndarray, ts_us: np.ndarray, price: np.ndarray, users: int) -> tuple[np.ndarray, ...]:
+    """Per customer code 0..`users`-1, from all their events: (days with an event, first event, last event's
+    day, median price paid): what a process without Spark keeps to give a customer `USER_FEATURES` later.
+
+    As `batch.ranking.user_inputs` aggregates them in Spark: days in UTC, and the median as Spark's
+    `percentile_approx(price, 0.5)` gives it, the lower middle value (NaN: no price). Times in microseconds.
+    """
+    user = np.asarray(user, dtype=np.int64)
+    ts = np.asarray(ts_us, dtype=np.int64)
+    day = np.floor_divide(ts, DAY_US)
+    sessions = np.zeros(users, dtype=np.int32)
+    first = np.full(users, np.iinfo(np.int64).max, dtype=np.int64)
+    last_day = np.full(users, np.iinfo(np.int64).min, dtype=np.int64)
+    median = np.full(users, np.nan, dtype=np.float32)
+    if not len(user):
+        return sessions, first, last_day, median
+    span = int(day.max() - day.min()) + 1
+    distinct = np.unique(user * span + (day - day.min()))
+    sessions += np.bincount(distinct // span, minlength=users).astype(np.int32)
+    np.minimum.at(first, user, ts)
+    np.maximum.at(last_day, user, day)
+    price = np.asarray(price, dtype=np.float64)
+    ok = ~np.isnan(price)
+    u, p = user[ok], price[ok]
+    order = np.lexsort((p, u))
+    u, p = u[order], p[order]
+    if len(u):
+        starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]])
+        counts = np.diff(np.r_[starts, len(u)])
+        median[u[starts]] = p[starts + (counts + 1) // 2 - 1]
+    return sessions, first, last_day, median
+
+
+def customer_inputs(item_idx: np.ndarray, last_us: np.ndarray, sessions: float, first_us: int, price: float,
+                    reference_us: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One customer's ranker inputs at `reference_us`: (their items, days since they last touched each,
+    `USER_FEATURES`), the row a block reads as `_rk_items`, `_rk_age` and `_rk_user`. The server's
+    counterpart of `batch.ranking.user_inputs`, from the customer's pairs (`core.events.reduce_pairs`) and
+    their `activity`; a published list is ranked from the same figures either way (tests/test_ranking.py)."""
+    items = np.asarray(item_idx, dtype=np.int64)
+    ages = (int(reference_us) - np.asarray(last_us, dtype=np.int64)) / DAY_US
+    last = float(ages.min()) if len(ages) else np.nan
+    first = (int(reference_us) - int(first_us)) / DAY_US if len(ages) else np.nan
+    user = np.array([len(items), sessions, last, first, price], dtype=np.float64)
+    return items, ages.astype(np.float64), user
+
+
 def basket_pairs(baskets: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """How many of `baskets` (item id lists, no repeats within one) hold each pair of items: (item, other,
     count) for every ordered pair with a count, an item with itself counting the baskets that hold it."""

@@ -33,9 +33,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from sparkrec.core import block, events, foldin, pseudonyms, topk
+from sparkrec.core import block, events, foldin, pseudonyms, ranker, topk
 from sparkrec.core import columns as C
 from sparkrec.core.config import Config, TrainConfig
+from sparkrec.core.recnames import RK_AGE, RK_ITEMS, RK_USER
 from sparkrec.serve import reader
 
 log = logging.getLogger(__name__)
@@ -64,15 +65,20 @@ class Pairs:
     """
 
     def __init__(self, index: pd.Index, bounds: np.ndarray, item_pos: np.ndarray, weight: np.ndarray,
-                 strength: np.ndarray, last_us: np.ndarray, excluded: np.ndarray) -> None:
+                 strength: np.ndarray, last_us: np.ndarray, excluded: np.ndarray,
+                 activity: tuple[np.ndarray, ...] | None = None) -> None:
         self.index, self.bounds = index, bounds
         self.item_pos, self.weight, self.strength, self.last_us, self.excluded = item_pos, weight, strength, last_us, excluded
+        # Per customer, in `index` order, when the lists are ranked (`ranker.activity`): days with an event, first
+        # event, last event's day, median price. 24 bytes a customer.
+        self.activity = activity
 
     @classmethod
     def of_events(cls, table: pa.Table, catalogue_index: pd.Index, train: TrainConfig, reference: datetime | None,
-                  exclude_types: list[str]) -> Pairs:
-        """Events (user_id, item_id, event_type, event_ts, rating) to pairs: the live path's own kernels
-        (`events.event_arrays`, `events.reduce_pairs`), on dictionary codes."""
+                  exclude_types: list[str], ranked: bool = False) -> Pairs:
+        """Events (user_id, item_id, event_type, event_ts, rating[, price]) to pairs: the live path's own kernels
+        (`events.event_arrays`, `events.reduce_pairs`), on dictionary codes. `ranked`: also each customer's
+        `activity`, from the same events (the ranker's customer features)."""
         def codes(name: str) -> tuple[np.ndarray, np.ndarray]:
             enc = table.column(name).combine_chunks().cast(pa.string()).dictionary_encode()
             return (enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64),
@@ -96,8 +102,13 @@ class Pairs:
         user = ucode[first]  # reduce_pairs sorts by its group code: users come out grouped, in code order
         starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]]) if len(user) else np.zeros(0, dtype=np.int64)
         index = pd.Index(users[user[starts]], dtype=object)
+        act = None
+        if ranked:
+            price = (table.column(C.PRICE).combine_chunks().cast(pa.float64()).fill_null(np.nan)
+                     .to_numpy(zero_copy_only=False)[keep] if C.PRICE in table.column_names else np.full(len(ucode), np.nan))
+            act = tuple(a[user[starts]] for a in ranker.activity(ucode, ts, price, len(users)))
         return cls(index, np.r_[starts, len(user)].astype(np.int64), item_pos[icode[first]].astype(np.int32),
-                   w.astype(np.float64), s.astype(np.int8), t.astype(np.int64), x.astype(bool))
+                   w.astype(np.float64), s.astype(np.int8), t.astype(np.int64), x.astype(bool), act)
 
     removed: frozenset[str] = frozenset()
 
@@ -111,6 +122,16 @@ class Pairs:
         s = slice(int(self.bounds[at]), int(self.bounds[at + 1]))
         return self.item_pos[s], self.weight[s], self.strength[s], self.last_us[s], self.excluded[s]
 
+    def activity_of(self, user: str) -> tuple | None:
+        """(days with an event, first event µs, last event's day, median price) of a customer, or None."""
+        if self.activity is None or user in self.removed:
+            return None
+        try:
+            at = self.index.get_loc(user)
+        except KeyError:
+            return None
+        return tuple(a[at] for a in self.activity)
+
     def drop(self, user: str) -> None:
         """Hold nothing more of a customer (an erasure): their pairs zeroed, their key never matched again."""
         try:
@@ -121,18 +142,22 @@ class Pairs:
         s = slice(int(self.bounds[at]), int(self.bounds[at + 1]))
         for arr in (self.item_pos, self.weight, self.strength, self.last_us, self.excluded):
             arr[s] = 0
+        for arr in self.activity or ():
+            arr[at] = 0
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.item_pos, self.weight, self.strength, self.last_us, self.excluded, self.bounds))
+        arrays = (self.item_pos, self.weight, self.strength, self.last_us, self.excluded, self.bounds, *(self.activity or ()))
+        return sum(a.nbytes for a in arrays)
 
 
-def load_pairs(cfg: Config, version: int | None, model: Model, catalogue_index: pd.Index) -> Pairs:
-    """Every customer's pairs from `interactions` at `version` (the events the published lists stand on)."""
-    cols = [C.USER_ID, C.ITEM_ID, C.EVENT_TYPE, C.EVENT_TS, C.RATING]
-    got = reader.read(cfg, C.INTERACTIONS, cols, version=version, required=False, optional=(C.RATING,), arrow=True)
+def load_pairs(cfg: Config, version: int | None, model: Model, catalogue_index: pd.Index, ranked: bool = False) -> Pairs:
+    """Every customer's pairs from `interactions` at `version` (the events the published lists stand on); with
+    `ranked`, also what the ranker needs of each customer (their activity and the prices they paid)."""
+    cols = [C.USER_ID, C.ITEM_ID, C.EVENT_TYPE, C.EVENT_TS, C.RATING, *([C.PRICE] if ranked else [])]
+    got = reader.read(cfg, C.INTERACTIONS, cols, version=version, required=False, optional=(C.RATING, C.PRICE), arrow=True)
     table = got.frame if got is not None else pa.table({c: pa.array([], pa.string()) for c in cols})
-    return Pairs.of_events(table, catalogue_index, model.train, model.reference, cfg.recommend.exclude_event_types)
+    return Pairs.of_events(table, catalogue_index, model.train, model.reference, cfg.recommend.exclude_event_types, ranked)
 
 
 class Live:
@@ -255,8 +280,36 @@ def row_for(key: str, new: list[events.Event], snap, cfg: Config) -> tuple[dict[
                                     als.nonnegative)
     category = snap.item_cat[p_pos] if snap.item_cat is not None else None
     row = events.user_row(item_idx, weight, p_s, p_t, p_x, category, factor, rec)
+    if snap.plan.ranker is not None:
+        row.update(ranker_inputs(item_idx, p_t, snap.pairs.activity_of(key), new, ts, snap.ranker_reference))
     as_of = datetime.fromtimestamp(int(p_t.max()) / 1e6, tz=timezone.utc) if len(p_t) else None
     return {C.USER_IDX: -1, C.USER_ID: key, **row}, as_of
+
+
+def ranker_inputs(item_idx: np.ndarray, last_us: np.ndarray, published: tuple | None, new: list[events.Event],
+                  new_us: np.ndarray, reference: datetime | None) -> dict[str, Any]:
+    """A customer's ranker inputs (`_rk_items`, `_rk_age`, `_rk_user`) from their pairs, published activity and new events.
+
+    At the run's reference time (the newest event it ranked with), or at the customer's newest event when that
+    is later: an item bought a moment ago is 0 days old, and the rest age from it. A new event on a day after the
+    customer's last published one adds a day; the median price stays the published one (the new events' own for
+    a customer with none).
+    """
+    prices = np.array([np.nan if e.price is None else e.price for e in new], dtype=np.float64)
+    if published is None:
+        sessions, first, _, median = ranker.activity(np.zeros(len(new_us), np.int64), new_us, prices, 1)
+        sessions, first, price = float(sessions[0]), int(first[0]), float(median[0])
+    else:
+        sessions, first, last_day, price = published
+        new_days = np.unique(np.floor_divide(new_us, ranker.DAY_US))
+        sessions = float(sessions) + float(np.sum(new_days > last_day))
+        first = min(int(first), int(new_us.min())) if len(new_us) else int(first)
+        price = float(price) if not np.isnan(price) or not len(prices) else float(
+            ranker.activity(np.zeros(len(new_us), np.int64), new_us, prices, 1)[3][0])
+    ref = events.micros([reference])[0] if reference is not None else 0
+    ref = max(int(ref), int(last_us.max()) if len(last_us) else 0)
+    items, ages, user = ranker.customer_inputs(item_idx, last_us, sessions, first, price, ref)
+    return {RK_ITEMS: items.tolist(), RK_AGE: ages.tolist(), RK_USER: user.tolist()}
 
 
 def lists_for(wanted: dict[str, list[events.Event]], snap, cfg: Config) -> dict[str, tuple[list[dict[str, Any]], datetime | None]]:

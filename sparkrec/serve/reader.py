@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -151,3 +152,22 @@ def commit_time(cfg: Config, key: str, version: int) -> datetime | None:
 def erasures(cfg: Config) -> Read | None:
     """Every erasure `sparkrec forget` recorded: (erased_at, user_hashes), or None when there was none."""
     return read(cfg, C.ERASURES, ["erased_at", "user_hashes"], required=False)
+
+
+def read_text(path: str, what: str) -> str:
+    """A text file a run wrote beside its tables (a local path or any URI pyarrow's filesystems open).
+
+    Raises:
+        StageError: the file cannot be read, naming `what` it is and where.
+    """
+    import pyarrow.fs as pafs
+
+    try:
+        if "://" in path:
+            fs, inner = pafs.FileSystem.from_uri(path)
+        else:
+            fs, inner = pafs.LocalFileSystem(), os.path.abspath(path.removeprefix("file:"))
+        with fs.open_input_stream(inner) as f:
+            return f.read().decode("utf-8")
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds for a missing or unreadable file
+        raise StageError(f"{what} at {path}: cannot read: {exc}") from None

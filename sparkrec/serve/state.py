@@ -144,6 +144,7 @@ class Snapshot:
     load_seconds: float = 0.0
     erased: set[str] = field(default_factory=set)  # user hashes already dropped
     category_plans: dict[str, block.Plan] = field(default_factory=dict)  # filled on first use (bounded by categories)
+    ranker_reference: datetime | None = None  # when the lists were ranked: the time the ranker's inputs describe
     searchable: search.Searchable | None = None  # the index and ranking inputs (None: search_problem says why)
     search_problem: str | None = None
 
@@ -221,6 +222,23 @@ def pinned(cfg: Config, key: str, columns, version: int | None, run_id: str) -> 
         return latest
 
 
+def ranker_of(settings: dict[str, Any], run_id: str) -> tuple[str | None, datetime | None]:
+    """The ranker a run's lists were ranked with: (its LightGBM model, the time its inputs describe), or Nones.
+
+    A run that names a ranker whose file is gone is still served, with ALS's own order for a customer who acts
+    (a warning says so): the published lists stay as they are."""
+    rk = settings.get("ranker") or {}
+    if not rk.get("path"):
+        return None, None
+    try:
+        text = reader.read_text(f"{rk['path'].rstrip('/')}/{C.RANKER_FILE}", "the ranker of run " + run_id)
+    except StageError as exc:
+        log.warning("serve: %s; a customer who acts gets ALS's own order until the next run", exc)
+        return None, None
+    reference = rk.get("reference")
+    return text, (utc(reference) if reference else None)
+
+
 def load(cfg: Config, run: dict[str, Any], previous: Snapshot | None = None) -> Snapshot:
     """Read the tables the recommend run `run` published, at the versions it recorded.
 
@@ -238,26 +256,27 @@ def load(cfg: Config, run: dict[str, Any], previous: Snapshot | None = None) -> 
     sim = (reader.read(cfg, C.SIMILAR_ITEMS, SIMILAR_COLUMNS, version=v[C.SIMILAR_ITEMS], arrow=True)
            if v[C.SIMILAR_ITEMS] is not None else None)
     items = reader.read(cfg, C.SERVING_ITEMS, serving.SERVING_COLUMNS, version=v[C.SERVING_ITEMS],
-                        optional=(serving.SHOWN, serving.POPULARITY, serving.RECENT_POPULARITY))
+                        optional=serving.OPTIONAL_COLUMNS)
     factors = None
     if v[C.ITEM_FACTORS] is not None and not run["details"].get("model_version", "").startswith("baseline:"):
         f = reader.read(cfg, C.ITEM_FACTORS, (C.ITEM_IDX, C.FEATURES), version=v[C.ITEM_FACTORS]).frame
         f = f.sort_values(C.ITEM_IDX)
         vectors = np.stack(f[C.FEATURES].to_numpy()).astype(np.float32) if len(f) else np.zeros((0, 1), np.float32)
         factors = topk.ItemMatrix(f[C.ITEM_IDX].to_numpy(), vectors) if len(f) else None
-    plan = serving.plan_of(items.frame, settings, factors)
+    ranker_model, ranker_reference = ranker_of(settings, run[C.RUN_ID])
+    plan = serving.plan_of(items.frame, settings, factors, ranker_model)
     train = TrainConfig.model_validate(settings["train"]) if settings.get("train") else cfg.train
     reference = settings.get("decay_reference")
     model = live.Model(factors, foldin.gram(factors.vectors) if factors is not None else None, train,
                        datetime.fromisoformat(reference) if reference else None)
     item_index = pd.Index(plan.catalogue.item_id)
     try:
-        pairs = live.load_pairs(cfg, v[C.INTERACTIONS], model, item_index)
+        pairs = live.load_pairs(cfg, v[C.INTERACTIONS], model, item_index, ranked=plan.ranker is not None)
         horizon = reader.commit_time(cfg, C.INTERACTIONS, v[C.INTERACTIONS]) if v[C.INTERACTIONS] is not None else None
     except StageError as exc:  # `sparkrec forget` purged that version: the latest, and the events from its commit
         latest = reader.current_version(cfg, C.INTERACTIONS)
         log.warning("serve: %s; reading interactions at its latest version %s instead", exc, latest)
-        pairs = live.load_pairs(cfg, latest, model, item_index)
+        pairs = live.load_pairs(cfg, latest, model, item_index, ranked=plan.ranker is not None)
         horizon = reader.commit_time(cfg, C.INTERACTIONS, latest) if latest is not None else None
     first = reader.read(cfg, C.RECOMMENDATIONS, [C.GENERATED_AT], version=recs.version, where="\"rank\" = 1 LIMIT 1")
     generated = utc(first.frame[C.GENERATED_AT].iloc[0]) if len(first.frame) else None
@@ -269,7 +288,7 @@ def load(cfg: Config, run: dict[str, Any], previous: Snapshot | None = None) -> 
                       C.ITEM_ID),
         plan=plan, cold=cold_list(plan, max(plan.n, cfg.serve.max_n)), names=dict(zip(plan.catalogue.item_id, plan.catalogue.name)),
         item_index=item_index, item_cat=plan.catalogue.code, model=model, pairs=pairs,
-        horizon=horizon, published_at=utc(run["finished_at"]),
+        horizon=horizon, published_at=utc(run["finished_at"]), ranker_reference=ranker_reference,
         category_codes={} if plan.catalogue.code is None else {
             c: int(k) for c, k in zip(plan.catalogue.category, plan.catalogue.code) if c is not None and k >= 0},
     )

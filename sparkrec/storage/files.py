@@ -58,7 +58,7 @@ def model_path(cfg: Config, model_version: str) -> str:
     return f"{cfg.warehouse.rstrip('/')}/_models/{model_version}"
 
 
-RANKER_FILE = "model.txt"
+RANKER_FILE = C.RANKER_FILE
 
 
 def ranker_path(cfg: Config, run_id: str) -> str:
