@@ -171,3 +171,18 @@ def test_a_run_keeps_the_ranker_where_it_wins_and_publishes_its_lists(spark, tmp
         top = {r["item_id"]: r for r in got["items"][:3]}
         assert f"b{pair}" in top, got
         assert top[f"b{pair}"]["source"] == "ranked" and top[f"b{pair}"]["because_item_id"] == f"a{pair}", got
+
+    # The stream (`sparkrec stream`) ranks too: the live list of a customer with nothing new is the published one.
+    from sparkrec.storage.runs import RunContext
+    from sparkrec.stream import live as stream
+
+    users = sorted(snap.lists.index)[:25]
+    handler = stream.LiveStream(spark, cfg)
+    ctx = RunContext(spark, cfg, live=True)
+    with ctx.stage("live") as rec:
+        assert handler.publish(ctx, rec, users, tables.read_table(spark, cfg, C.EVENTS_RAW).df.limit(0)) == 25
+    assert handler.model.plan.ranker is not None
+    cols = [C.USER_ID, C.RANK, C.ITEM_ID, C.REC_SOURCE, C.EXPLANATION]
+    got = sorted(tuple(r) for r in tables.read_table(spark, cfg, C.LIVE_RECOMMENDATIONS).df.select(*cols).collect())
+    want = sorted(tuple(r) for r in recs.where(F.col(C.USER_ID).isin(users)).select(*cols).collect())
+    assert len(want) == 125 and got == want

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 
 import pandas as pd
 from pyspark import StorageLevel
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from sparkrec.batch import evaluate, train
@@ -48,14 +48,16 @@ def priced_history(interactions: DataFrame, user_ids: DataFrame, item_ids: DataF
             .select(C.USER_IDX, C.ITEM_IDX, C.EVENT_TS, C.PRICE))
 
 
-def days_before(reference: datetime) -> Column:
-    """Days from an event to `reference` (fractional; the moment the inputs describe)."""
-    return (F.lit(reference).cast("timestamp").cast("double") - F.col(C.EVENT_TS).cast("double")) / 86400.0
+def days_before(reference: datetime | Column) -> Column:
+    """Days from an event to `reference` (fractional; the moment the inputs describe: a time, or a column)."""
+    ref = reference if isinstance(reference, Column) else F.lit(reference)
+    return (ref.cast("timestamp").cast("double") - F.col(C.EVENT_TS).cast("double")) / 86400.0
 
 
-def user_inputs(history: DataFrame, reference: datetime) -> DataFrame:
+def user_inputs(history: DataFrame, reference: datetime | Column) -> DataFrame:
     """(user_idx, _rk_items, _rk_age, _rk_user): each customer's items with the days since they last touched
-    each, and their activity in `ranker.USER_FEATURES` order. One aggregation, one row per customer."""
+    each, and their activity in `ranker.USER_FEATURES` order. One aggregation, one row per customer.
+    `reference` may be a column of `history` (each customer's own moment: `live_reference`)."""
     h = history.withColumn("_age", days_before(reference))
     per_item = h.groupBy(C.USER_IDX, C.ITEM_IDX).agg(F.min("_age").alias("_age"))
     items = per_item.groupBy(C.USER_IDX).agg(F.collect_list(F.struct(C.ITEM_IDX, "_age")).alias("_l"))
@@ -142,9 +144,19 @@ def list_settings(rec: RecommendConfig) -> RecommendConfig:
     return rec.model_copy(update={"blend": rec.blend.model_copy(update={"weight": 0.0})})
 
 
-def with_inputs(rows: DataFrame, history: DataFrame, reference: datetime) -> DataFrame:
+def with_inputs(rows: DataFrame, history: DataFrame, reference: datetime | Column) -> DataFrame:
     """Per-user rows (`lists.user_rows`) with the ranker's inputs of each customer."""
     return rows.join(user_inputs(history, reference), C.USER_IDX, "left")
+
+
+LIVE_REFERENCE = "_rk_reference"
+
+
+def live_reference(history: DataFrame, reference: datetime) -> DataFrame:
+    """`history` with each customer's own moment (`LIVE_REFERENCE`) for `user_inputs`: the time the item statistics
+    describe, or the customer's newest event when that is later (as the server does: `serve.live.ranker_inputs`)."""
+    newest = F.max(C.EVENT_TS).over(Window.partitionBy(C.USER_IDX))
+    return history.withColumn(LIVE_REFERENCE, F.greatest(F.lit(reference).cast("timestamp"), newest))
 
 
 def candidate_rows(rows: DataFrame, plan: block.Plan) -> DataFrame:

@@ -40,14 +40,14 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from sparkrec.batch import clean, incremental, ingest, pipeline, privacy, recommend, train
+from sparkrec.batch import clean, incremental, ingest, pipeline, privacy, ranking, recommend, train
 from sparkrec.batch.recommend.scoring import collect_bounded
-from sparkrec.core import block, foldin, pseudonyms
+from sparkrec.core import block, foldin, pseudonyms, ranker
 from sparkrec.core import columns as C
 from sparkrec.core import ledger as ledger_
 from sparkrec.core.config import Config, TrainConfig
 from sparkrec.core.errors import StageError
-from sparkrec.storage import merges, registry, runs, sources, tables
+from sparkrec.storage import files, merges, registry, runs, sources, tables
 from sparkrec.storage.runs import RunContext
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class LiveModel:
     plan: block.Plan
     meta: DataFrame
     built: float  # time.monotonic() when built
+    ranked_at: datetime | None = None  # the plan ranks (`plan.ranker`): the time its item statistics describe
 
     def factors_of(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows of `vectors` for `items`, which of `items` the model knows)."""
@@ -128,10 +129,37 @@ def load_model(ctx: RunContext, history: DataFrame) -> LiveModel:
         )
     meta = recommend.item_meta(iids, items.df if items is not None else None, history, cfg.recommend.rules)
     meta = meta.persist(StorageLevel.MEMORY_AND_DISK)
-    plan, _, _ = recommend.bounded_plan(history, itf, cfg.recommend, meta, keyed=True, factors=matrix)
+    chosen = published_ranker(ctx) if model_version is not None else None
+    rec = ranking.list_settings(cfg.recommend) if chosen is not None else cfg.recommend
+    plan, _, _ = recommend.bounded_plan(history, itf, rec, meta, keyed=True, factors=matrix)
+    ranked_at = None
+    if chosen is not None:
+        # Item statistics as the recommend stage computes them, from the history as it stands now: they follow
+        # the stream as the fallbacks do (rebuilt every stream.refresh_minutes).
+        inter = tables.read_required(spark, cfg, C.INTERACTIONS).df
+        priced = ranking.priced_history(inter, tables.read_required(spark, cfg, C.USER_IDS).df, iids)
+        ranked_at = inter.agg(F.max(C.EVENT_TS)).first()[0]
+        plan.ranker, plan.stats = chosen, ranking.item_stats(priced, ranked_at, cfg.ranker)
     idx = np.asarray(matrix.item_idx, dtype=np.int64)
     return LiveModel(model_version, factors.version if factors is not None else None, settings, reference, idx,
-                     matrix.vectors, foldin.gram(matrix.vectors) if len(idx) else None, plan, meta, time.monotonic())
+                     matrix.vectors, foldin.gram(matrix.vectors) if len(idx) else None, plan, meta, time.monotonic(),
+                     ranked_at)
+
+
+def published_ranker(ctx: RunContext) -> ranker.Ranker | None:
+    """The ranker the latest published lists were ranked with, or None (ALS's own lists went out, or it is off)."""
+    if not ctx.cfg.ranker.enabled:
+        return None
+    details = registry.latest_details(ctx.spark, ctx.cfg, "recommend") or {}
+    path = details.get("ranker")
+    if not path:
+        return None
+    text = files.read_texts(ctx.spark, path).get(files.RANKER_FILE)
+    if text is None:
+        log.warning("stream: the ranker the published lists were ranked with is missing (%s): live lists are ALS's own",
+                    path)
+        return None
+    return ranking.ranker_settings(ctx.cfg.ranker, text)
 
 
 def folded_factors(model: LiveModel, matrix: pd.DataFrame) -> dict[int, np.ndarray]:
@@ -286,7 +314,11 @@ class LiveStream:
             fdf = spark.createDataFrame([(u, v.tolist()) for u, v in factors.items()],
                                         f"{C.USER_IDX} int, {C.FEATURES} array<float>")
             history = recommend.indexed_history(theirs, mine, iids)
-            rows = recommend.user_rows(history, fdf, cfg.recommend, model.meta).join(mine, C.USER_IDX).toPandas()
+            rows = recommend.user_rows(history, fdf, cfg.recommend, model.meta)
+            if model.plan.ranker is not None:
+                priced = ranking.live_reference(ranking.priced_history(theirs, mine, iids), model.ranked_at)
+                rows = ranking.with_inputs(rows, priced, F.col(ranking.LIVE_REFERENCE))
+            rows = rows.join(mine, C.USER_IDX).toPandas()
             parts = list(block.lists_in_blocks(rows, model.plan))
             lists = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(block.KEYED_NAMES))
         with rec.step("publish"):
