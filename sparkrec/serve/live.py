@@ -11,8 +11,9 @@ the recommend stage's own plan (`block.lists`). The list is computed when the
 event arrives, so a read stays a lookup.
 
 Memory: the published pairs (customers x distinct items each, about 30 bytes a
-pair plus the customer's key once), and per customer who acted since the
-horizon their new events and their list. A new snapshot drops the events it
+pair plus the customer's key once; 24 bytes more per customer when the lists
+are ranked: their activity), and per customer who acted since the horizon
+their new events and their list. A new snapshot drops the events it
 already holds.
 """
 

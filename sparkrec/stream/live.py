@@ -18,9 +18,10 @@ is recorded in `runs` under the batch's run id, the live stage with the
 batch's ledger and latency.
 
 What stays on the driver between batches (`LiveModel`) is bounded by the
-catalogue: the item factors, the fallback sequence and the item keys, rebuilt
+catalogue: the item factors, the fallback sequence and the item keys (and, when
+the published lists were ranked, the ranker and its item statistics), rebuilt
 when a new model is published and every `stream.refresh_minutes` (so the
-popular and trending fallbacks follow the stream).
+popular and trending fallbacks, and the ranker's view of the items, follow the stream).
 """
 
 from __future__ import annotations
