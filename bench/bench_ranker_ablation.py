@@ -76,7 +76,27 @@ def kept(frame: pd.DataFrame, sources: tuple[str, ...], depth: int) -> pd.DataFr
 
 
 def frames_for(spark, cfg, als_seed: int, relevant: dict[str, set[str]]):
-    """(training frames newest first, test frame with labels, relevant count per test group) for one ALS seed."""
+    """(training frames newest first, test frame with labels, relevant count per test group) for one ALS seed,
+    kept under bench/out/quality/ablation_frames/ for the next run on the same warehouse (`--fresh`: again)."""
+    cache = bq.OUT / "ablation_frames" / f"als{als_seed}"
+    if (cache / "done").exists():
+        n = int((cache / "done").read_text())
+        train = [pd.read_parquet(cache / f"train{j}.parquet") for j in range(n)]
+        test = pd.read_parquet(cache / "test.parquet")
+        counts = pd.read_parquet(cache / "counts.parquet")["count"]
+        print(f"ALS seed {als_seed}: frames read back from {cache}", flush=True)
+        return train, test, counts
+    train, test, counts = compute_frames(spark, cfg, als_seed, relevant)
+    cache.mkdir(parents=True, exist_ok=True)
+    for j, f in enumerate(train):
+        f.to_parquet(cache / f"train{j}.parquet")
+    test.to_parquet(cache / "test.parquet")
+    counts.to_frame("count").to_parquet(cache / "counts.parquet")
+    (cache / "done").write_text(str(len(train)))
+    return train, test, counts
+
+
+def compute_frames(spark, cfg, als_seed: int, relevant: dict[str, set[str]]):
     from pyspark.sql import functions as F
 
     from sparkrec.batch import ranking
@@ -109,13 +129,19 @@ def frames_for(spark, cfg, als_seed: int, relevant: dict[str, set[str]]):
 
 
 def variants():
+    """(name, sources, features, training cuts used, models averaged)."""
     from sparkrec.core import ranker
 
-    yield "everything", ranker.SOURCES, ranker.FEATURES
+    yield "everything", ranker.SOURCES, ranker.FEATURES, None, 1
     for s in ranker.SOURCES:
-        yield f"without the {s} candidates", tuple(x for x in ranker.SOURCES if x != s), ranker.FEATURES
+        yield f"without the {s} candidates", tuple(x for x in ranker.SOURCES if x != s), ranker.FEATURES, None, 1
     for g, cols in ranker.GROUPS.items():
-        yield f"without the {g} features", ranker.SOURCES, tuple(f for f in ranker.FEATURES if f not in cols)
+        yield f"without the {g} features", ranker.SOURCES, tuple(f for f in ranker.FEATURES if f not in cols), None, 1
+    yield "two training cuts (the newest)", ranker.SOURCES, ranker.FEATURES, 2, 1
+    yield "one training cut (the newest)", ranker.SOURCES, ranker.FEATURES, 1, 1
+    yield "three models averaged (seeds s, s+1, s+2)", ranker.SOURCES, ranker.FEATURES, None, 3
+    yield "two training cuts, three models averaged", ranker.SOURCES, ranker.FEATURES, 2, 3
+    yield "five models averaged", ranker.SOURCES, ranker.FEATURES, None, 5
 
 
 def main() -> None:
@@ -124,6 +150,7 @@ def main() -> None:
     ap.add_argument("--als-seeds", type=int, nargs="+", default=[42])
     ap.add_argument("--lgb-seeds", type=int, nargs="+", default=[42])
     ap.add_argument("--no-ablation", action="store_true", help="only the seeds, everything in")
+    ap.add_argument("--variants", nargs="+", help="only the variants whose names start with these, for every ALS seed")
     args = ap.parse_args()
 
     from sparkrec.core import ranker
@@ -148,20 +175,29 @@ def main() -> None:
         als_only = ndcg(test, -test["als_rank"].to_numpy(), counts)
         rows.append({**base, "variant": "ALS alone (its candidates' order)", "lgb_seed": None, "ndcg": als_only})
         todo = list(variants()) if not args.no_ablation and als_seed == args.als_seeds[0] else [next(variants())]
-        for name, sources, features in todo:
-            for lgb_seed in (args.lgb_seeds if name == "everything" else args.lgb_seeds[:1]):
+        if args.variants:
+            todo = [v for v in variants() if v[0].startswith(tuple(args.variants))]
+        for name, sources, features, n_cuts, n_models in todo:
+            for lgb_seed in args.lgb_seeds:
                 t0 = time.monotonic()
-                model, info = ranker.fit([kept(f, sources, rk.depth) for f in train_frames], features, seed=lgb_seed,
-                                         threads=2, max_rounds=rk.max_rounds, learning_rate=rk.learning_rate,
-                                         num_leaves=rk.num_leaves)
-                r = ranker.Ranker(model=model, depth=rk.depth, features=tuple(features), sources=tuple(sources))
                 t = kept(test, sources, rk.depth)
-                got = ndcg(t, r.predict(t, threads=2), counts)
-                rows.append({**base, "variant": name, "lgb_seed": lgb_seed, "ndcg": got, "rounds": info["rounds"],
+                score, rounds = np.zeros(len(t)), []
+                for m in range(n_models):
+                    frames = [kept(f, sources, rk.depth) for f in train_frames[:n_cuts]]
+                    model, info = ranker.fit(frames, features, seed=lgb_seed + m, threads=2, max_rounds=rk.max_rounds,
+                                             learning_rate=rk.learning_rate, num_leaves=rk.num_leaves)
+                    r = ranker.Ranker(model=model, depth=rk.depth, features=tuple(features), sources=tuple(sources))
+                    p = r.predict(t, threads=2)
+                    score += p / n_models  # a plain mean: a row's score must not depend on the rows beside it
+                    rounds.append(info["rounds"])
+                got = ndcg(t, score, counts)
+                rows.append({**base, "variant": name, "lgb_seed": lgb_seed, "ndcg": got, "rounds": rounds,
                              "fit_s": round(time.monotonic() - t0, 1)})
-                print(f"  {name} (LightGBM seed {lgb_seed}): NDCG@10 {got:.4f}, {info['rounds']} rounds", flush=True)
+                print(f"  {name} (LightGBM seed {lgb_seed}): NDCG@10 {got:.4f}, {rounds} rounds", flush=True)
     report = pd.DataFrame(rows)
     print(report.to_string(index=False))
+    summary = report.groupby(["als_seed", "variant"], sort=False)["ndcg"].agg(["mean", "min", "max", "count"])
+    print(summary.round(4).to_string())
     out = bq.OUT / "ranker_ablation.json"
     out.write_text(json.dumps({"at": datetime.now(timezone.utc).isoformat(), "seconds": round(time.monotonic() - started),
                                "rows": rows}, indent=1, default=str))

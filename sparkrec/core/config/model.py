@@ -137,6 +137,9 @@ class RankerConfig(Strict):
     max_training_customers: int = Field(default=4000, ge=10,
                                         description="Customers per cut whose candidates train the ranker (on the driver).")
     max_rounds: int = Field(default=500, ge=1, description="Boosting rounds at most; early stopping picks fewer.")
+    models: int = Field(default=3, ge=1, le=10,
+                        description="LightGBM models trained with the seeds seed, seed+1, ... and averaged "
+                                    "(one model's early stopping is noisy).")
     learning_rate: float = Field(default=0.05, gt=0, le=1)
     num_leaves: int = Field(default=31, ge=2)
     seed: int = 42
