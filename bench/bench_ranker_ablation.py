@@ -151,6 +151,7 @@ def main() -> None:
     ap.add_argument("--lgb-seeds", type=int, nargs="+", default=[42])
     ap.add_argument("--no-ablation", action="store_true", help="only the seeds, everything in")
     ap.add_argument("--variants", nargs="+", help="only the variants whose names start with these, for every ALS seed")
+    ap.add_argument("--lgb", nargs="*", default=[], metavar="KEY=VALUE", help="more LightGBM parameters for every fit")
     args = ap.parse_args()
 
     from sparkrec.core import ranker
@@ -167,6 +168,7 @@ def main() -> None:
     cut = events["ts"].max() - pd.Timedelta(days=bq.TEST_DAYS)
     relevant = truth(events, cut)
     rk = cfg.ranker
+    extra = {k: json.loads(v) for k, v in (x.split("=", 1) for x in args.lgb)}
     started = time.monotonic()
     rows = []
     for als_seed in args.als_seeds:
@@ -185,7 +187,7 @@ def main() -> None:
                 for m in range(n_models):
                     frames = [kept(f, sources, rk.depth) for f in train_frames[:n_cuts]]
                     model, info = ranker.fit(frames, features, seed=lgb_seed + m, threads=2, max_rounds=rk.max_rounds,
-                                             learning_rate=rk.learning_rate, num_leaves=rk.num_leaves)
+                                             learning_rate=rk.learning_rate, num_leaves=rk.num_leaves, **extra)
                     r = ranker.Ranker(model=model, depth=rk.depth, features=tuple(features), sources=tuple(sources))
                     p = r.predict(t, threads=2)
                     score += p / n_models  # a plain mean: a row's score must not depend on the rows beside it
@@ -196,11 +198,12 @@ def main() -> None:
                 print(f"  {name} (LightGBM seed {lgb_seed}): NDCG@10 {got:.4f}, {rounds} rounds", flush=True)
     report = pd.DataFrame(rows)
     print(report.to_string(index=False))
-    summary = report.groupby(["als_seed", "variant"], sort=False)["ndcg"].agg(["mean", "min", "max", "count"])
+    summary = report.groupby(["als_seed", "variant"], sort=False).agg(
+        mean=("ndcg", "mean"), min=("ndcg", "min"), max=("ndcg", "max"), count=("ndcg", "count"), fit_s=("fit_s", "mean"))
     print(summary.round(4).to_string())
     out = bq.OUT / "ranker_ablation.json"
     out.write_text(json.dumps({"at": datetime.now(timezone.utc).isoformat(), "seconds": round(time.monotonic() - started),
-                               "rows": rows}, indent=1, default=str))
+                               "lgb": extra, "rows": rows}, indent=1, default=str))
     print(f"written {out}")
 
 

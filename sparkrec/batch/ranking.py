@@ -282,6 +282,7 @@ def fit_frames(frames: list[pd.DataFrame], rk: RankerConfig, threads: int = 1) -
     """LightGBM on labelled cut frames (newest first) on the driver: (the ranker, what its training did: rows,
     customers and positives per cut, rounds, each feature's share of the gain)."""
     model, info = ranker.fit(frames, seed=rk.seed, threads=threads, max_rounds=rk.max_rounds, models=rk.models,
+                             patience=rk.patience,
                              learning_rate=rk.learning_rate, num_leaves=rk.num_leaves)
     out = ranker_settings(rk, model)
     info["gains"] = out.gains()

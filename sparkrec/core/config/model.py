@@ -137,6 +137,8 @@ class RankerConfig(Strict):
     max_training_customers: int = Field(default=4000, ge=10,
                                         description="Customers per cut whose candidates train the ranker (on the driver).")
     max_rounds: int = Field(default=500, ge=1, description="Boosting rounds at most; early stopping picks fewer.")
+    patience: int = Field(default=10, ge=1,
+                          description="Rounds without a gain on the newest cut before early stopping ends a model's training.")
     models: int = Field(default=3, ge=1, le=10,
                         description="LightGBM models trained with the seeds seed, seed+1, ... and averaged "
                                     "(one model's early stopping is noisy).")
