@@ -501,7 +501,7 @@ def _evaluate_ranker(ctx: RunContext, rec, proto, factors, settings: TrainConfig
         nothing to learn from (logged).
     """
     cfg, rk = ctx.cfg, ctx.cfg.ranker
-    threads = int(ctx.spark.conf.get("spark.task.cpus", "1") or 1)
+    threads = ranking.driver_threads(ctx.spark)
     with rec.step("ranker training"):
         try:
             frames, found = ranking.cut_frames(proto.train, proto.user_ids, proto.item_ids, settings, rec_cfg, rk,

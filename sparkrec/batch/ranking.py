@@ -278,6 +278,16 @@ def cut_frames(interactions: DataFrame, user_ids: DataFrame, item_ids: DataFrame
     return frames, found
 
 
+def driver_threads(spark) -> int:
+    """Threads LightGBM may use on the driver. It fits while no Spark job runs, so in local mode every core the
+    session has (Online Retail II: three models in 12 s on two threads against 19 s on one); on a cluster,
+    the driver's own `spark.driver.cores`."""
+    master = spark.sparkContext.master or ""
+    if master.startswith("local"):
+        return max(1, spark.sparkContext.defaultParallelism)
+    return max(1, int(spark.conf.get("spark.driver.cores", "1") or 1))
+
+
 def fit_frames(frames: list[pd.DataFrame], rk: RankerConfig, threads: int = 1) -> tuple[ranker.Ranker, dict]:
     """LightGBM on labelled cut frames (newest first) on the driver: (the ranker, what its training did: rows,
     customers and positives per cut, rounds, each feature's share of the gain)."""
