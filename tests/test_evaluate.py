@@ -101,6 +101,14 @@ def test_time_split_and_relevant_items_new_to_the_user(spark):
     assert rel == {("a", "z"), ("c", "y")}
     rel_repeat = {tuple(r) for r in evaluate.relevant_items(split.train, split.test, ["purchase", "view"], True).collect()}
     assert rel_repeat == {("a", "x"), ("a", "z"), ("c", "x"), ("c", "y")}
+    # New to them as the lists see it: only an item they had with an excluded type is not new.
+    typed = inter(spark, [("a", "x", "view", 0), ("a", "y", 1), ("a", "x", 40), ("a", "z", 41), ("b", "z", 40),
+                          ("c", "x", 2), ("c", "x", 39), ("c", "y", 39)])  # a viewed x in training, then bought it
+    split = evaluate.time_split(typed, test_days=5)
+    rel = {tuple(r) for r in evaluate.relevant_items(split.train, split.test, ["purchase"], False, ["purchase"]).collect()}
+    assert rel == {("a", "x"), ("a", "z"), ("c", "y")}  # a only viewed x before buying it: a hit a list can score
+    assert {tuple(r) for r in evaluate.relevant_items(split.train, split.test, ["purchase"], False).collect()} == {
+        ("a", "z"), ("c", "y")}
     # a short history keeps most of its days for training: at most max_share of the 41-day span is test
     capped = evaluate.time_split(df, test_days=28, max_share=0.04)  # 1.64 days: cut at day 39.36
     assert capped.train.count() == 5 and capped.test.count() == 3

@@ -83,15 +83,23 @@ def random_split(interactions: DataFrame, test_fraction: float, seed: int) -> Sp
     )
 
 
-def relevant_items(train: DataFrame, test: DataFrame, relevant_types: list[str], repeat_relevant: bool) -> DataFrame:
+def relevant_items(train: DataFrame, test: DataFrame, relevant_types: list[str], repeat_relevant: bool,
+                   excluded_types: list[str] | None = None) -> DataFrame:
     """(user_id, item_id) the user acted on in test with a relevant event type, new to them unless repeats count.
+
+    New means no training event of `excluded_types` on it (`recommend.exclude_event_types`: what the lists
+    leave out), or none at all when not given. An item a customer viewed and then bought is a hit a list can
+    score (the lists show viewed items); counting only never-seen items taught the ranker to rank viewed items
+    down, and on a generated clickstream shop its lists won the evaluation and lost the next month's
+    purchases (NDCG@10 0.1479 against 0.176 for ALS's, bench/RESULTS.md).
 
     Only users with training history are kept: the others are cold-start
     users, measured separately.
     """
     rel = test.where(F.col(C.EVENT_TYPE).isin(relevant_types)).select(C.USER_ID, C.ITEM_ID).distinct()
     if not repeat_relevant:
-        rel = rel.join(train.select(C.USER_ID, C.ITEM_ID).distinct(), [C.USER_ID, C.ITEM_ID], "left_anti")
+        had = train if excluded_types is None else train.where(F.col(C.EVENT_TYPE).isin(excluded_types))
+        rel = rel.join(had.select(C.USER_ID, C.ITEM_ID).distinct(), [C.USER_ID, C.ITEM_ID], "left_anti")
     return rel.join(train.select(C.USER_ID).distinct(), C.USER_ID, "left_semi")
 
 

@@ -429,7 +429,7 @@ def run_evaluate(ctx: RunContext, settings: TrainConfig | None = None, blend_wei
     with ctx.stage("evaluate") as rec:
         inter, uids, iids = rec.read(C.INTERACTIONS), rec.read(C.USER_IDS), rec.read(C.ITEM_IDS)
         categories = protocol.categories_of(rec.read_optional(C.ITEMS))
-        proto = protocol.make_protocol(protocol.split_of(inter, ev), ev, uids, iids)
+        proto = protocol.make_protocol(protocol.split_of(inter, ev), ev, uids, iids, cfg.recommend.exclude_event_types)
         trained = None
         try:
             if proto.n_users == 0:

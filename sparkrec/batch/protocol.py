@@ -71,11 +71,14 @@ def validation_split(training_period: DataFrame, ev: EvaluateConfig) -> evaluate
     return split_of(training_period, ev)
 
 
-def make_protocol(split: evaluate.Split, ev: EvaluateConfig, user_ids: DataFrame, item_ids: DataFrame) -> Protocol:
-    """Materialise the split's fixed parts once: every list on it (model trials and baselines) reads them."""
+def make_protocol(split: evaluate.Split, ev: EvaluateConfig, user_ids: DataFrame, item_ids: DataFrame,
+                  excluded_types: list[str] | None = None) -> Protocol:
+    """Materialise the split's fixed parts once: every list on it (model trials and baselines) reads them.
+    `excluded_types`: what the lists leave out (`recommend.exclude_event_types`), for what counts as new."""
     tr = split.train.persist(StorageLevel.MEMORY_AND_DISK)
     history = recommend.indexed_history(tr, user_ids, item_ids).persist(StorageLevel.MEMORY_AND_DISK)
-    relevant = evaluate.relevant_items(tr, split.test, ev.relevant_event_types, ev.repeat_relevant).localCheckpoint()
+    relevant = evaluate.relevant_items(tr, split.test, ev.relevant_event_types, ev.repeat_relevant,
+                                       excluded_types).localCheckpoint()
     users = relevant.select(C.USER_ID).distinct().join(user_ids, C.USER_ID).select(C.USER_IDX).localCheckpoint()
     n = users.count()
     log.info("evaluation protocol %s: %s evaluated users", split.description, f"{n:,}")

@@ -247,7 +247,8 @@ def cut_frame(interactions: DataFrame, user_ids: DataFrame, item_ids: DataFrame,
     before = interactions.where(ts < F.lit(cut.at)).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         window = interactions.where((ts >= F.lit(cut.at)) & (ts < F.lit(cut.end)))
-        positives = indexed_pairs(evaluate.relevant_items(before, window, ev.relevant_event_types, ev.repeat_relevant),
+        positives = indexed_pairs(evaluate.relevant_items(before, window, ev.relevant_event_types, ev.repeat_relevant,
+                                                          rec.exclude_event_types),
                                   user_ids, item_ids).localCheckpoint()
         if positives.isEmpty():
             log.info("ranker: at %s: no customer bought anything new in the %g days after", cut.at.isoformat(), rk.label_days)

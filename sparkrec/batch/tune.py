@@ -158,7 +158,7 @@ def run_trials(
         TooLittleData: fewer than `tune.min_users` users on the validation split.
     """
     ev, tune_cfg = cfg.evaluate, cfg.tune
-    proto = make_protocol(validation_split(interactions, ev), ev, user_ids, item_ids)
+    proto = make_protocol(validation_split(interactions, ev), ev, user_ids, item_ids, cfg.recommend.exclude_event_types)
     if proto.n_users < max(1, tune_cfg.min_users):
         proto.release()
         raise TooLittleData(

@@ -123,8 +123,8 @@ class Config(Strict):
             out.append(
                 f"evaluate.relevant_event_types {ev.relevant_event_types} holds {missing}, which "
                 f"recommend.exclude_event_types {rec.exclude_event_types} does not: the lists may offer items a "
-                f"customer already had ({', '.join(missing)}), and the evaluation never counts those as hits "
-                "(evaluate.repeat_relevant is false); add them to recommend.exclude_event_types, or set "
+                f"customer already had ({', '.join(missing)}), which the evaluation counts as hits only when the "
+                "customer comes back to them; add them to recommend.exclude_event_types, or set "
                 "evaluate.repeat_relevant: true if customers come back for them"
             )
         return out
