@@ -142,7 +142,9 @@ def ndcg_at_k(lists: dict[str, list[str]], relevant: dict[str, set[str]]) -> flo
     return total / len(relevant)
 
 
-def score(events: pd.DataFrame, cut: pd.Timestamp, published: pd.DataFrame) -> dict:
+def held_out(events: pd.DataFrame, cut: pd.Timestamp) -> tuple[dict[str, set[str]], dict[str, set[str]], pd.DataFrame]:
+    """(relevant: per customer with history, the items bought after the cut and never before; what each bought
+    before the cut; the events before it)."""
     train, test = events[events["ts"] < cut], events[events["ts"] >= cut]
     bought = train[train["purchase"]].groupby("user")["item"].agg(set).to_dict()
     known = set(train["user"])
@@ -150,6 +152,11 @@ def score(events: pd.DataFrame, cut: pd.Timestamp, published: pd.DataFrame) -> d
     for user, item in set(zip(test.loc[test["purchase"], "user"], test.loc[test["purchase"], "item"])):
         if user in known and item not in bought.get(user, set()):
             relevant.setdefault(user, set()).add(item)
+    return relevant, bought, train
+
+
+def score(events: pd.DataFrame, cut: pd.Timestamp, published: pd.DataFrame) -> dict:
+    relevant, bought, train = held_out(events, cut)
     published = published.sort_values(["user_id", "rank"])
     model = published.groupby("user_id")["item_id"].agg(list).to_dict()
     recent = train[train["purchase"] & (train["ts"] >= cut - pd.Timedelta(days=RECENT_DAYS))]

@@ -39,18 +39,6 @@ import bench_quality as bq  # noqa: E402  (the held-out split and its truth, as 
 K = 10
 
 
-def truth(events: pd.DataFrame, cut: pd.Timestamp) -> dict[str, set[str]]:
-    """Per customer with history: the items bought in the held-out month and never before (`bench_quality.score`)."""
-    train, test = events[events["ts"] < cut], events[events["ts"] >= cut]
-    bought = train[train["purchase"]].groupby("user")["item"].agg(set).to_dict()
-    known = set(train["user"])
-    out: dict[str, set[str]] = {}
-    for user, item in set(zip(test.loc[test["purchase"], "user"], test.loc[test["purchase"], "item"])):
-        if user in known and item not in bought.get(user, set()):
-            out.setdefault(user, set()).add(item)
-    return out
-
-
 def ndcg(frame: pd.DataFrame, score: np.ndarray, relevant: pd.Series) -> float:
     """NDCG@10 of each group's top 10 by `score` (labels: `label`), over every customer in `relevant`
     (group -> how many relevant items, the ideal's length)."""
@@ -166,7 +154,7 @@ def main() -> None:
     spark.sparkContext.setCheckpointDir(tempfile.mkdtemp(prefix="ablation-ckpt-"))
     _, events = bq.retail_events(bq.RETAIL)
     cut = events["ts"].max() - pd.Timedelta(days=bq.TEST_DAYS)
-    relevant = truth(events, cut)
+    relevant = bq.held_out(events, cut)[0]
     rk = cfg.ranker
     extra = {k: json.loads(v) for k, v in (x.split("=", 1) for x in args.lgb)}
     started = time.monotonic()
