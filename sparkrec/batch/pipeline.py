@@ -541,12 +541,12 @@ def chosen_ranker(ctx: RunContext):
     info = found.get("ranker") or {}
     if found.get("lists") != "ranked" or found.get("gate", {}).get("publish") != "model" or not info.get("path"):
         return None
-    text = files.read_texts(ctx.spark, info["path"]).get(files.RANKER_FILE)
-    if text is None:
+    found = ranking.read_ranker(ctx.spark, ctx.cfg, info["path"])
+    if found is None:
         log.warning("run %s: the ranker the last evaluation chose is missing (%s): ALS's own lists are published",
                     ctx.run_id, info["path"])
         return None
-    return ranking.ranker_settings(ctx.cfg.ranker, text), info["path"]
+    return found, info["path"]
 
 
 def run_forget(ctx: RunContext, keys: list[str]) -> dict:

@@ -29,9 +29,10 @@ from sparkrec.batch import evaluate, train
 from sparkrec.batch.recommend import catalogue, lists
 from sparkrec.core import block, ranker
 from sparkrec.core import columns as C
-from sparkrec.core.config import EvaluateConfig, RankerConfig, RecommendConfig, TrainConfig
+from sparkrec.core.config import Config, EvaluateConfig, RankerConfig, RecommendConfig, TrainConfig
 from sparkrec.core.errors import StageError
 from sparkrec.core.recnames import EXCLUDED, RK_AGE, RK_ITEMS, RK_USER
+from sparkrec.storage import files
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,12 @@ def item_stats(history: DataFrame, reference: datetime, rk: RankerConfig) -> ran
 
 def ranker_settings(rk: RankerConfig, model: str = "") -> ranker.Ranker:
     return ranker.Ranker(model=model, depth=rk.depth, co_half_life_days=rk.co_half_life_days)
+
+
+def read_ranker(spark, cfg: Config, path: str) -> ranker.Ranker | None:
+    """The ranker a run saved under `path` (`storage.files.ranker_path`), or None when its file is gone."""
+    text = files.read_texts(spark, path).get(files.RANKER_FILE)
+    return None if text is None else ranker_settings(cfg.ranker, text)
 
 
 def list_settings(rec: RecommendConfig) -> RecommendConfig:

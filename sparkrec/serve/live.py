@@ -297,16 +297,14 @@ def ranker_inputs(item_idx: np.ndarray, last_us: np.ndarray, published: tuple | 
     a customer with none).
     """
     prices = np.array([np.nan if e.price is None else e.price for e in new], dtype=np.float64)
-    if published is None:
-        sessions, first, _, median = ranker.activity(np.zeros(len(new_us), np.int64), new_us, prices, 1)
-        sessions, first, price = float(sessions[0]), int(first[0]), float(median[0])
-    else:
-        sessions, first, last_day, price = published
+    days, first, _, median = (a[0] for a in ranker.activity(np.zeros(len(new_us), np.int64), new_us, prices, 1))
+    sessions, price = float(days), float(median)
+    if published is not None:
+        had_days, had_first, last_day, had_price = published
         new_days = np.unique(np.floor_divide(new_us, ranker.DAY_US))
-        sessions = float(sessions) + float(np.sum(new_days > last_day))
-        first = min(int(first), int(new_us.min())) if len(new_us) else int(first)
-        price = float(price) if not np.isnan(price) or not len(prices) else float(
-            ranker.activity(np.zeros(len(new_us), np.int64), new_us, prices, 1)[3][0])
+        sessions = float(had_days) + float(np.sum(new_days > last_day))
+        first = min(int(had_first), int(first))  # `activity` gives the largest int64 for no new event
+        price = price if np.isnan(had_price) else float(had_price)
     ref = events.micros([reference])[0] if reference is not None else 0
     ref = max(int(ref), int(last_us.max()) if len(last_us) else 0)
     items, ages, user = ranker.customer_inputs(item_idx, last_us, sessions, first, price, ref)

@@ -48,7 +48,7 @@ from sparkrec.core import columns as C
 from sparkrec.core import ledger as ledger_
 from sparkrec.core.config import Config, TrainConfig
 from sparkrec.core.errors import StageError
-from sparkrec.storage import files, merges, registry, runs, sources, tables
+from sparkrec.storage import merges, registry, runs, sources, tables
 from sparkrec.storage.runs import RunContext
 
 log = logging.getLogger(__name__)
@@ -95,10 +95,11 @@ def app_id(spark: SparkSession, checkpoint: str) -> str:
     return "sparkrec-stream-" + json.loads(text[0])["id"]
 
 
-def load_model(ctx: RunContext, history: DataFrame) -> LiveModel:
-    """Read the published model and build what re-scoring needs (one Spark pass per bounded part)."""
+def load_model(ctx: RunContext, inter: DataFrame, uids: DataFrame, iids: DataFrame) -> LiveModel:
+    """Read the published model and build what re-scoring needs (one Spark pass per bounded part), from the
+    tables the micro-batch read (interactions and the ids)."""
     spark, cfg = ctx.spark, ctx.cfg
-    iids = tables.read_required(spark, cfg, C.ITEM_IDS).df
+    history = recommend.indexed_history(inter, uids, iids)
     items = tables.read_table(spark, cfg, C.ITEMS, required=False)
     factors = tables.read_table(spark, cfg, C.ITEM_FACTORS, required=False)
     settings, reference, model_version = cfg.train, None, None
@@ -115,7 +116,7 @@ def load_model(ctx: RunContext, history: DataFrame) -> LiveModel:
         if record.get("decay_reference"):
             reference = datetime.fromisoformat(record["decay_reference"])
         elif settings.recency_half_life_days is not None:
-            reference = train.decay_reference(tables.read_required(spark, cfg, C.INTERACTIONS).df, settings)
+            reference = train.decay_reference(inter, settings)
         itf = factors.df.select(C.ITEM_IDX, C.FEATURES)
     else:
         log.warning("stream: no model in %s yet; live lists come from the fallbacks until `sparkrec run` trains one",
@@ -137,8 +138,7 @@ def load_model(ctx: RunContext, history: DataFrame) -> LiveModel:
     if chosen is not None:
         # Item statistics as the recommend stage computes them, from the history as it stands now: they follow
         # the stream as the fallbacks do (rebuilt every stream.refresh_minutes).
-        inter = tables.read_required(spark, cfg, C.INTERACTIONS).df
-        priced = ranking.priced_history(inter, tables.read_required(spark, cfg, C.USER_IDS).df, iids)
+        priced = ranking.priced_history(inter, uids, iids)
         ranked_at = inter.agg(F.max(C.EVENT_TS)).first()[0]
         plan.ranker, plan.stats = chosen, ranking.item_stats(priced, ranked_at, cfg.ranker)
     idx = np.asarray(matrix.item_idx, dtype=np.int64)
@@ -155,12 +155,11 @@ def published_ranker(ctx: RunContext) -> ranker.Ranker | None:
     path = details.get("ranker")
     if not path:
         return None
-    text = files.read_texts(ctx.spark, path).get(files.RANKER_FILE)
-    if text is None:
+    found = ranking.read_ranker(ctx.spark, ctx.cfg, path)
+    if found is None:
         log.warning("stream: the ranker the published lists were ranked with is missing (%s): live lists are ALS's own",
                     path)
-        return None
-    return ranking.ranker_settings(ctx.cfg.ranker, text)
+    return found
 
 
 def folded_factors(model: LiveModel, matrix: pd.DataFrame) -> dict[int, np.ndarray]:
@@ -258,7 +257,7 @@ class LiveStream:
                 self.compact(ctx)
             return tally
 
-    def _model(self, ctx: RunContext, history: DataFrame) -> LiveModel:
+    def _model(self, ctx: RunContext, inter: DataFrame, uids: DataFrame, iids: DataFrame) -> LiveModel:
         """The cached model, rebuilt when a new one is published or the fallbacks are older than refresh_minutes."""
         current = tables.current_version(ctx.spark, ctx.cfg.table_path(C.ITEM_FACTORS))
         stale = (self.model is None or current != self.model.factors_version
@@ -266,7 +265,7 @@ class LiveStream:
         if stale:
             if self.model is not None:
                 self.model.meta.unpersist()
-            self.model = load_model(ctx, history)
+            self.model = load_model(ctx, inter, uids, iids)
             log.info("stream: model %s loaded (%d items)", self.model.model_version, len(self.model.item_idx))
         assert self.model is not None
         return self.model
@@ -293,7 +292,7 @@ class LiveStream:
         """Re-score `users` and MERGE their lists into `live_recommendations`; returns how many were listed."""
         cfg, spark = ctx.cfg, ctx.spark
         inter, uids, iids = rec.read(C.INTERACTIONS), rec.read(C.USER_IDS), rec.read(C.ITEM_IDS)
-        model = self._model(ctx, recommend.indexed_history(inter, uids, iids))
+        model = self._model(ctx, inter, uids, iids)
         if not users:
             return 0
         keys = spark.createDataFrame([(u,) for u in users], f"{C.USER_ID} string")
