@@ -146,7 +146,8 @@ def queries(snap, cfg, events: pd.DataFrame, cut: pd.Timestamp) -> tuple[list[Qu
             counts["no_word"] += 1
             continue
         word = eligible[rng.integers(len(eligible))]
-        mpos, text = serve_search.matches(snap, word, None, cfg.search.candidates)
+        mpos, found = serve_search.matches(snap, word, None, cfg.search.candidates)
+        text = found.text
         where = np.flatnonzero(mpos == pos)
         if not len(where):
             counts["not_found"] += 1

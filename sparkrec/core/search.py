@@ -8,8 +8,16 @@ catalogue did not change reuses the version it finds. The settings travel
 with the version (`INDEX_META`): a server opens an index with the analysis it
 was built with, whatever its own config says since.
 
+What a query's words reach (typos, the word being typed, synonyms) and which
+of them each match holds is `core.matching`'s, over the index's own
+vocabulary: the index is asked for those catalogue words, with a constant
+score per query word matched, so its best `limit` matches are those with the
+most of the query's words (`Index.find`).
+
 The other half is `blend`: numpy over the matches, the same function for the
-route and for the offline protocol that tunes its weights.
+route and for the offline protocol that tunes its weights; `order` puts the
+matching rules' tiers (the exact key, then words matched, then fewer typos)
+ahead of it.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import numpy as np
 import pandas as pd
 import tantivy
 
+from sparkrec.core import matching
 from sparkrec.core.config import SearchConfig, SearchWeights
 
 log = logging.getLogger(__name__)
@@ -38,24 +47,35 @@ ITEM = "item_idx"  # the document's item id (a fast field: read for many hits at
 CATEGORY_KEY = "category_key"  # the category as one exact term, for the category filter
 WORDS = "sparkrec_words"
 KEY = "sparkrec_key"
+PLAIN = "plain"  # the words as typed: WORDS without the stemmer (never an index field; the vocabulary's analysis)
+DOCUMENTS = "documents.parquet"  # the indexed documents, beside the index: the vocabulary is built from them
 MAX_TERMS = 32  # a query's distinct words searched (the rest are ignored; a 10 kB query is refused before)
-LAYOUT = 1  # the index's own layout; part of the digest, so a change rebuilds
+LAYOUT = 2  # the index's own layout; part of the digest, so a change rebuilds
+WORD_MATCHED = 1000.0  # the constant score of each query word a document holds: more words always rank higher
+KEY_MATCHED = WORD_MATCHED * (MAX_TERMS + 1)  # the exact key above any number of words
+KIND_BOOST = {matching.EXACT: 1.0, matching.PREFIX: 0.6, matching.TYPO: 0.4}  # BM25 of a completion or typo, damped
 
 
 def settings_of(cfg: SearchConfig) -> dict[str, Any]:
-    """What the index's content depends on besides the documents."""
-    return {"layout": LAYOUT, "fields": dict(sorted(cfg.fields.items())), "stemmer": cfg.stemmer, "ascii_fold": cfg.ascii_fold}
+    """What the index's content and its matching depend on besides the documents (the synonyms file's groups, not
+    its path: a changed file is a new version)."""
+    groups = matching.read_synonyms(cfg.synonyms) if cfg.synonyms else []
+    return {"layout": LAYOUT, "fields": dict(sorted(cfg.fields.items())), "stemmer": cfg.stemmer, "ascii_fold": cfg.ascii_fold,
+            "matching": {"typos": cfg.typos.model_dump(), "prefix": cfg.prefix.model_dump(), "synonyms": groups}}
 
 
 def _analyzers(settings: dict[str, Any]) -> dict[str, tantivy.TextAnalyzer]:
-    words = tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple()).filter(tantivy.Filter.remove_long(40))
-    words = words.filter(tantivy.Filter.lowercase())
-    if settings["ascii_fold"]:
-        words = words.filter(tantivy.Filter.ascii_fold())
-    if settings["stemmer"] != "none":
-        words = words.filter(tantivy.Filter.stemmer(settings["stemmer"]))
+    def words(stem: bool) -> tantivy.TextAnalyzer:
+        b = tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple()).filter(tantivy.Filter.remove_long(40))
+        b = b.filter(tantivy.Filter.lowercase())
+        if settings["ascii_fold"]:
+            b = b.filter(tantivy.Filter.ascii_fold())
+        if stem and settings["stemmer"] != "none":
+            b = b.filter(tantivy.Filter.stemmer(settings["stemmer"]))
+        return b.build()
+
     key = tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.raw()).filter(tantivy.Filter.lowercase())
-    return {WORDS: words.build(), KEY: key.build()}
+    return {WORDS: words(True), KEY: key.build(), PLAIN: words(False)}
 
 
 def _schema(settings: dict[str, Any]) -> tantivy.Schema:
@@ -110,7 +130,8 @@ def build(root: str | Path, docs: pd.DataFrame, cfg: SearchConfig) -> Built:
         started = time.monotonic()
         index = tantivy.Index(_schema(settings), path=str(tmp))
         for name, analyzer in _analyzers(settings).items():
-            index.register_tokenizer(name, analyzer)
+            if name != PLAIN:
+                index.register_tokenizer(name, analyzer)
         writer = index.writer(heap_size=64_000_000, num_threads=1)
         fields = list(settings["fields"])
         for row in docs.itertuples(index=False):
@@ -125,6 +146,7 @@ def build(root: str | Path, docs: pd.DataFrame, cfg: SearchConfig) -> Built:
             writer.add_document(doc)
         writer.commit()
         writer.wait_merging_threads()
+        docs[["item_idx", "item_id", "name", "category"]].to_parquet(tmp / DOCUMENTS, index=False)
         (tmp / INDEX_META).write_text(json.dumps({"digest": d, "settings": settings, "documents": len(docs),
                                                   "built_at": time.time()}, indent=2))
         try:
@@ -155,8 +177,42 @@ def prune(root: Path, versions: int, keep: str) -> None:
         shutil.rmtree(child, ignore_errors=True)
 
 
+@dataclass
+class Found:
+    """A query's matches (best first as the index ranks them: most words, then BM25) and how each matched."""
+
+    words: list[str]  # the query's words as typed (analysed, not stemmed)
+    item_idx: np.ndarray  # int64
+    text: np.ndarray  # float32: BM25 of the matched catalogue words (completions and typos damped)
+    kinds: np.ndarray  # int8 (matches, words): matching.EXACT, PREFIX, TYPO or NONE per query word
+    key: np.ndarray  # bool: the query is exactly the item's key
+
+    @property
+    def matched(self) -> np.ndarray:
+        """How many of the query's words each match holds."""
+        return (self.kinds > matching.NONE).sum(axis=1)
+
+    @property
+    def typos(self) -> np.ndarray:
+        """How many of the query's words each match holds only through a typo."""
+        return (self.kinds == matching.TYPO).sum(axis=1)
+
+    def take(self, keep: np.ndarray) -> Found:
+        return Found(self.words, self.item_idx[keep], self.text[keep], self.kinds[keep], self.key[keep])
+
+
+def _empty(words: list[str]) -> Found:
+    return Found(words, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32),
+                 np.zeros((0, len(words)), dtype=np.int8), np.zeros(0, dtype=bool))
+
+
 class Index:
-    """One opened index version, read-only: the words of a query to its matches and their BM25."""
+    """One opened index version, read-only: the words of a query to its matches, their BM25 and how they matched.
+
+    Memory: tantivy maps its files; the vocabulary (`matching.Vocabulary`) holds
+    each distinct word once and four bytes per word of each item's name and
+    category; the item keys, analysed, for the exact-key rule.
+    """
 
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
@@ -166,37 +222,81 @@ class Index:
         self.meta = json.loads(meta.read_text())
         self.path, self.digest = str(path), self.meta["digest"]
         self.settings = self.meta["settings"]
+        if self.settings.get("layout") != LAYOUT:
+            raise ValueError(f"the index at {path} has layout {self.settings.get('layout')}, this sparkrec reads "
+                             f"{LAYOUT}: run the batch once more to rebuild it")
         self._analyzers = _analyzers(self.settings)
         self._index = tantivy.Index.open(str(path))
         for name, analyzer in self._analyzers.items():
-            self._index.register_tokenizer(name, analyzer)
+            if name != PLAIN:
+                self._index.register_tokenizer(name, analyzer)
         self._schema = self._index.schema
         self._searcher = self._index.searcher()  # the version never changes: one searcher serves every query
         self.documents = self._searcher.num_docs
         self.boosts = {k: float(v) for k, v in self.settings["fields"].items() if v > 0}
+        self.rules = self.settings["matching"]
+        self._word_fields = [f for f in self.boosts if f != "item_id"]
+        self._stems: dict[str, str] = {}
+        self.synonyms = matching.synonym_map(self.rules["synonyms"], self._analyzers[PLAIN].analyze)
+        docs = pd.read_parquet(path / DOCUMENTS).sort_values("item_idx", kind="stable")
+        self._item_idx = docs["item_idx"].to_numpy(np.int64)
+        plain = self._analyzers[PLAIN].analyze
+        rows = [[w for v in r if isinstance(v, str) for w in plain(v)]
+                for r in docs[self._word_fields].itertuples(index=False, name=None)]
+        self.vocabulary = matching.Vocabulary.build(rows, self.stem)
+        keys = self._analyzers[KEY].analyze
+        self._keys = np.array([(keys(k) or [""])[0] if isinstance(k, str) else "" for k in docs["item_id"].tolist()],
+                              dtype=object)
 
-    def terms(self, text: str) -> list[str]:
-        """The query's distinct words as the index analysed its documents (the first `MAX_TERMS`)."""
+    def stem(self, word: str) -> str:
+        """A typed word's index term (cached: the vocabulary's words and the queries' words repeat)."""
+        out = self._stems.get(word)
+        if out is None:
+            out = (self._analyzers[WORDS].analyze(word) or [word])[0]
+            if len(self._stems) < 1_000_000:
+                self._stems[word] = out
+        return out
+
+    def words(self, text: str) -> list[str]:
+        """The query's distinct words as typed (analysed without stemming), the first `MAX_TERMS`."""
         seen: dict[str, None] = {}
-        for t in self._analyzers[WORDS].analyze(text):
+        for t in self._analyzers[PLAIN].analyze(text):
             seen.setdefault(t, None)
             if len(seen) == MAX_TERMS:
                 break
         return list(seen)
 
-    def query(self, text: str, category: str | None = None) -> tantivy.Query | None:
-        """The query as plain words: no field prefixes, quotes, wildcards or operators, whatever `text` holds."""
+    def expand(self, text: str) -> list[matching.Word]:
+        """Each query word and the catalogue words it stands for (`matching.expand`); the last word is still being
+        typed unless a blank follows it."""
+        typing = bool(text) and not text[-1].isspace()
+        return matching.expand(self.words(text), typing, self.vocabulary, self.rules, self.stem, self.synonyms)
+
+    def _key(self, text: str) -> str | None:
+        if "item_id" not in self.boosts:
+            return None
+        key = self._analyzers[KEY].analyze(text.strip())
+        return key[0] if key else None
+
+    def query(self, words: list[matching.Word], key: str | None, category: str | None = None) -> tantivy.Query | None:
+        """The query: each word's catalogue words in every word field (BM25, boosted by field and by how they
+        matched), a constant per query word held, and the exact key; plain terms only, whatever the text held."""
         parts = []
-        for term in self.terms(text):
-            for name, boost in self.boosts.items():
-                if name != "item_id":
+        for w in words:
+            clauses = []
+            for term, kind in w.terms(self.vocabulary).items():
+                for name in self._word_fields:
                     q = tantivy.Query.term_query(self._schema, name, term)
-                    parts.append((tantivy.Occur.Should, q if boost == 1 else tantivy.Query.boost_query(q, boost)))
-        if "item_id" in self.boosts:
-            key = self._analyzers[KEY].analyze(text.strip())
-            if key:
-                q = tantivy.Query.term_query(self._schema, "item_id", key[0])
-                parts.append((tantivy.Occur.Should, tantivy.Query.boost_query(q, self.boosts["item_id"])))
+                    boost = self.boosts[name] * KIND_BOOST[kind]
+                    clauses.append((tantivy.Occur.Should, q if boost == 1 else tantivy.Query.boost_query(q, boost)))
+            if clauses:
+                word = tantivy.Query.boolean_query(clauses)
+                parts += [(tantivy.Occur.Should, word),
+                          (tantivy.Occur.Should, tantivy.Query.const_score_query(word, WORD_MATCHED))]
+        if key is not None:
+            q = tantivy.Query.term_query(self._schema, "item_id", key)
+            parts += [(tantivy.Occur.Should, tantivy.Query.boost_query(q, self.boosts["item_id"])),
+                      (tantivy.Occur.Should, tantivy.Query.const_score_query(q, KEY_MATCHED))]
         if not parts:
             return None
         q = tantivy.Query.boolean_query(parts)
@@ -205,17 +305,29 @@ class Index:
                 self._schema, CATEGORY_KEY, category))])
         return q
 
-    def match(self, text: str, limit: int, category: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(item ids, BM25) of the best `limit` matches, best first; empty when nothing matches."""
-        q = self.query(text, category)
+    def find(self, text: str, limit: int, category: str | None = None) -> Found:
+        """The best `limit` matches of `text` (most query words held, then BM25) and how each matched."""
+        words = self.expand(text)
+        key = self._key(text)
+        q = self.query(words, key, category)
         if q is None:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+            return _empty([w.text for w in words])
         hits = self._searcher.search(q, limit, count=False).hits
         if not hits:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-        score = np.fromiter((h[0] for h in hits), dtype=np.float32, count=len(hits))
+            return _empty([w.text for w in words])
+        score = np.fromiter((h[0] for h in hits), dtype=np.float64, count=len(hits))
         ids = np.asarray(self._searcher.fast_field_values(ITEM, [h[1] for h in hits]), dtype=np.int64)
-        return ids, score
+        rows = np.searchsorted(self._item_idx, ids)
+        kinds = matching.kinds(words, self.vocabulary, rows)
+        is_key = (self._keys[rows] == key) if key is not None else np.zeros(len(rows), dtype=bool)
+        held = (kinds > matching.NONE).sum(axis=1)
+        text_score = np.maximum(score - WORD_MATCHED * held - KEY_MATCHED * is_key, 0.0).astype(np.float32)
+        return Found([w.text for w in words], ids, text_score, kinds, is_key)
+
+    def match(self, text: str, limit: int, category: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(item ids, BM25) of the best `limit` matches, best first; empty when nothing matches."""
+        found = self.find(text, limit, category)
+        return found.item_idx, found.text
 
 
 def scaled(values: np.ndarray, known: np.ndarray | None = None) -> np.ndarray:
@@ -260,9 +372,21 @@ def blend(parts: Parts, w: SearchWeights) -> np.ndarray:
     return score
 
 
-def order(score: np.ndarray, item_idx: np.ndarray, n: int) -> np.ndarray:
-    """Positions of the best `n` by score, ties to the smaller item id (deterministic)."""
-    return np.lexsort((item_idx, -score))[:n]
+def order(score: np.ndarray, item_idx: np.ndarray, n: int, tiers: tuple[np.ndarray, ...] = ()) -> np.ndarray:
+    """Positions of the best `n`: by each tier (higher first, the first tier most significant), then by score, ties
+    to the smaller item id (deterministic)."""
+    return np.lexsort((item_idx, -score, *(-np.asarray(t, dtype=np.float64) for t in reversed(tiers))))[:n]
+
+
+def tiers(found: Found, cfg: SearchConfig) -> tuple[np.ndarray, ...]:
+    """The matching rules' tiers, ahead of any score: the exact key (`key_first`), then the query words held and
+    fewer typos (`words_first`)."""
+    out: tuple[np.ndarray, ...] = ()
+    if cfg.key_first:
+        out += (found.key.astype(np.int64),)
+    if cfg.words_first:
+        out += (found.matched, -found.typos)
+    return out
 
 
 def log_scaled(counts: np.ndarray) -> np.ndarray:

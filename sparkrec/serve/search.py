@@ -72,13 +72,14 @@ def load(cfg: Config, run: dict[str, Any], rows: pd.DataFrame, catalogue: block.
     return Searchable(index, shown, pop.astype(np.float32), recent.astype(np.float32)), None
 
 
-def matches(snap, q: str, category: str | None, limit: int) -> tuple[np.ndarray, np.ndarray]:
-    """(catalogue positions, BM25) of the query's matches the rules allow, best text first."""
+def matches(snap, q: str, category: str | None, limit: int) -> tuple[np.ndarray, search.Found]:
+    """(catalogue positions, the matches) of the query that the rules allow, in the index's order."""
     s: Searchable = snap.searchable
-    ids, text = s.index.match(q, limit, category)
-    pos, hit = snap.plan.catalogue.at(ids)
-    keep = hit & s.shown[pos]
-    return pos[keep], text[keep]
+    found = s.index.find(q, limit, category)
+    pos, hit = snap.plan.catalogue.at(found.item_idx)
+    keep = hit.copy()
+    keep[hit] = s.shown[pos[hit]]
+    return pos[keep], found.take(keep)
 
 
 def model_scores(snap, item_idx: np.ndarray, factor: np.ndarray | None) -> np.ndarray | None:
@@ -92,37 +93,38 @@ def model_scores(snap, item_idx: np.ndarray, factor: np.ndarray | None) -> np.nd
     return model
 
 
-def ranked(snap, cfg: Config, pos: np.ndarray, text: np.ndarray, factor: np.ndarray | None,
-           excluded: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """The best `n` of the matches for a customer with `factor` (None: the non-personal ranking).
+def ranked(snap, cfg: Config, pos: np.ndarray, found: search.Found, factor: np.ndarray | None,
+           excluded: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, search.Found]:
+    """The best `n` of the matches for a customer with `factor` (None: the non-personal ranking): the matching
+    rules' tiers first (`search.tiers`), then the blend.
 
-    Returns (positions, blended scores, model scores or None), best first.
+    Returns (positions, blended scores, model scores or None, the matches kept), best first.
     """
     s: Searchable = snap.searchable
-    item_idx = snap.plan.catalogue.item_idx[pos]
     if excluded is not None and len(excluded):
-        keep = ~np.isin(item_idx, excluded)
-        pos, text, item_idx = pos[keep], text[keep], item_idx[keep]
-    model = model_scores(snap, item_idx, factor)
-    parts = search.Parts(item_idx, text, model, s.popularity[pos], s.recent[pos])
+        keep = ~np.isin(found.item_idx, excluded)
+        pos, found = pos[keep], found.take(keep)
+    model = model_scores(snap, found.item_idx, factor)
+    parts = search.Parts(found.item_idx, found.text, model, s.popularity[pos], s.recent[pos])
     score = search.blend(parts, cfg.search.weights)
-    best = search.order(score, item_idx, n)
-    return pos[best], score[best], None if model is None else model[best]
+    best = search.order(score, found.item_idx, n, search.tiers(found, cfg.search))
+    return pos[best], score[best], None if model is None else model[best], found.take(best)
 
 
 def answer(snap, cfg: Config, q: str, n: int, category: str | None,
            row: dict[str, Any] | None) -> tuple[list[dict[str, Any]], bool]:
     """The results of a query, and whether they were ordered by a model score: `row` is the customer's
     `block.lists` row (`live.row_for`), None without a customer."""
-    pos, text = matches(snap, q, category, cfg.search.candidates)
+    pos, found = matches(snap, q, category, cfg.search.candidates)
     factor = None if row is None else row.get(C.FEATURES)
     excluded = None
     if row is not None and not cfg.search.show_purchased:
         excluded = np.asarray(row.get(EXCLUDED) or [], dtype=np.int64)
-    by = dict(zip(pos.tolist(), text.tolist()))
-    best, score, model = ranked(snap, cfg, pos, text, factor, excluded, n)
+    best, score, model, kept = ranked(snap, cfg, pos, found, factor, excluded, n)
     cat = snap.plan.catalogue
     source = SOURCE_PERSONAL if model is not None else SOURCE_TEXT
+    share = kept.matched / max(1, len(kept.words))
     return [{"rank": r + 1, "item_id": cat.item_id[p], "name": cat.name[p], "category": cat.category[p],
-             "score": round(float(score[r]), 6), "text_score": round(float(by[int(p)]), 6), "source": source}
+             "score": round(float(score[r]), 6), "text_score": round(float(kept.text[r]), 6),
+             "words_matched": round(float(share[r]), 4), "typos": int(kept.typos[r]), "source": source}
             for r, p in enumerate(best.tolist())], model is not None
