@@ -136,8 +136,9 @@ def expand(words: list[str], typing: bool, vocab: Vocabulary, rules: dict[str, A
 
     Exact: a word with the same stem ('bags' for 'bag'), or a synonym's. Prefix:
     when `typing` (no blank after the last word), the last word's completions,
-    those in the most items first. Typo: only for a word that matched nothing
-    either way, the words within its allowed edits, nearest then commonest. A
+    those in the most items first. Typo: the other words within its allowed
+    edits, nearest then commonest (as Algolia and Meilisearch do: a typo can
+    make a real word, 'hear' for 'heart'; the ranking puts fewer typos first). A
     word that stands for nothing is kept (it counts in the share of words
     matched) with no ids.
     """
@@ -158,7 +159,7 @@ def expand(words: list[str], typing: bool, vocab: Vocabulary, rules: dict[str, A
             for i in ids.tolist():
                 kinds.setdefault(i, PREFIX)
         edits = allowed_edits(w, rules)
-        if not kinds and edits and len(vocab.words):
+        if edits and len(vocab.words):
             dist = process.cdist([w], vocab.words, scorer=OSA.distance, score_cutoff=edits, dtype=np.int32, workers=1)[0]
             ids = np.flatnonzero(dist <= edits)
             ids = ids[np.lexsort((ids, -vocab.items[ids], dist[ids]))[:rules["typos"]["max_words"]]]
@@ -170,7 +171,8 @@ def expand(words: list[str], typing: bool, vocab: Vocabulary, rules: dict[str, A
 
 
 def kinds(words: list[Word], vocab: Vocabulary, rows: np.ndarray) -> np.ndarray:
-    """(len(rows), len(words)) int8: how each row (a document of the vocabulary) matched each query word."""
+    """(len(rows), len(words)) int8: how each row (a document of the vocabulary) matched each query word: the best
+    kind among the row's words whose stem one of the query word's catalogue words has."""
     out = np.zeros((len(rows), len(words)), dtype=np.int8)
     if not len(rows) or not words:
         return out
@@ -179,11 +181,12 @@ def kinds(words: list[Word], vocab: Vocabulary, rows: np.ndarray) -> np.ndarray:
     flat = np.concatenate([vocab.word_ids[s:e] for s, e in zip(starts.tolist(), ends.tolist())]) if lengths.sum() else \
         np.zeros(0, dtype=np.int32)
     owner = np.repeat(np.arange(len(rows)), lengths)
+    stems = vocab.stem[flat]
     for j, w in enumerate(words):
         if not len(w.ids):
             continue
-        table = np.zeros(len(vocab.words), dtype=np.int8)
-        table[w.ids] = w.kind
-        hit = table[flat]
-        np.maximum.at(out[:, j], owner, hit)
+        # By stem, as the index searches: 'handle' reached by a typo also reaches an item whose word is 'handl'.
+        table = np.zeros(len(vocab.stems), dtype=np.int8)
+        np.maximum.at(table, vocab.stem[w.ids], w.kind)
+        np.maximum.at(out[:, j], owner, table[stems])
     return out
