@@ -178,3 +178,16 @@ def test_a_run_without_an_index_answers_503_saying_what_to_do(tmp_path):
         assert r.status_code == 503 and "run `sparkrec run`" in r.json()["error"]["message"]
         assert c.get("/readyz").json()["search"].startswith("unavailable")
         assert c.get("/v1/users/alice/recommendations", headers=AUTH).status_code == 200  # the lists still serve
+
+
+def test_the_route_puts_more_words_first_and_says_how_each_result_matched(served):
+    _, c = served
+    # "red bag": only item 0 holds both words (6 is unavailable); the popular bag (5) and the red lamp follow.
+    body = c.get("/v1/search", params={"q": "red bag", "n": 10}, headers=AUTH).json()
+    assert ids(body)[0] == "sku0" and body["items"][0]["words_matched"] == 1.0
+    assert [r["words_matched"] for r in body["items"][1:]] == [0.5] * (len(body["items"]) - 1)
+    assert {"sku5", "sku3"} <= set(ids(body))
+    typo = c.get("/v1/search", params={"q": "haert"}, headers=AUTH).json()  # a transposition: one edit
+    assert sorted(ids(typo)) == ["sku0", "sku1", "sku4"] and {r["typos"] for r in typo["items"]} == {1}
+    assert ids(c.get("/v1/search", params={"q": "retro"}, headers=AUTH).json()) == ["sku5"]  # still typing
+    assert ids(c.get("/v1/search", params={"q": "sku7"}, headers=AUTH).json())[0] == "sku7"  # the key
