@@ -191,3 +191,28 @@ def test_the_route_puts_more_words_first_and_says_how_each_result_matched(served
     assert sorted(ids(typo)) == ["sku0", "sku1", "sku4"] and {r["typos"] for r in typo["items"]} == {1}
     assert ids(c.get("/v1/search", params={"q": "retro"}, headers=AUTH).json()) == ["sku5"]  # still typing
     assert ids(c.get("/v1/search", params={"q": "sku7"}, headers=AUTH).json())[0] == "sku7"  # the key
+
+
+def test_suggestions_complete_the_last_word_in_the_order_the_search_ranks_for_the_customer(served, shop):
+    st, c = served
+    # 'r' completes to 'red' (items 0, 3) and 'retrospot' (item 5, the most popular and the rarer word).
+    anyone = c.get("/v1/suggest", params={"q": "r", "n": 3}, headers=AUTH).json()
+    assert anyone["completions"] == ["retrospot", "red"] and not anyone["personalized"]
+    assert [r["item_id"] for r in anyone["items"]][0] == "sku5" and len(anyone["items"]) == 3
+    # dave's factor points at items 0 and 1: with the model weighing enough, item 0 ('Red heart bag') leads his
+    # ranking (model 1 against item 5's 0.65 after scaling), so 'red' comes first.
+    _, personal = client_for(shop, weights={**WEIGHTS, "model": 4.0})
+    with personal:
+        dave = personal.get("/v1/suggest", params={"q": "r", "customer": "dave"}, headers=AUTH).json()
+        assert dave["personalized"] and dave["completions"] == ["red", "retrospot"]
+        assert [r["item_id"] for r in dave["items"]][0] == "sku0"
+    # The earlier words stay as typed; the words held first: 'red' and 'heart' are both in item 0.
+    assert c.get("/v1/suggest", params={"q": "red he"}, headers=AUTH).json()["completions"] == ["red heart"]
+    # A typo still suggests the word meant; nothing matching gives empty lists, not an error.
+    assert c.get("/v1/suggest", params={"q": "hearth"}, headers=AUTH).json()["completions"][:1] == ["heart"]
+    none = c.get("/v1/suggest", params={"q": "zzzz"}, headers=AUTH).json()
+    assert none["completions"] == [] and none["items"] == []
+    for bad in ({"q": " "}, {"q": "b", "n": 0}, {"q": "b", "n": 21}, {"q": "x" * 201}):
+        r = c.get("/v1/suggest", params=bad, headers=AUTH)
+        assert r.status_code == 422 and r.json()["error"]["where"][0] == "query"
+    assert c.get("/v1/suggest", params={"q": "b"}).status_code == 401

@@ -190,3 +190,33 @@ def kinds(words: list[Word], vocab: Vocabulary, rows: np.ndarray) -> np.ndarray:
         np.maximum.at(table, vocab.stem[w.ids], w.kind)
         np.maximum.at(out[:, j], owner, table[stems])
     return out
+
+
+def completions(words: list[Word], vocab: Vocabulary, rows: np.ndarray, n: int) -> list[str]:
+    """Up to `n` whole queries that complete the last word: the earlier words as typed, then a catalogue word the
+    last one stands for. In the order of the first of the ranked `rows` (the matches, best first) holding it, then
+    the rest by how they matched and how many items hold them; one word per stem ('lantern', not also 'lanterns')."""
+    if not words or not len(words[-1].ids) or n <= 0:
+        return []
+    last = words[-1]
+    kind_of = dict(zip(last.ids.tolist(), last.kind.tolist()))
+    picked: list[int] = []
+    stems: set[int] = set()
+
+    def add(i: int) -> None:
+        if int(vocab.stem[i]) not in stems:
+            stems.add(int(vocab.stem[i]))
+            picked.append(i)
+
+    for r in rows.tolist():
+        for i in vocab.word_ids[vocab.indptr[r]:vocab.indptr[r + 1]].tolist():
+            if i in kind_of:
+                add(i)
+        if len(picked) >= n:
+            break
+    for i in sorted(kind_of, key=lambda i: (-kind_of[i], -int(vocab.items[i]), vocab.words[i])):
+        if len(picked) >= n:
+            break
+        add(i)
+    head = " ".join(w.text for w in words[:-1])
+    return [f"{head} {vocab.words[i]}".strip() for i in picked[:n]]

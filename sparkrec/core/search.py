@@ -181,11 +181,15 @@ def prune(root: Path, versions: int, keep: str) -> None:
 class Found:
     """A query's matches (best first as the index ranks them: most words, then BM25) and how each matched."""
 
-    words: list[str]  # the query's words as typed (analysed, not stemmed)
+    expanded: list[matching.Word]  # the query's words (as typed: analysed, not stemmed) and what each reaches
     item_idx: np.ndarray  # int64
     text: np.ndarray  # float32: BM25 of the matched catalogue words (completions and typos damped)
     kinds: np.ndarray  # int8 (matches, words): matching.EXACT, PREFIX, TYPO or NONE per query word
     key: np.ndarray  # bool: the query is exactly the item's key
+
+    @property
+    def words(self) -> list[str]:
+        return [w.text for w in self.expanded]
 
     @property
     def matched(self) -> np.ndarray:
@@ -198,10 +202,10 @@ class Found:
         return (self.kinds == matching.TYPO).sum(axis=1)
 
     def take(self, keep: np.ndarray) -> Found:
-        return Found(self.words, self.item_idx[keep], self.text[keep], self.kinds[keep], self.key[keep])
+        return Found(self.expanded, self.item_idx[keep], self.text[keep], self.kinds[keep], self.key[keep])
 
 
-def _empty(words: list[str]) -> Found:
+def _empty(words: list[matching.Word]) -> Found:
     return Found(words, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32),
                  np.zeros((0, len(words)), dtype=np.int8), np.zeros(0, dtype=bool))
 
@@ -311,10 +315,10 @@ class Index:
         key = self._key(text)
         q = self.query(words, key, category)
         if q is None:
-            return _empty([w.text for w in words])
+            return _empty(words)
         hits = self._searcher.search(q, limit, count=False).hits
         if not hits:
-            return _empty([w.text for w in words])
+            return _empty(words)
         score = np.fromiter((h[0] for h in hits), dtype=np.float64, count=len(hits))
         ids = np.asarray(self._searcher.fast_field_values(ITEM, [h[1] for h in hits]), dtype=np.int64)
         rows = np.searchsorted(self._item_idx, ids)
@@ -322,12 +326,18 @@ class Index:
         is_key = (self._keys[rows] == key) if key is not None else np.zeros(len(rows), dtype=bool)
         held = (kinds > matching.NONE).sum(axis=1)
         text_score = np.maximum(score - WORD_MATCHED * held - KEY_MATCHED * is_key, 0.0).astype(np.float32)
-        return Found([w.text for w in words], ids, text_score, kinds, is_key)
+        return Found(words, ids, text_score, kinds, is_key)
 
     def match(self, text: str, limit: int, category: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(item ids, BM25) of the best `limit` matches, best first; empty when nothing matches."""
         found = self.find(text, limit, category)
         return found.item_idx, found.text
+
+    def completions(self, found: Found, n: int) -> list[str]:
+        """Whole queries completing the last word of `found`'s query, in the order of its matches as given
+        (`matching.completions`)."""
+        rows = np.searchsorted(self._item_idx, found.item_idx)
+        return matching.completions(found.expanded, self.vocabulary, rows, n)
 
 
 def scaled(values: np.ndarray, known: np.ndarray | None = None) -> np.ndarray:

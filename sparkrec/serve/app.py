@@ -414,6 +414,31 @@ def create_app(cfg: Config, state: State | None = None, *, start_loader: bool = 
         return fast_json({"query": q, "customer": customer, "category": category, "personalized": personal,
                           "as_of": as_of, "model_version": snap.model_version, "run_id": snap.run_id, "items": items})
 
+    @app.get("/v1/suggest", openapi_extra={"security": [{"bearer": []}]},
+             summary="While q is typed: queries completing its last word, and the best items, ordered for the customer")
+    async def suggest(request: Request,
+                      q: str = Query(min_length=1, max_length=cfg.search.max_query_length,
+                                     description="What has been typed so far (its last word is taken as unfinished)"),
+                      customer: str | None = Query(default=None, min_length=1, max_length=limits.max_key_length,
+                                                   description="Order the suggestions for this customer (default: for anyone)"),
+                      n: int = Query(default=5, ge=1, le=min(20, limits.max_n),
+                                     description=f"How many completions and how many items (default 5, at most {min(20, limits.max_n)})")
+                      ) -> Response:
+        check(request)
+        snap = snapshot()
+        if snap.searchable is None:
+            raise ApiError(503, "search_unavailable", snap.search_problem or "no search index loaded")
+        if not q.strip():
+            raise ApiError(422, "invalid", "q: the query has no words", ["query", "q"])
+        row, as_of = None, None
+        if customer is not None:
+            key = stored_key(customer)
+            row, as_of = live.row_for(key, state.live.events_of(key), snap, cfg)
+        words, items, personal = search_.suggest(snap, cfg, q, n, row)
+        return fast_json({"query": q, "customer": customer, "personalized": personal, "as_of": as_of,
+                          "completions": words, "items": items, "model_version": snap.model_version,
+                          "run_id": snap.run_id})
+
     @app.post("/v1/events", status_code=202, dependencies=[Depends(authorised)],
               summary="One event or a list, in the stream's message shape; sent on to the stream's source")
     async def post_events(body: dict[str, Any] | list[Any] = Body(

@@ -128,3 +128,20 @@ def answer(snap, cfg: Config, q: str, n: int, category: str | None,
              "score": round(float(score[r]), 6), "text_score": round(float(kept.text[r]), 6),
              "words_matched": round(float(share[r]), 4), "typos": int(kept.typos[r]), "source": source}
             for r, p in enumerate(best.tolist())], model is not None
+
+
+def suggest(snap, cfg: Config, q: str, n: int, row: dict[str, Any] | None) -> tuple[list[str], list[dict[str, Any]], bool]:
+    """What to offer while `q` is typed: whole queries completing its last word and the best items, both in the
+    order the search ranks the matches for the customer (`row`, as in `answer`); the last word is always taken as
+    still being typed. Returns (completions, items, whether a model score ordered them)."""
+    pos, found = matches(snap, q.rstrip(), None, cfg.search.candidates)
+    factor = None if row is None else row.get(C.FEATURES)
+    excluded = None
+    if row is not None and not cfg.search.show_purchased:
+        excluded = np.asarray(row.get(EXCLUDED) or [], dtype=np.int64)
+    best, _, model, kept = ranked(snap, cfg, pos, found, factor, excluded, len(pos))
+    words = snap.searchable.index.completions(kept, n)
+    cat = snap.plan.catalogue
+    items = [{"rank": r + 1, "item_id": cat.item_id[p], "name": cat.name[p], "category": cat.category[p]}
+             for r, p in enumerate(best[:n].tolist())]
+    return words, items, model is not None
