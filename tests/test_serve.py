@@ -194,7 +194,13 @@ def shop_page_checks(base: str, token: str, customer: str, tmp_path: Path) -> No
         assert "token" not in browser.current_url  # taken and dropped from the address
         assert browser.find_element(By.ID, "list-meta").text.startswith("list: published")
         name = browser.find_element(By.CSS_SELECTOR, "#list li").get_attribute("data-name")
-        browser.find_element(By.ID, "q").send_keys(max(name.split(), key=len))
+        word = max((w for w in name.split() if w.isalpha()), key=len, default=max(name.split(), key=len))
+        browser.find_element(By.ID, "q").send_keys(word[:3])  # still typing: completions are offered
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#suggestions button"))
+        offered = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#suggestions button")]
+        assert all(t.lower().startswith(word[:3].lower()) for t in offered), offered
+        browser.find_element(By.ID, "q").clear()
+        browser.find_element(By.ID, "q").send_keys(word)
         try:
             wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#results li"))
         except Exception:
