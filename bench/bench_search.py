@@ -69,12 +69,33 @@ def retail(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                               "ts": pd.to_datetime(df["InvoiceDate"]), "price": df["Price"].astype(float)})
 
 
-def run_batch(wh: Path, source: Path) -> float:
+def run_batch(wh: Path, source: Path, extra: tuple[str, ...] = ()) -> float:
     cmd = [*SPARKREC, "run", "--config", "conf/online_retail.yaml", "--set", f"warehouse={wh}", "--set", f"source.path={source}"]
+    for s in extra:
+        cmd += ["--set", s]
     started = time.monotonic()
-    with (OUT / "run.log").open("w") as fh:
+    with (wh.parent / "run.log").open("w") as fh:
         subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, check=True)
     return time.monotonic() - started
+
+
+def cut_model(raw: pd.DataFrame, at: pd.Timestamp, c: int):
+    """The snapshot a server would have held at a training cut: `sparkrec run` on the raw rows before it (reused)."""
+    wh, source = OUT / f"cut{c}" / "warehouse", OUT / f"cut{c}" / "input.parquet"
+    if not (wh / "runs").exists():
+        import shutil
+
+        shutil.rmtree(wh, ignore_errors=True)
+        wh.parent.mkdir(parents=True, exist_ok=True)
+        raw[pd.to_datetime(raw["InvoiceDate"]) < at].to_parquet(source, index=False)
+        took = run_batch(wh, source, ("tune.enabled=false", "evaluate.enabled=false", "ranker.enabled=false",
+                                      "search.enabled=false"))
+        log.info("training cut %s: batch run in %.0f s", at, took)
+    cfg = load_config(ROOT / "conf" / "online_retail.yaml", [f"warehouse={wh}", f"source.path={source}"])
+    st = State(cfg)
+    if not st.refresh():
+        raise SystemExit(f"no snapshot at the cut {at}: {st.problem}")
+    return st.snapshot, cfg
 
 
 def words_of(name: str | None) -> set[str]:
@@ -94,8 +115,9 @@ class Query:
 class Queries:
     """Pseudo-queries of one moment: the matches of a word of each bought item's name, and every ranking input."""
 
-    def __init__(self, snap, cfg, events: pd.DataFrame, at: pd.Timestamp, factors: bool):
+    def __init__(self, snap, cfg, events: pd.DataFrame, at: pd.Timestamp, factors: bool, model_snap=None, model_cfg=None):
         self.snap, self.cfg, self.at = snap, cfg, at
+        self.model = (model_snap or snap).model
         cat = snap.plan.catalogue
         shown = snap.searchable.shown
         self.df: dict[str, int] = {}
@@ -106,13 +128,14 @@ class Queries:
         ev = events[pos >= 0].assign(item_idx=cat.item_idx[pos[pos >= 0]].astype(np.int64))
         self.history = ev[ev["ts"] < at]
         self.stats = search_inputs.item_stats(self.history, at)
-        fac = None
         if factors:  # the customers as the server holds them at the cut (their live factor)
             fac = {}
             for u in self.history["user"].unique().tolist():
-                row, _ = live.row_for(u, [], snap, cfg)
+                row, _ = live.row_for(u, [], model_snap or snap, model_cfg or cfg)
                 if row.get("features") is not None:
                     fac[u] = np.asarray(row["features"], dtype=np.float64)
+        else:  # a training cut: their purchases before it folded in (search_inputs.folded_factors)
+            fac = search_inputs.folded_factors(self.history, at, snap, cfg)
         self.customers = search_inputs.customers(self.history, at, self.stats, fac)
         self.bought = self.history.groupby("user")["item_idx"].agg(lambda s: set(s.tolist())).to_dict()
 
@@ -121,7 +144,7 @@ class Queries:
         rng = np.random.default_rng(seed)
         if limit is not None and len(pairs) > limit:
             pairs = [pairs[i] for i in sorted(rng.choice(len(pairs), limit, replace=False))]
-        vectors_of = snap.model
+        vectors_of = self.model
         out = []
         for user, item_idx in pairs:
             p, hit = cat.at(np.array([item_idx]))
@@ -216,6 +239,10 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="use the warehouse an earlier run of this script left")
     ap.add_argument("--cuts", type=int, default=3, help="training cuts for the learned ranking (0: none)")
     ap.add_argument("--per-cut", type=int, default=8000, help="pseudo-queries per training cut")
+    ap.add_argument("--no-als", action="store_true", help="the learned ranking without the model score")
+    ap.add_argument("--cut-models", action="store_true",
+                    help="model scores at each training cut from a model fitted at that cut (a batch run per cut, "
+                         "tuning, evaluation and the list ranker off) instead of folded into the served model")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     OUT.mkdir(parents=True, exist_ok=True)
@@ -243,18 +270,22 @@ def main() -> None:
         groups, cut_of = [], []
         for c in range(args.cuts):
             at = cut - pd.Timedelta(days=LABEL_DAYS * (c + 1))
-            moment = Queries(snap, cfg, events, at, factors=False)
+            if args.cut_models:  # a model fitted at the cut: sparkrec run on the rows before it
+                cut_snap, cut_cfg = cut_model(raw, at, c)
+                moment = Queries(snap, cfg, events, at, factors=True, model_snap=cut_snap, model_cfg=cut_cfg)
+            else:
+                moment = Queries(snap, cfg, events, at, factors=False)
             qs = moment.build(later_pairs(events, snap, at, LABEL_DAYS), SEED + c + 1, args.per_cut)
             groups += [(q.x, q.target) for q in qs]
             cut_of += [c] * len(qs)
             log.info("training cut %s: %d pseudo-queries (%.0f s)", at, len(qs), time.monotonic() - started)
-        features = tuple(f for f in searchrank.FEATURES if f not in ("als_score", "als_rel"))
+        features = tuple(f for f in searchrank.FEATURES if args.no_als is False or f not in ("als_score", "als_rel"))
         fit_started = time.monotonic()
         learned, fit_info = searchrank.fit(groups, features, cuts=cut_of, threads=2)
         fit_info["seconds"] = round(time.monotonic() - fit_started, 1)
         log.info("learned ranking fitted: %s", fit_info)
     held = Queries(snap, cfg, events, cut, factors=True)
-    qs = held.build(later_pairs(events, snap, cut, 1e9), SEED)
+    qs = held.build(later_pairs(events, snap, cut, 3650.0), SEED)
     log.info("held-out queries: %d (%d new) in %.0f s", len(qs), sum(q.new for q in qs), time.monotonic() - started)
     report = {"at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "cut": str(cut), "batch_s": batch_s,
               "index": snap.searchable.index.meta.get("digest"), "fit": fit_info,

@@ -199,8 +199,11 @@ def latency(server: Server, floor: Server, customer: str, rates: list[int], seco
 
 
 # Queries of the search bench: one word matching a twelfth of the catalogue, one matching far more than the
-# candidates re-ranked (search.candidates), and three words (a union of matches).
-SEARCH_QUERIES = ("mug", "red", "red enamel mug")
+# candidates re-ranked (search.candidates), three words (a union of matches), a typo (two letters swapped) and a
+# word being typed (completions); fuzzy and prefix matching are on for all (the defaults).
+SEARCH_QUERIES = ("mug", "red", "red enamel mug", "enalem mug", "red ena")
+# Suggestions while typing: one letter (the most completions) and a word begun after a whole one.
+SUGGEST_QUERIES = ("r", "red ena")
 
 
 def search_latency(server: Server, customer: str, seconds: int, rate: int = 200, workers: int = 10) -> list[dict]:
@@ -221,6 +224,12 @@ def search_latency(server: Server, customer: str, seconds: int, rate: int = 200,
             raise RuntimeError(f"search for {q!r} answered {status}: {body[:300]!r}")
         urls.append((f"search {q!r} anyone", f"{server.base}/v1/search?q={quoted}&n=10"))
         urls.append((f"search {q!r} customer", f"{server.base}/v1/search?q={quoted}&n=10&customer={customer}"))
+    for q in SUGGEST_QUERIES:
+        quoted = urllib.parse.quote(q)
+        status, body = get(f"{server.base}/v1/suggest?q={quoted}&n=5&customer={customer}")
+        if status != 200:
+            raise RuntimeError(f"suggest for {q!r} answered {status}: {body[:300]!r}")
+        urls.append((f"suggest {q!r} customer", f"{server.base}/v1/suggest?q={quoted}&n=5&customer={customer}"))
     for name, url in urls:
         for tool in ("vegeta", "hey") if vegeta_bin() else ("hey",):
             res = vegeta(url, rate, seconds) if tool == "vegeta" else hey(url, rate, seconds, workers)

@@ -68,3 +68,33 @@ def customers(history: pd.DataFrame, at: pd.Timestamp, stats: ranker.ItemStats,
             g["first"].to_numpy(np.float64), None if factors is None else factors.get(u), float(price.get(u, np.nan)),
             co_item[s:e], co_score[s:e])
     return out
+
+
+def folded_factors(history: pd.DataFrame, at: pd.Timestamp, snap, cfg) -> dict[str, np.ndarray]:
+    """Each customer's factor at `at`: their purchases before it (weighted as the batch trains: event weights and
+    the recency half-life at `at`) folded into the served model's item factors (`core.foldin`), as the server folds
+    a customer in. The item factors were fitted on history up to the protocol's cut, which holds a training cut's
+    label days: the factors of items bought together there are closer than a model fitted at the training cut would
+    have them. This flatters the model score in the training rows, so a ranker learns to trust it more than it
+    should on the held-out queries: it can only cost the learned ranking, never flatter its held-out figure."""
+    from sparkrec.core import events as ev
+    from sparkrec.core import foldin
+
+    model = snap.model
+    if model.factors is None or model.yty is None:
+        return {}
+    ts = history["ts"].dt.tz_localize("UTC").astype("int64").to_numpy() // 1000
+    w, _, _ = ev.event_arrays(np.full(len(history), "purchase", dtype=object), ts, np.full(len(history), np.nan),
+                              model.train, at.tz_localize("UTC").to_pydatetime(), [])
+    h = pd.DataFrame({"user": history["user"].to_numpy(), "item_idx": history["item_idx"].to_numpy(), "w": w})
+    per = h.groupby(["user", "item_idx"])["w"].sum().reset_index()
+    als = model.train.als
+    out = {}
+    for user, g in per.groupby("user", sort=False):
+        fpos, known = model.positions(g["item_idx"].to_numpy(np.int64))
+        weight = g["w"].to_numpy(np.float32)
+        use = known & (weight > 0)
+        if use.any():
+            out[user] = np.asarray(foldin.fold_in(model.yty, model.factors.vectors[fpos[use]], weight[use], als.reg_param,
+                                                  als.alpha, als.nonnegative), dtype=np.float64)
+    return out
