@@ -216,3 +216,18 @@ def test_suggestions_complete_the_last_word_in_the_order_the_search_ranks_for_th
         r = c.get("/v1/suggest", params=bad, headers=AUTH)
         assert r.status_code == 422 and r.json()["error"]["where"][0] == "query"
     assert c.get("/v1/suggest", params={"q": "b"}).status_code == 401
+
+
+@pytest.mark.parametrize("q, status", [
+    ("name:bag* AND (red OR \"blue\")~2^3", 200),  # tantivy's syntax is plain words here
+    ("x" * 10_000, 422),  # longer than search.max_query_length
+    ("café ☕ 赤い bag", 200), ("\u0000bag", 200), ("💡", 200), ("b", 200), ("a b c d e f g h i j k l m", 200),
+    ("haert lmap bga", 200),  # typos only
+    ("bag " * 50, 200),  # 200 characters, one word repeated
+])
+@pytest.mark.parametrize("route", ["/v1/search", "/v1/suggest"])
+def test_odd_queries_get_an_answer_or_a_clear_refusal_never_a_server_error(served, route, q, status):
+    r = served[1].get(route, params={"q": q, "customer": "dave"}, headers=AUTH)
+    assert r.status_code == status, r.text
+    if status == 422:
+        assert r.json()["error"]["where"] == ["query", "q"]
