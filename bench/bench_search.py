@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import subprocess
 import sys
 import time
@@ -52,7 +51,6 @@ OUT = ROOT / "bench" / "out" / "search"
 K = 10
 SEED = 31
 MIN_DF, MAX_DF = 20, 500
-WORD = re.compile(r"[A-Za-z]{3,}")
 LABEL_DAYS = 28.0
 
 log = logging.getLogger("bench_search")
@@ -69,14 +67,36 @@ def retail(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                               "ts": pd.to_datetime(df["InvoiceDate"]), "price": df["Price"].astype(float)})
 
 
-def run_batch(wh: Path, source: Path, extra: tuple[str, ...] = ()) -> float:
-    cmd = [*SPARKREC, "run", "--config", "conf/online_retail.yaml", "--set", f"warehouse={wh}", "--set", f"source.path={source}"]
+def run_batch(wh: Path, source: Path, extra: tuple[str, ...] = (), config: str = "conf/online_retail.yaml",
+              sets: tuple[str, ...] | None = None) -> float:
+    cmd = [*SPARKREC, "run", "--config", config, "--set", f"warehouse={wh}"]
+    for s in (f"source.path={source}",) if sets is None else sets:
+        cmd += ["--set", s]
     for s in extra:
         cmd += ["--set", s]
     started = time.monotonic()
     with (wh.parent / "run.log").open("w") as fh:
         subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, check=True)
     return time.monotonic() - started
+
+
+def generated(reuse: bool) -> tuple[None, pd.DataFrame, pd.Timestamp, list[str]]:
+    """The generated shop's purchases (user/item/ts/price: the items' listed price) and cut, and its input sets."""
+    from bench_quality import generated_case
+
+    shop = OUT / "shop"
+    if reuse and (OUT / "events.parquet").exists():
+        events = pd.read_parquet(OUT / "events.parquet")
+        cut = pd.Timestamp(json.loads((OUT / "cut.json").read_text())["cut"])
+        return None, events, cut, [f"source.path={OUT / 'input'}", f"items.path={shop / 'items'}"]
+    sets, ev, cut = generated_case(OUT, 300_000, 1, 120)
+    items = pd.concat([pd.read_csv(f, dtype=str) for f in sorted((shop / "items").glob("*.csv"))])
+    price = pd.to_numeric(items.set_index("item_id")["price"], errors="coerce")
+    ev = ev[ev["purchase"]]
+    events = pd.DataFrame({"user": ev["user"], "item": ev["item"], "ts": ev["ts"], "price": ev["item"].map(price)})
+    events.to_parquet(OUT / "events.parquet")
+    (OUT / "cut.json").write_text(json.dumps({"cut": str(cut)}))
+    return None, events, cut, sets
 
 
 def cut_model(raw: pd.DataFrame, at: pd.Timestamp, c: int):
@@ -98,10 +118,6 @@ def cut_model(raw: pd.DataFrame, at: pd.Timestamp, c: int):
     return st.snapshot, cfg
 
 
-def words_of(name: str | None) -> set[str]:
-    return {w.lower() for w in WORD.findall(name or "")}
-
-
 @dataclass
 class Query:
     user: str
@@ -120,10 +136,7 @@ class Queries:
         self.model = (model_snap or snap).model
         cat = snap.plan.catalogue
         shown = snap.searchable.shown
-        self.df: dict[str, int] = {}
-        for p in np.flatnonzero(shown):
-            for w in words_of(cat.name[p]):
-                self.df[w] = self.df.get(w, 0) + 1
+        self.df = searchrank.word_items(cat.name[p] for p in np.flatnonzero(shown))
         pos = snap.item_index.get_indexer(events["item"])
         ev = events[pos >= 0].assign(item_idx=cat.item_idx[pos[pos >= 0]].astype(np.int64))
         self.history = ev[ev["ts"] < at]
@@ -150,10 +163,9 @@ class Queries:
             p, hit = cat.at(np.array([item_idx]))
             if not hit[0] or not snap.searchable.shown[p[0]]:
                 continue
-            eligible = sorted(w for w in words_of(cat.name[p[0]]) if MIN_DF <= self.df.get(w, 0) <= MAX_DF)
-            if not eligible:
+            word = searchrank.pseudo_query(cat.name[p[0]], self.df, rng, MIN_DF, MAX_DF)
+            if word is None:
                 continue
-            word = eligible[rng.integers(len(eligible))]
             mpos, found = serve_search.matches(snap, word, None, self.cfg.search.candidates)
             where = np.flatnonzero(mpos == p[0])
             if not len(where):
@@ -240,24 +252,41 @@ def main() -> None:
     ap.add_argument("--cuts", type=int, default=3, help="training cuts for the learned ranking (0: none)")
     ap.add_argument("--per-cut", type=int, default=8000, help="pseudo-queries per training cut")
     ap.add_argument("--no-als", action="store_true", help="the learned ranking without the model score")
+    ap.add_argument("--shop", choices=["retail", "shop1"], default="retail",
+                    help="Online Retail II, or the generated shop 1 of bench_quality.py (300,000 events, 120 days)")
     ap.add_argument("--cut-models", action="store_true",
                     help="model scores at each training cut from a model fitted at that cut (a batch run per cut, "
                          "tuning, evaluation and the list ranker off) instead of folded into the served model")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    global OUT
+    if args.shop != "retail":
+        OUT = OUT / args.shop
+        if args.cut_models:
+            raise SystemExit("--cut-models is for the retail case only")
     OUT.mkdir(parents=True, exist_ok=True)
     wh, source = OUT / "warehouse", OUT / "input.parquet"
-    raw, events = retail(RETAIL)
-    cut = events["ts"].max() - pd.Timedelta(days=TEST_DAYS)
     batch_s = None
-    if not (args.reuse and (wh / "runs").exists()):
-        import shutil
+    if args.shop == "retail":
+        config = "conf/online_retail.yaml"
+        raw, events = retail(RETAIL)
+        cut = events["ts"].max() - pd.Timedelta(days=TEST_DAYS)
+        sets = [f"warehouse={wh}", f"source.path={source}"]
+        if not (args.reuse and (wh / "runs").exists()):
+            import shutil
 
-        shutil.rmtree(wh, ignore_errors=True)
-        raw[pd.to_datetime(raw["InvoiceDate"]) < cut].to_parquet(source, index=False)
-        batch_s = run_batch(wh, source)
+            shutil.rmtree(wh, ignore_errors=True)
+            raw[pd.to_datetime(raw["InvoiceDate"]) < cut].to_parquet(source, index=False)
+            batch_s = run_batch(wh, source)
+    else:  # the generated shop of bench_quality's shop 1: named items in categories, a clickstream
+        config = "conf/local.yaml"
+        raw, events, cut, shop_sets = generated(args.reuse and (wh / "runs").exists())
+        sets = [f"warehouse={wh}", *shop_sets]
+        if not (args.reuse and (wh / "runs").exists()):
+            batch_s = run_batch(wh, source, config=config, sets=tuple(shop_sets))
+    if batch_s is not None:
         log.info("batch run in %.0f s", batch_s)
-    cfg = load_config(ROOT / "conf" / "online_retail.yaml", [f"warehouse={wh}", f"source.path={source}"])
+    cfg = load_config(ROOT / config, sets)
     st = State(cfg)
     if not st.refresh():
         raise SystemExit(f"no snapshot: {st.problem}")

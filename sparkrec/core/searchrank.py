@@ -25,7 +25,8 @@ The features, grouped as an ablation removes them (`GROUPS`):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,30 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "query": ("matches",),
 }
 FEATURES = tuple(f for group in GROUPS.values() for f in group)
+_WORD = re.compile(r"[^\W\d_]{3,}")  # letters only, three or more: a word a shopper would type
+
+
+def name_words(name: str | None) -> set[str]:
+    """The words of an item's name a pseudo-query may be (lowercased letters, three or more)."""
+    return {w.lower() for w in _WORD.findall(name or "")}
+
+
+def word_items(names: Iterable[str | None]) -> dict[str, int]:
+    """In how many of `names` each word appears (`name_words`)."""
+    out: dict[str, int] = {}
+    for name in names:
+        for w in name_words(name):
+            out[w] = out.get(w, 0) + 1
+    return out
+
+
+def pseudo_query(name: str | None, items_of: dict[str, int], rng: np.random.Generator, min_items: int = 20,
+                 max_items: int = 500) -> str | None:
+    """One word of a bought item's name as the query a shopper who wanted it might have typed: drawn among the
+    words in `min_items` to `max_items` items' names (a word of one item finds it alone; a word of most items says
+    nothing), or None when the name has no such word."""
+    eligible = sorted(w for w in name_words(name) if min_items <= items_of.get(w, 0) <= max_items)
+    return eligible[rng.integers(len(eligible))] if eligible else None
 
 
 @dataclass
