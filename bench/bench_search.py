@@ -174,7 +174,8 @@ class Queries:
             vectors = None
             if customer is not None and customer.factor is not None and vectors_of.factors is not None:
                 fpos, known = vectors_of.positions(found.item_idx)
-                vectors = np.where(known[:, None], vectors_of.factors.vectors[fpos], np.nan)
+                vectors = np.full((len(fpos), vectors_of.factors.vectors.shape[1]), np.nan)
+                vectors[known] = vectors_of.factors.vectors[fpos[known]]
             x = searchrank.features(found, self.stats, None, vectors, customer)
             out.append(Query(user, int(where[0]), found, mpos, x, item_idx not in self.bought.get(user, set())))
         return out
