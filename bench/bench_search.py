@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import pickle
 import subprocess
 import sys
 import time
@@ -200,8 +201,9 @@ def rank_of(q: Query, score: np.ndarray, cfg, drop: np.ndarray | None) -> int:
     return int(np.flatnonzero(at[order] == q.target)[0]) + 1
 
 
-def scores(q: Query, snap, cfg, learned: searchrank.SearchRanker | None) -> dict[str, np.ndarray]:
-    """Each ranking's score of the query's matches (higher first; the matching tiers go before any of them)."""
+def scores(q: Query, snap, cfg, learned: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each ranking's score of the query's matches (higher first; the matching tiers go before any of them);
+    `learned`: each learned ranking's scores of this query's matches."""
     s = snap.searchable
     pop, recent = s.popularity[q.pos].astype(np.float64), s.recent[q.pos].astype(np.float64)
     days = q.x[:, searchrank.FEATURES.index("mine_days_bought")].astype(np.float64)
@@ -211,18 +213,21 @@ def scores(q: Query, snap, cfg, learned: searchrank.SearchRanker | None) -> dict
     model = als if np.isfinite(als).any() else None  # as the route scores them: NaN for an item without factors
     parts = search.Parts(q.found.item_idx, q.found.text, model, s.popularity[q.pos], s.recent[q.pos])
     out["sparkrec blend"] = search.blend(parts, cfg.search.weights)
-    if learned is not None:
-        out["sparkrec learned"] = learned.score(q.x)
-    return out
+    return {**out, **learned}
 
 
-def mrr(qs: list[Query], snap, cfg, learned, view: str, bought: dict[str, set[int]]) -> dict[str, np.ndarray]:
+def mrr(qs: list[Query], snap, cfg, learned: dict[str, searchrank.SearchRanker], view: str,
+        bought: dict[str, set[int]]) -> dict[str, np.ndarray]:
     """Per ranking, each query's reciprocal rank within the top K (0 outside it). `new`: on what the customer has
     not bought (their bought matches removed from every ranking's results)."""
+    bounds = np.cumsum([0] + [len(q.x) for q in qs])
+    x = np.vstack([q.x for q in qs]) if qs else np.zeros((0, len(searchrank.FEATURES)), np.float32)
+    scored = {name: model.score(x) for name, model in learned.items()}  # one call each: LightGBM's cost is per call
     rr: dict[str, list[float]] = {}
-    for q in qs:
+    for i, q in enumerate(qs):
         drop = np.asarray(sorted(bought.get(q.user, set())), dtype=np.int64) if view == "new" else None
-        for name, score in scores(q, snap, cfg, learned).items():
+        mine = {name: v[bounds[i]:bounds[i + 1]] for name, v in scored.items()}
+        for name, score in scores(q, snap, cfg, mine).items():
             if view == "new" and name == "buy again":
                 continue
             r = rank_of(q, score, cfg, drop)
@@ -240,7 +245,7 @@ def summary(rr: dict[str, np.ndarray], simple: tuple[str, ...]) -> dict:
         boots = [v[p].mean() for p in picks]
         out[name] = {"mrr@10": round(float(v.mean()), 4), "95%": [round(float(np.percentile(boots, 2.5)), 4),
                                                                  round(float(np.percentile(boots, 97.5)), 4)]}
-        if name.startswith("sparkrec"):
+        if name.startswith(("sparkrec", "without")):
             ratio = [v[p].mean() / max(rr[best][p].mean(), 1e-12) for p in picks]
             out[name]["vs best simple"] = round(float(v.mean() / rr[best].mean()), 3)
             out[name]["ratio 95%"] = [round(float(np.percentile(ratio, 2.5)), 3), round(float(np.percentile(ratio, 97.5)), 3)]
@@ -253,6 +258,8 @@ def main() -> None:
     ap.add_argument("--cuts", type=int, default=3, help="training cuts for the learned ranking (0: none)")
     ap.add_argument("--per-cut", type=int, default=8000, help="pseudo-queries per training cut")
     ap.add_argument("--no-als", action="store_true", help="the learned ranking without the model score")
+    ap.add_argument("--cached", action="store_true", help="the pseudo-queries and held-out queries of an earlier run")
+    ap.add_argument("--ablate", action="store_true", help="also each feature group left out (one model per variant)")
     ap.add_argument("--shop", choices=["retail", "shop1"], default="retail",
                     help="Online Retail II, or the generated shop 1 of bench_quality.py (300,000 events, 120 days)")
     ap.add_argument("--cut-models", action="store_true",
@@ -295,8 +302,12 @@ def main() -> None:
     if snap.searchable is None:
         raise SystemExit(f"no search index: {snap.search_problem}")
     started = time.monotonic()
-    learned, fit_info = None, {}
-    if args.cuts:
+    cache = OUT / f"queries{'_cutmodels' if args.cut_models else ''}.pkl"
+    if args.cached and cache.exists():
+        with cache.open("rb") as fh:
+            groups, cut_of, qs, bought = pickle.load(fh)
+        log.info("queries of an earlier run read from %s", cache)
+    else:
         groups, cut_of = [], []
         for c in range(args.cuts):
             at = cut - pd.Timedelta(days=LABEL_DAYS * (c + 1))
@@ -305,26 +316,35 @@ def main() -> None:
                 moment = Queries(snap, cfg, events, at, factors=True, model_snap=cut_snap, model_cfg=cut_cfg)
             else:
                 moment = Queries(snap, cfg, events, at, factors=False)
-            qs = moment.build(later_pairs(events, snap, at, LABEL_DAYS), SEED + c + 1, args.per_cut)
-            groups += [(q.x, q.target) for q in qs]
-            cut_of += [c] * len(qs)
-            log.info("training cut %s: %d pseudo-queries (%.0f s)", at, len(qs), time.monotonic() - started)
-        features = tuple(f for f in searchrank.FEATURES if args.no_als is False or f not in ("als_score", "als_rel"))
-        fit_started = time.monotonic()
-        learned, fit_info = searchrank.fit(groups, features, cuts=cut_of, threads=2)
-        fit_info["seconds"] = round(time.monotonic() - fit_started, 1)
-        log.info("learned ranking fitted: %s", fit_info)
-    held = Queries(snap, cfg, events, cut, factors=True)
-    qs = held.build(later_pairs(events, snap, cut, 3650.0), SEED)
+            built = moment.build(later_pairs(events, snap, at, LABEL_DAYS), SEED + c + 1, args.per_cut)
+            groups += [(q.x, q.target) for q in built]
+            cut_of += [c] * len(built)
+            log.info("training cut %s: %d pseudo-queries (%.0f s)", at, len(built), time.monotonic() - started)
+        held = Queries(snap, cfg, events, cut, factors=True)
+        qs, bought = held.build(later_pairs(events, snap, cut, 3650.0), SEED), held.bought
+        with cache.open("wb") as fh:
+            pickle.dump((groups, cut_of, qs, bought), fh)
     log.info("held-out queries: %d (%d new) in %.0f s", len(qs), sum(q.new for q in qs), time.monotonic() - started)
-    report = {"at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "cut": str(cut), "batch_s": batch_s,
-              "index": snap.searchable.index.meta.get("digest"), "fit": fit_info,
-              "new": summary(mrr([q for q in qs if q.new], snap, cfg, learned, "new", held.bought),
-                             ("popularity", "recent popularity")),
-              "all": summary(mrr(qs, snap, cfg, learned, "all", held.bought), ("popularity", "recent popularity", "buy again"))}
-    if learned is not None:
-        report["gains"] = learned._ranker.gains()
-    (OUT / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    all_features = tuple(f for f in searchrank.FEATURES if not args.no_als or f not in ("als_score", "als_rel"))
+    variants = {"sparkrec learned": all_features}
+    if args.ablate:  # each feature group left out (one model each, as the full one in this mode)
+        variants.update({f"without {g}": tuple(f for f in all_features if f not in fs)
+                         for g, fs in searchrank.GROUPS.items()})
+    learned, fits = {}, {}
+    for name, features in variants.items() if groups else ():
+        fit_started = time.monotonic()
+        model, info = searchrank.fit(groups, features, cuts=cut_of, threads=2, models=1 if args.ablate else 3)
+        info["seconds"] = round(time.monotonic() - fit_started, 1)
+        info["gains"] = model._ranker.gains()
+        learned[name], fits[name] = model, info
+        log.info("%s fitted: %s", name, {k: v for k, v in info.items() if k != "gains"})
+    report = {"at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "shop": args.shop, "cut": str(cut),
+              "batch_s": batch_s, "cut_models": args.cut_models, "index": snap.searchable.index.meta.get("digest"),
+              "fit": fits, "new": summary(mrr([q for q in qs if q.new], snap, cfg, learned, "new", bought),
+                                          ("popularity", "recent popularity")),
+              "all": summary(mrr(qs, snap, cfg, learned, "all", bought), ("popularity", "recent popularity", "buy again"))}
+    name = f"report_{args.shop}{'_cutmodels' if args.cut_models else ''}{'_ablation' if args.ablate else ''}.json"
+    (OUT / name).write_text(json.dumps(report, indent=1, default=str))
     print(json.dumps(report, indent=1, default=str))
 
 
