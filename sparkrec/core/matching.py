@@ -9,11 +9,13 @@ word within the allowed edits (a typo). The index is then asked for exactly
 those words, so a typo'd match is scored by BM25 like any other and, for each
 match, it is known which of the query's words it holds and how (`kinds`).
 
-Why not tantivy's FuzzyTermQuery: it gives every fuzzy hit the same constant
-score and cannot tell which of a query's words a document matched, and the
-ranking needs both (more words matched first, exact before typo). The edit
-distance is rapidfuzz's optimal string alignment (a transposition is one edit,
-as in Algolia, Typesense and tantivy's own fuzzy query).
+Typos are found by tantivy's FuzzyTermQuery (a Levenshtein automaton, a
+transposition counting one edit as in Algolia and Typesense) over a small
+in-memory index of the vocabulary's words, not over the catalogue: on the
+catalogue it gives every fuzzy hit the same constant score and cannot tell
+which of a query's words a document matched, and the ranking needs both (more
+words matched first, exact before typo). rapidfuzz then orders the few words
+found by their edit distance (optimal string alignment, tantivy's measure).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import tantivy
 from rapidfuzz import process
 from rapidfuzz.distance import OSA
 
@@ -82,6 +85,8 @@ class Vocabulary:
     items: np.ndarray  # int32: how many items hold each word
     indptr: np.ndarray  # int64: row r's words are word_ids[indptr[r]:indptr[r + 1]]
     word_ids: np.ndarray  # int32
+    stem_id: dict[str, int]  # a stem's position in `stems`
+    fuzzy: tuple | None = None  # (schema, searcher) of the words' own index: one document per word, its id a fast field
 
     @classmethod
     def build(cls, rows: list[list[str]], stem_of: Callable[[str], str]) -> Vocabulary:
@@ -97,13 +102,49 @@ class Vocabulary:
         word_ids = np.fromiter((i for r in per_row for i in r), dtype=np.int32, count=int(indptr[-1]))
         items = np.bincount(word_ids, minlength=len(words)).astype(np.int32)
         stem = np.array([stem_lookup[s] for s in stem_text], dtype=np.int32)
-        return cls(words, stem, stems, items, indptr, word_ids)
+        return cls(words, stem, stems, items, indptr, word_ids, stem_lookup, _words_index(words.tolist()))
+
+    def within(self, word: str, edits: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, edit distances) of the words within `edits` of `word`, at most `limit`: nearest, then in the most
+        items, then alphabetical."""
+        if self.fuzzy is None or not edits:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32)
+        schema, searcher = self.fuzzy
+        q = tantivy.Query.fuzzy_term_query(schema, "w", word, distance=edits, transposition_cost_one=True)
+        hits = searcher.search(q, 10_000, count=False).hits
+        if not hits:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32)
+        ids = np.asarray(searcher.fast_field_values("i", [h[1] for h in hits]), dtype=np.int64)
+        dist = process.cdist([word], self.words[ids].tolist(), scorer=OSA.distance, dtype=np.int32, workers=1)[0]
+        order = np.lexsort((self.words[ids], -self.items[ids], dist))[:limit]
+        return ids[order], dist[order]
 
     def starting_with(self, prefix: str) -> np.ndarray:
         """Ids of the words that start with `prefix` (a range of the sorted words)."""
         lo = int(np.searchsorted(self.words, prefix, side="left"))
         hi = int(np.searchsorted(self.words, prefix + "\U0010ffff", side="left"))
         return np.arange(lo, hi, dtype=np.int64)
+
+
+def _words_index(words: list[str]) -> tuple | None:
+    """An in-memory tantivy index of `words` for their fuzzy search (a word per document, as one raw term)."""
+    if not words:
+        return None
+    b = tantivy.SchemaBuilder()
+    b.add_text_field("w", stored=False, tokenizer_name="raw", index_option="basic")
+    b.add_integer_field("i", stored=False, indexed=False, fast=True)
+    schema = b.build()
+    index = tantivy.Index(schema)
+    writer = index.writer(heap_size=15_000_000, num_threads=1)
+    for i, w in enumerate(words):
+        doc = tantivy.Document()
+        doc.add_text("w", w)
+        doc.add_integer("i", i)
+        writer.add_document(doc)
+    writer.commit()
+    writer.wait_merging_threads()
+    index.reload()
+    return schema, index.searcher()
 
 
 @dataclass
@@ -142,7 +183,7 @@ def expand(words: list[str], typing: bool, vocab: Vocabulary, rules: dict[str, A
     word that stands for nothing is kept (it counts in the share of words
     matched) with no ids.
     """
-    stem_index = {s: i for i, s in enumerate(vocab.stems.tolist())} if words else {}
+    stem_index = vocab.stem_id
     out = []
     for n, w in enumerate(words):
         kinds: dict[int, int] = {}
@@ -159,10 +200,8 @@ def expand(words: list[str], typing: bool, vocab: Vocabulary, rules: dict[str, A
             for i in ids.tolist():
                 kinds.setdefault(i, PREFIX)
         edits = allowed_edits(w, rules)
-        if edits and len(vocab.words):
-            dist = process.cdist([w], vocab.words, scorer=OSA.distance, score_cutoff=edits, dtype=np.int32, workers=1)[0]
-            ids = np.flatnonzero(dist <= edits)
-            ids = ids[np.lexsort((ids, -vocab.items[ids], dist[ids]))[:rules["typos"]["max_words"]]]
+        if edits:
+            ids, _ = vocab.within(w, edits, rules["typos"]["max_words"] + len(kinds))
             for i in ids.tolist():
                 kinds.setdefault(i, TYPO)
         ids = np.fromiter(kinds, dtype=np.int64, count=len(kinds))
