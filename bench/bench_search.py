@@ -260,6 +260,8 @@ def main() -> None:
     ap.add_argument("--no-als", action="store_true", help="the learned ranking without the model score")
     ap.add_argument("--cached", action="store_true", help="the pseudo-queries and held-out queries of an earlier run")
     ap.add_argument("--ablate", action="store_true", help="also each feature group left out (one model per variant)")
+    ap.add_argument("--new-groups", choices=["none", "add", "replace"], default="none",
+                    help="train also (add) or instead (replace) on new targets' groups without the bought items")
     ap.add_argument("--shop", choices=["retail", "shop1"], default="retail",
                     help="Online Retail II, or the generated shop 1 of bench_quality.py (300,000 events, 120 days)")
     ap.add_argument("--cut-models", action="store_true",
@@ -330,6 +332,22 @@ def main() -> None:
     if args.ablate:  # each feature group left out (one model each, as the full one in this mode)
         variants.update({f"without {g}": tuple(f for f in all_features if f not in fs)
                          for g, fs in searchrank.GROUPS.items()})
+    if args.new_groups != "none":  # a bought-new target's group without the customer's bought items
+        bought_col = searchrank.FEATURES.index("mine_days_bought")
+        extra, extra_cuts = [], []
+        for (x, t), c in zip(groups, cut_of):
+            mine = x[:, bought_col] > 0
+            if not mine[t] and mine.any():
+                keep = np.flatnonzero(~mine)
+                extra.append((x[keep], int(np.flatnonzero(keep == t)[0])))
+                extra_cuts.append(c)
+        log.info("%d groups of new targets without the bought items (%s)", len(extra), args.new_groups)
+        if args.new_groups == "add":
+            groups, cut_of = groups + extra, cut_of + extra_cuts
+        else:  # replace
+            kept = [(g, c) for g, c in zip(groups, cut_of) if g[0][:, bought_col][g[1]] > 0 or
+                    not (g[0][:, bought_col] > 0).any()]
+            groups, cut_of = [g for g, _ in kept] + extra, [c for _, c in kept] + extra_cuts
     learned, fits = {}, {}
     for name, features in variants.items() if groups else ():
         fit_started = time.monotonic()
@@ -343,7 +361,8 @@ def main() -> None:
               "fit": fits, "new": summary(mrr([q for q in qs if q.new], snap, cfg, learned, "new", bought),
                                           ("popularity", "recent popularity")),
               "all": summary(mrr(qs, snap, cfg, learned, "all", bought), ("popularity", "recent popularity", "buy again"))}
-    name = f"report_{args.shop}{'_cutmodels' if args.cut_models else ''}{'_ablation' if args.ablate else ''}.json"
+    name = (f"report_{args.shop}{'_cutmodels' if args.cut_models else ''}{'_ablation' if args.ablate else ''}"
+            f"{'' if args.new_groups == 'none' else '_new' + args.new_groups}.json")
     (OUT / name).write_text(json.dumps(report, indent=1, default=str))
     print(json.dumps(report, indent=1, default=str))
 
