@@ -333,21 +333,14 @@ def main() -> None:
         variants.update({f"without {g}": tuple(f for f in all_features if f not in fs)
                          for g, fs in searchrank.GROUPS.items()})
     if args.new_groups != "none":  # a bought-new target's group without the customer's bought items
-        bought_col = searchrank.FEATURES.index("mine_days_bought")
-        extra, extra_cuts = [], []
-        for (x, t), c in zip(groups, cut_of):
-            mine = x[:, bought_col] > 0
-            if not mine[t] and mine.any():
-                keep = np.flatnonzero(~mine)
-                extra.append((x[keep], int(np.flatnonzero(keep == t)[0])))
-                extra_cuts.append(c)
+        extra, source = searchrank.without_bought(groups)
+        extra_cuts = [cut_of[g] for g in source]
         log.info("%d groups of new targets without the bought items (%s)", len(extra), args.new_groups)
-        if args.new_groups == "add":
-            groups, cut_of = groups + extra, cut_of + extra_cuts
-        else:  # replace
-            kept = [(g, c) for g, c in zip(groups, cut_of) if g[0][:, bought_col][g[1]] > 0 or
-                    not (g[0][:, bought_col] > 0).any()]
-            groups, cut_of = [g for g, _ in kept] + extra, [c for _, c in kept] + extra_cuts
+        if args.new_groups == "replace":
+            replaced = set(source)
+            kept = [g for g in range(len(groups)) if g not in replaced]
+            groups, cut_of = [groups[g] for g in kept], [cut_of[g] for g in kept]
+        groups, cut_of = groups + extra, cut_of + extra_cuts
     learned, fits = {}, {}
     for name, features in variants.items() if groups else ():
         fit_started = time.monotonic()

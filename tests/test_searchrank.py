@@ -87,3 +87,14 @@ def test_the_fit_learns_what_decides_the_bought_item_and_scores_new_queries_by_i
     assert np.mean(hits) > 0.8  # the feature that decides is learnt; chance would be 1 in 30
     gains = model._ranker.gains()
     assert max(gains, key=gains.get) == "co_score"
+
+
+def test_a_new_target_s_group_without_the_bought_items():
+    bought = F["mine_days_bought"]
+    x = np.zeros((4, len(searchrank.FEATURES)), np.float32)
+    x[[0, 2], bought] = [2, 1]  # matches 0 and 2 bought before; the target, 3, never
+    repeat = x.copy()
+    extra, source = searchrank.without_bought([(x, 3), (repeat, 0), (np.zeros_like(x), 1)])
+    assert source == [0] and len(extra) == 1  # a repeat purchase, or a customer with nothing bought: as served only
+    rows, target = extra[0]
+    assert len(rows) == 2 and target == 1 and (rows[:, bought] == 0).all()

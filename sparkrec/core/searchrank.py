@@ -186,6 +186,26 @@ class SearchRanker:
         return self._ranker.predict(frame)
 
 
+def without_bought(groups: Sequence[tuple[np.ndarray, int]]) -> tuple[list[tuple[np.ndarray, int]], list[int]]:
+    """Each group whose bought match is new to the customer (never bought before), less the matches they did buy
+    before: what a shop hiding bought items would rank, the order of what is new to them. Returns those groups
+    and the position of each one's source in `groups`.
+
+    Trained beside the groups as served, they raised the held-out MRR@10 on Online Retail II by 2.0% on what is
+    new to the customer and by 0.6% on everything (bench/RESULTS.md)."""
+    col = FEATURES.index("mine_days_bought")
+    out: list[tuple[np.ndarray, int]] = []
+    source: list[int] = []
+    for g, (x, target) in enumerate(groups):
+        mine = x[:, col] > 0
+        if mine[target] or not mine.any():
+            continue
+        keep = np.flatnonzero(~mine)
+        out.append((x[keep], int(np.searchsorted(keep, target))))
+        source.append(g)
+    return out, source
+
+
 def fit(groups: Sequence[tuple[np.ndarray, int]], features: Sequence[str] = FEATURES, *, cuts: Sequence[int] | None = None,
         seed: int = 42, threads: int = 1, models: int = 3, negatives: int | None = 200) -> tuple[SearchRanker, dict]:
     """Lambdarank on pseudo-queries: each group is (its matches' `features` rows, the bought match's row).
