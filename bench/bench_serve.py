@@ -217,19 +217,14 @@ def search_latency(server: Server, customer: str, seconds: int, rate: int = 200,
     routes are measured the same way."""
     out = []
     urls = [("recommendations", f"{server.base}/v1/users/{customer}/recommendations")]
-    for q in SEARCH_QUERIES:
-        quoted = urllib.parse.quote(q)
-        status, body = get(f"{server.base}/v1/search?q={quoted}&n=10&customer={customer}")
-        if status != 200:
-            raise RuntimeError(f"search for {q!r} answered {status}: {body[:300]!r}")
-        urls.append((f"search {q!r} anyone", f"{server.base}/v1/search?q={quoted}&n=10"))
-        urls.append((f"search {q!r} customer", f"{server.base}/v1/search?q={quoted}&n=10&customer={customer}"))
-    for q in SUGGEST_QUERIES:
-        quoted = urllib.parse.quote(q)
-        status, body = get(f"{server.base}/v1/suggest?q={quoted}&n=5&customer={customer}")
-        if status != 200:
-            raise RuntimeError(f"suggest for {q!r} answered {status}: {body[:300]!r}")
-        urls.append((f"suggest {q!r} customer", f"{server.base}/v1/suggest?q={quoted}&n=5&customer={customer}"))
+    for route, queries, n, who in (("search", SEARCH_QUERIES, 10, ("anyone", "customer")),
+                                   ("suggest", SUGGEST_QUERIES, 5, ("customer",))):
+        for q in queries:
+            url = f"{server.base}/v1/{route}?q={urllib.parse.quote(q)}&n={n}"
+            status, body = get(f"{url}&customer={customer}")
+            if status != 200:
+                raise RuntimeError(f"{route} for {q!r} answered {status}: {body[:300]!r}")
+            urls += [(f"{route} {q!r} {w}", url if w == "anyone" else f"{url}&customer={customer}") for w in who]
     for name, url in urls:
         for tool in ("vegeta", "hey") if vegeta_bin() else ("hey",):
             res = vegeta(url, rate, seconds) if tool == "vegeta" else hey(url, rate, seconds, workers)

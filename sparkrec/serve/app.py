@@ -387,6 +387,23 @@ def create_app(cfg: Config, state: State | None = None, *, start_loader: bool = 
         names(snap, names_rows)
         return fast_json({"item": item, "model_version": snap.model_version, "run_id": snap.run_id, "items": names_rows})
 
+    def searchable(request: Request, q: str):
+        """The snapshot a search or a suggestion reads, once the token, the index and the query's words are checked."""
+        check(request)
+        snap = snapshot()
+        if snap.searchable is None:
+            raise ApiError(503, "search_unavailable", snap.search_problem or "no search index loaded")
+        if not q.strip():
+            raise ApiError(422, "invalid", "q: the query has no words", ["query", "q"])
+        return snap
+
+    def searcher(snap, customer: str | None) -> tuple[dict[str, Any] | None, Any]:
+        """The searching customer's row with their live events folded in, and their newest event (Nones: anyone)."""
+        if customer is None:
+            return None, None
+        key = stored_key(customer)
+        return live.row_for(key, state.live.events_of(key), snap, cfg)
+
     @app.get("/v1/search", openapi_extra={"security": [{"bearer": []}]},
              summary="Catalogue items matching the words of q, ordered for the customer (their live model score)")
     async def search(request: Request,
@@ -397,19 +414,11 @@ def create_app(cfg: Config, state: State | None = None, *, start_loader: bool = 
                      n: int | None = n_items(),
                      category: str | None = Query(default=None, min_length=1, max_length=limits.max_key_length,
                                                   description="Only items of this category")) -> Response:
-        check(request)
-        snap = snapshot()
-        if snap.searchable is None:
-            raise ApiError(503, "search_unavailable", snap.search_problem or "no search index loaded")
-        if not q.strip():
-            raise ApiError(422, "invalid", "q: the query has no words", ["query", "q"])
+        snap = searchable(request, q)
         if category is not None and category not in snap.category_codes:
             raise ApiError(422, "unknown_category", "no item of the published catalogue is in this category",
                            ["query", "category"])
-        row, as_of = None, None
-        if customer is not None:
-            key = stored_key(customer)
-            row, as_of = live.row_for(key, state.live.events_of(key), snap, cfg)
+        row, as_of = searcher(snap, customer)
         items, personal = search_.answer(snap, cfg, q, n or snap.plan.n, category, row)
         return fast_json({"query": q, "customer": customer, "category": category, "personalized": personal,
                           "as_of": as_of, "model_version": snap.model_version, "run_id": snap.run_id, "items": items})
@@ -424,16 +433,8 @@ def create_app(cfg: Config, state: State | None = None, *, start_loader: bool = 
                       n: int = Query(default=5, ge=1, le=min(20, limits.max_n),
                                      description=f"How many completions and how many items (default 5, at most {min(20, limits.max_n)})")
                       ) -> Response:
-        check(request)
-        snap = snapshot()
-        if snap.searchable is None:
-            raise ApiError(503, "search_unavailable", snap.search_problem or "no search index loaded")
-        if not q.strip():
-            raise ApiError(422, "invalid", "q: the query has no words", ["query", "q"])
-        row, as_of = None, None
-        if customer is not None:
-            key = stored_key(customer)
-            row, as_of = live.row_for(key, state.live.events_of(key), snap, cfg)
+        snap = searchable(request, q)
+        row, as_of = searcher(snap, customer)
         words, items, personal = search_.suggest(snap, cfg, q, n, row)
         return fast_json({"query": q, "customer": customer, "personalized": personal, "as_of": as_of,
                           "completions": words, "items": items, "model_version": snap.model_version,

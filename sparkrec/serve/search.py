@@ -93,13 +93,18 @@ def model_scores(snap, item_idx: np.ndarray, factor: np.ndarray | None) -> np.nd
     return model
 
 
-def ranked(snap, cfg: Config, pos: np.ndarray, found: search.Found, factor: np.ndarray | None,
-           excluded: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, search.Found]:
-    """The best `n` of the matches for a customer with `factor` (None: the non-personal ranking): the matching
-    rules' tiers first (`search.tiers`), then the blend.
+def ranked(snap, cfg: Config, pos: np.ndarray, found: search.Found, row: dict[str, Any] | None,
+           n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, search.Found]:
+    """The best `n` of the matches for the customer whose `block.lists` row is `row` (`live.row_for`; None, or a
+    row without a factor: the non-personal ranking): the matching rules' tiers first (`search.tiers`), then the
+    blend; what they bought is left out when `search.show_purchased` is off.
 
     Returns (positions, blended scores, model scores or None, the matches kept), best first.
     """
+    factor = None if row is None else row.get(C.FEATURES)
+    excluded = None
+    if row is not None and not cfg.search.show_purchased:
+        excluded = np.asarray(row.get(EXCLUDED) or [], dtype=np.int64)
     s: Searchable = snap.searchable
     if excluded is not None and len(excluded):
         keep = ~np.isin(found.item_idx, excluded)
@@ -116,11 +121,7 @@ def answer(snap, cfg: Config, q: str, n: int, category: str | None,
     """The results of a query, and whether they were ordered by a model score: `row` is the customer's
     `block.lists` row (`live.row_for`), None without a customer."""
     pos, found = matches(snap, q, category, cfg.search.candidates)
-    factor = None if row is None else row.get(C.FEATURES)
-    excluded = None
-    if row is not None and not cfg.search.show_purchased:
-        excluded = np.asarray(row.get(EXCLUDED) or [], dtype=np.int64)
-    best, score, model, kept = ranked(snap, cfg, pos, found, factor, excluded, n)
+    best, score, model, kept = ranked(snap, cfg, pos, found, row, n)
     cat = snap.plan.catalogue
     source = SOURCE_PERSONAL if model is not None else SOURCE_TEXT
     share = kept.matched / max(1, len(kept.words))
@@ -135,11 +136,7 @@ def suggest(snap, cfg: Config, q: str, n: int, row: dict[str, Any] | None) -> tu
     order the search ranks the matches for the customer (`row`, as in `answer`); the last word is always taken as
     still being typed. Returns (completions, items, whether a model score ordered them)."""
     pos, found = matches(snap, q.rstrip(), None, cfg.search.candidates)
-    factor = None if row is None else row.get(C.FEATURES)
-    excluded = None
-    if row is not None and not cfg.search.show_purchased:
-        excluded = np.asarray(row.get(EXCLUDED) or [], dtype=np.int64)
-    best, _, model, kept = ranked(snap, cfg, pos, found, factor, excluded, len(pos))
+    best, _, model, kept = ranked(snap, cfg, pos, found, row, len(pos))
     words = snap.searchable.index.completions(kept, n)
     cat = snap.plan.catalogue
     items = [{"rank": r + 1, "item_id": cat.item_id[p], "name": cat.name[p], "category": cat.category[p]}
